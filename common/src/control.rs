@@ -1,0 +1,902 @@
+//! The control store: the run's memory, kept in the warehouse itself so that a partition's
+//! merge and its checkpoint commit in one transaction. Tables: runs, specs, partitions,
+//! audits, archives, events, plus schema_migrations for versioned migrations.
+
+use chrono::{SecondsFormat, Utc};
+use serde::Serialize;
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+
+use crate::dialect::Dialect;
+use crate::error::BackfillError;
+use crate::ident::{Ident, TableName};
+use crate::plan::Partition;
+use crate::warehouse::{Bind, Warehouse, execute, fetch_all, fetch_one, fetch_optional, get};
+
+pub fn now_text() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Versioned migrations; each runs once, in order, inside one transaction.
+fn migrations(
+    dialect: Dialect,
+    t: &dyn Fn(&str) -> String,
+) -> Vec<(i64, &'static str, Vec<String>)> {
+    let bigint = dialect.bigint();
+    let double = dialect.double();
+    let serial = dialect.serial_primary_key();
+    vec![(
+        1,
+        "runs, specs, partitions, audits, archives, events",
+        vec![
+            format!(
+                "CREATE TABLE {} (spec_hash text PRIMARY KEY, canonical text NOT NULL, source_text text NOT NULL, created_at text NOT NULL)",
+                t("specs")
+            ),
+            format!(
+                "CREATE TABLE {} (run_id text PRIMARY KEY, spec_hash text NOT NULL, spec_name text NOT NULL, target text NOT NULL, \
+                 state text NOT NULL, tool_version text NOT NULL, owner text NOT NULL, shadow_table text NOT NULL, \
+                 archive_table text, error text, created_at text NOT NULL, updated_at text NOT NULL, published_at text)",
+                t("runs")
+            ),
+            format!(
+                "CREATE INDEX {} ON {} (target, state)",
+                Ident::new("runs_target_state")
+                    .map(|i| i.quoted())
+                    .unwrap_or_default(),
+                t("runs")
+            ),
+            format!(
+                "CREATE TABLE {} (run_id text NOT NULL, partition_key text NOT NULL, range_start text NOT NULL, range_end text NOT NULL, \
+                 state text NOT NULL, attempt {bigint} NOT NULL DEFAULT 0, fencing_token {bigint} NOT NULL DEFAULT 1, \
+                 times_applied {bigint} NOT NULL DEFAULT 0, inserted {bigint}, updated {bigint}, deleted {bigint}, unchanged {bigint}, \
+                 rows_after {bigint}, checksum text, seconds {double}, error text, started_at text, finished_at text, \
+                 PRIMARY KEY (run_id, partition_key))",
+                t("partitions")
+            ),
+            format!(
+                "CREATE TABLE {} (run_id text NOT NULL, audit_name text NOT NULL, partition_key text NOT NULL, severity text NOT NULL, \
+                 verdict text NOT NULL, observed text NOT NULL, allowed text NOT NULL, checked_at text NOT NULL, \
+                 PRIMARY KEY (run_id, audit_name, partition_key))",
+                t("audits")
+            ),
+            format!(
+                "CREATE TABLE {} (archive_table text PRIMARY KEY, run_id text NOT NULL, source_table text NOT NULL, kind text NOT NULL, \
+                 row_count {bigint} NOT NULL, checksum text NOT NULL, created_at text NOT NULL, expires_at text NOT NULL, \
+                 restored_at text, dropped_at text)",
+                t("archives")
+            ),
+            format!(
+                "CREATE TABLE {} (id {serial}, run_id text NOT NULL, partition_key text, kind text NOT NULL, detail text, at text NOT NULL)",
+                t("events")
+            ),
+        ],
+    )]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Run row and partitions recorded, shadow being built.
+    Planned,
+    /// Shadow built; partitions being written.
+    Running,
+    /// A partition failed permanently; running the same spec again retries it.
+    Failed,
+    /// All partitions checkpointed; audits running.
+    Auditing,
+    /// An error-severity audit failed: nothing published, shadow kept for inspection.
+    AuditFailed,
+    Published,
+    RolledBack,
+    /// Replaced by a run of another spec; its shadow may be dropped.
+    Abandoned,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Planned => "planned",
+            RunState::Running => "running",
+            RunState::Failed => "failed",
+            RunState::Auditing => "auditing",
+            RunState::AuditFailed => "audit_failed",
+            RunState::Published => "published",
+            RunState::RolledBack => "rolled_back",
+            RunState::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<RunState> {
+        [
+            RunState::Planned,
+            RunState::Running,
+            RunState::Failed,
+            RunState::Auditing,
+            RunState::AuditFailed,
+            RunState::Published,
+            RunState::RolledBack,
+            RunState::Abandoned,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == value)
+    }
+
+    /// States in which the run still owns its target: a run of another spec must not start.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            RunState::Planned
+                | RunState::Running
+                | RunState::Failed
+                | RunState::Auditing
+                | RunState::AuditFailed
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionState {
+    Pending,
+    Running,
+    Retrying,
+    Done,
+    Failed,
+}
+
+impl PartitionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionState::Pending => "pending",
+            PartitionState::Running => "running",
+            PartitionState::Retrying => "retrying",
+            PartitionState::Done => "done",
+            PartitionState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<PartitionState> {
+        [
+            PartitionState::Pending,
+            PartitionState::Running,
+            PartitionState::Retrying,
+            PartitionState::Done,
+            PartitionState::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == value)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub spec_hash: String,
+    pub spec_name: String,
+    pub target: String,
+    pub state: RunState,
+    pub tool_version: String,
+    pub owner: String,
+    pub shadow_table: String,
+    pub archive_table: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub published_at: Option<String>,
+}
+
+const RUN_COLUMNS: &str = "run_id, spec_hash, spec_name, target, state, tool_version, owner, shadow_table, archive_table, error, created_at, updated_at, published_at";
+
+fn run_from_row(row: &AnyRow) -> Result<RunRecord, BackfillError> {
+    let state: String = get(row, 4)?;
+    Ok(RunRecord {
+        run_id: get(row, 0)?,
+        spec_hash: get(row, 1)?,
+        spec_name: get(row, 2)?,
+        target: get(row, 3)?,
+        state: RunState::parse(&state).ok_or_else(|| {
+            BackfillError::Invalid(format!("unknown run state `{state}` in the control store"))
+        })?,
+        tool_version: get(row, 5)?,
+        owner: get(row, 6)?,
+        shadow_table: get(row, 7)?,
+        archive_table: get(row, 8)?,
+        error: get(row, 9)?,
+        created_at: get(row, 10)?,
+        updated_at: get(row, 11)?,
+        published_at: get(row, 12)?,
+    })
+}
+
+/// What a partition's checkpoint records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MergeCounts {
+    pub inserted: i64,
+    pub updated: i64,
+    pub deleted: i64,
+    pub unchanged: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionRecord {
+    pub partition_key: String,
+    pub range_start: String,
+    pub range_end: String,
+    pub state: PartitionState,
+    pub attempt: i64,
+    pub fencing_token: i64,
+    pub times_applied: i64,
+    pub counts: Option<MergeCounts>,
+    pub rows_after: Option<i64>,
+    pub checksum: Option<String>,
+    pub seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub audit_name: String,
+    pub partition_key: String,
+    pub severity: String,
+    pub verdict: String,
+    pub observed: String,
+    pub allowed: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveRecord {
+    pub archive_table: String,
+    pub run_id: String,
+    pub source_table: String,
+    pub kind: String,
+    pub row_count: i64,
+    pub checksum: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub restored_at: Option<String>,
+    pub dropped_at: Option<String>,
+}
+
+/// A unit of work as the queue carries it: which partition, which attempt, which token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PartitionTask {
+    pub run_id: String,
+    pub spec_hash: String,
+    pub partition_key: String,
+    pub range_start: String,
+    pub range_end: String,
+    pub attempt: i64,
+    pub fencing_token: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlStore {
+    pub warehouse: Warehouse,
+    pub schema: Ident,
+}
+
+impl ControlStore {
+    pub fn new(warehouse: Warehouse, schema: Ident) -> ControlStore {
+        ControlStore { warehouse, schema }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.warehouse.dialect
+    }
+
+    /// Quoted name of a control table.
+    pub fn table(&self, name: &str) -> String {
+        self.table_name(name).quoted()
+    }
+
+    pub fn table_name(&self, name: &str) -> TableName {
+        self.warehouse.dialect.control_table(&self.schema, name)
+    }
+
+    /// Brings the control store to the latest version. Safe to call from many processes at
+    /// once: PostgreSQL serialises migrators with an advisory lock, SQLite with its write lock.
+    pub async fn migrate(&self) -> Result<(), BackfillError> {
+        let mut tx = self.warehouse.pool.begin().await?;
+        let migrations_table = self.table("schema_migrations");
+        match self.dialect() {
+            Dialect::Postgres => {
+                execute(
+                    &mut tx,
+                    "SELECT CAST(pg_advisory_xact_lock(7036419520113) AS text)",
+                    &[],
+                )
+                .await?;
+                execute(
+                    &mut tx,
+                    &format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema.quoted()),
+                    &[],
+                )
+                .await?;
+            }
+            Dialect::Sqlite => {
+                // Take the write lock first so two migrators do not both see version 0.
+                execute(
+                    &mut tx,
+                    "CREATE TABLE IF NOT EXISTS bf_migration_lock (x INTEGER)",
+                    &[],
+                )
+                .await?;
+                execute(&mut tx, "DELETE FROM bf_migration_lock", &[]).await?;
+            }
+        }
+        execute(
+            &mut tx,
+            &format!("CREATE TABLE IF NOT EXISTS {migrations_table} (version {} PRIMARY KEY, description text NOT NULL, applied_at text NOT NULL)", self.dialect().bigint()),
+            &[],
+        )
+        .await?;
+        let row = fetch_one(
+            &mut tx,
+            &format!(
+                "SELECT CAST(coalesce(max(version), 0) AS {}) FROM {migrations_table}",
+                self.dialect().bigint()
+            ),
+            &[],
+        )
+        .await?;
+        let current: i64 = get(&row, 0)?;
+        let t = |name: &str| self.table(name);
+        for (version, description, statements) in migrations(self.dialect(), &t) {
+            if version <= current {
+                continue;
+            }
+            for statement in statements {
+                execute(&mut tx, &statement, &[]).await.map_err(|e| {
+                    e.context(format!("applying control-store migration {version}"))
+                })?;
+            }
+            execute(
+                &mut tx,
+                &format!("INSERT INTO {migrations_table} (version, description, applied_at) VALUES ($1, $2, $3)"),
+                &[version.into(), description.into(), now_text().into()],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn find_run(&self, run_id: &str) -> Result<Option<RunRecord>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let row = fetch_optional(
+            &mut conn,
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM {} WHERE run_id = $1",
+                self.table("runs")
+            ),
+            &[run_id.into()],
+        )
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    /// Runs on a target, newest first.
+    pub async fn runs_for_target(&self, target: &str) -> Result<Vec<RunRecord>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let rows = fetch_all(
+            &mut conn,
+            &format!("SELECT {RUN_COLUMNS} FROM {} WHERE target = $1 ORDER BY created_at DESC, run_id DESC", self.table("runs")),
+            &[target.into()],
+        )
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    pub async fn all_runs(&self) -> Result<Vec<RunRecord>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let rows = fetch_all(
+            &mut conn,
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM {} ORDER BY created_at DESC, run_id DESC",
+                self.table("runs")
+            ),
+            &[],
+        )
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// Records a new run, its frozen spec and all its partitions (state pending, token 1).
+    /// The caller supplies the transaction so that the shadow can be built in the same one.
+    pub async fn insert_run(
+        &self,
+        conn: &mut AnyConnection,
+        run: &RunRecord,
+        canonical_spec: &str,
+        source_text: &str,
+        partitions: &[Partition],
+        grain: crate::plan::Grain,
+    ) -> Result<(), BackfillError> {
+        let specs = self.table("specs");
+        let exists = fetch_optional(
+            conn,
+            &format!("SELECT spec_hash FROM {specs} WHERE spec_hash = $1"),
+            &[run.spec_hash.as_str().into()],
+        )
+        .await?;
+        if exists.is_none() {
+            execute(
+                conn,
+                &format!("INSERT INTO {specs} (spec_hash, canonical, source_text, created_at) VALUES ($1, $2, $3, $4)"),
+                &[run.spec_hash.as_str().into(), canonical_spec.into(), source_text.into(), now_text().into()],
+            )
+            .await?;
+        }
+        execute(
+            conn,
+            &format!(
+                "INSERT INTO {} ({RUN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                self.table("runs")
+            ),
+            &[
+                run.run_id.as_str().into(),
+                run.spec_hash.as_str().into(),
+                run.spec_name.as_str().into(),
+                run.target.as_str().into(),
+                run.state.as_str().into(),
+                run.tool_version.as_str().into(),
+                run.owner.as_str().into(),
+                run.shadow_table.as_str().into(),
+                run.archive_table.clone().into(),
+                run.error.clone().into(),
+                run.created_at.as_str().into(),
+                run.updated_at.as_str().into(),
+                run.published_at.clone().into(),
+            ],
+        )
+        .await?;
+        // Multi-row inserts keep planning 10,000 partitions to a handful of round trips.
+        const CHUNK: usize = 500;
+        let partitions_table = self.table("partitions");
+        for chunk in partitions.chunks(CHUNK) {
+            let mut sql = format!(
+                "INSERT INTO {partitions_table} (run_id, partition_key, range_start, range_end, state) VALUES "
+            );
+            let mut binds: Vec<Bind> = vec![run.run_id.as_str().into()];
+            for (i, p) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                let n = binds.len();
+                sql.push_str(&format!(
+                    "($1, ${}, ${}, ${}, 'pending')",
+                    n + 1,
+                    n + 2,
+                    n + 3
+                ));
+                binds.push(p.key.as_str().into());
+                binds.push(crate::plan::bound_value(grain, p.start).into());
+                binds.push(crate::plan::bound_value(grain, p.end).into());
+            }
+            execute(conn, &sql, &binds).await?;
+        }
+        self.record_event(
+            conn,
+            &run.run_id,
+            None,
+            "run_planned",
+            &format!("{} partitions, spec {}", partitions.len(), run.spec_hash),
+        )
+        .await
+    }
+
+    pub async fn set_run_state(
+        &self,
+        conn: &mut AnyConnection,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> Result<(), BackfillError> {
+        execute(
+            conn,
+            &format!(
+                "UPDATE {} SET state = $2, error = $3, updated_at = $4 WHERE run_id = $1",
+                self.table("runs")
+            ),
+            &[
+                run_id.into(),
+                state.as_str().into(),
+                error.map(str::to_string).into(),
+                now_text().into(),
+            ],
+        )
+        .await?;
+        self.record_event(
+            conn,
+            run_id,
+            None,
+            &format!("run_{}", state.as_str()),
+            error.unwrap_or(""),
+        )
+        .await
+    }
+
+    pub async fn set_run_state_now(
+        &self,
+        run_id: &str,
+        state: RunState,
+        error: Option<&str>,
+    ) -> Result<(), BackfillError> {
+        let mut tx = self.warehouse.pool.begin().await?;
+        self.set_run_state(&mut tx, run_id, state, error).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn record_event(
+        &self,
+        conn: &mut AnyConnection,
+        run_id: &str,
+        partition: Option<&str>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), BackfillError> {
+        execute(
+            conn,
+            &format!("INSERT INTO {} (run_id, partition_key, kind, detail, at) VALUES ($1, $2, $3, $4, $5)", self.table("events")),
+            &[run_id.into(), partition.map(str::to_string).into(), kind.into(), detail.into(), now_text().into()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Issues every unfinished partition again with a new fencing token, so any attempt still
+    /// in flight from an earlier process can no longer checkpoint, and returns their tasks.
+    pub async fn reissue_unfinished(
+        &self,
+        run: &RunRecord,
+    ) -> Result<Vec<PartitionTask>, BackfillError> {
+        let mut tx = self.warehouse.pool.begin().await?;
+        let partitions = self.table("partitions");
+        execute(
+            &mut tx,
+            &format!("UPDATE {partitions} SET fencing_token = fencing_token + 1, state = 'pending', error = NULL WHERE run_id = $1 AND state <> 'done'"),
+            &[run.run_id.as_str().into()],
+        )
+        .await?;
+        let rows = fetch_all(
+            &mut tx,
+            &format!("SELECT partition_key, range_start, range_end, attempt, fencing_token FROM {partitions} WHERE run_id = $1 AND state <> 'done' ORDER BY partition_key"),
+            &[run.run_id.as_str().into()],
+        )
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PartitionTask {
+                    run_id: run.run_id.clone(),
+                    spec_hash: run.spec_hash.clone(),
+                    partition_key: get(row, 0)?,
+                    range_start: get(row, 1)?,
+                    range_end: get(row, 2)?,
+                    attempt: get::<i64>(row, 3)? + 1,
+                    fencing_token: get(row, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// First statement of a partition transaction: claims the partition if the task's fencing
+    /// token is still current and the partition is not done. Being a write, it also takes the
+    /// row lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction.
+    /// Returns how many times the partition was applied before, or None for a stale task.
+    pub async fn claim_partition(
+        &self,
+        conn: &mut AnyConnection,
+        task: &PartitionTask,
+    ) -> Result<Option<i64>, BackfillError> {
+        let row = fetch_optional(
+            conn,
+            &format!(
+                "UPDATE {} SET state = 'running', attempt = $4, started_at = $5 \
+                 WHERE run_id = $1 AND partition_key = $2 AND fencing_token = $3 AND state <> 'done' RETURNING times_applied",
+                self.table("partitions")
+            ),
+            &[task.run_id.as_str().into(), task.partition_key.as_str().into(), task.fencing_token.into(), task.attempt.into(), now_text().into()],
+        )
+        .await?;
+        row.as_ref().map(|r| get::<i64>(r, 0)).transpose()
+    }
+
+    pub async fn checkpoint_partition(
+        &self,
+        conn: &mut AnyConnection,
+        task: &PartitionTask,
+        counts: MergeCounts,
+        rows_after: i64,
+        checksum: &str,
+        seconds: f64,
+    ) -> Result<(), BackfillError> {
+        let updated = execute(
+            conn,
+            &format!(
+                "UPDATE {} SET state = 'done', times_applied = times_applied + 1, inserted = $4, updated = $5, deleted = $6, unchanged = $7, \
+                 rows_after = $8, checksum = $9, seconds = $10, error = NULL, finished_at = $11 \
+                 WHERE run_id = $1 AND partition_key = $2 AND fencing_token = $3",
+                self.table("partitions")
+            ),
+            &[
+                task.run_id.as_str().into(),
+                task.partition_key.as_str().into(),
+                task.fencing_token.into(),
+                counts.inserted.into(),
+                counts.updated.into(),
+                counts.deleted.into(),
+                counts.unchanged.into(),
+                rows_after.into(),
+                checksum.into(),
+                Bind::Float(seconds),
+                now_text().into(),
+            ],
+        )
+        .await?;
+        if updated != 1 {
+            return Err(BackfillError::Conflict(format!(
+                "partition {} lost its fencing token before checkpoint",
+                task.partition_key
+            )));
+        }
+        self.record_event(
+            conn,
+            &task.run_id,
+            Some(&task.partition_key),
+            "partition_done",
+            &format!(
+                "attempt {} token {}: inserted {} updated {} deleted {} unchanged {}",
+                task.attempt,
+                task.fencing_token,
+                counts.inserted,
+                counts.updated,
+                counts.deleted,
+                counts.unchanged
+            ),
+        )
+        .await
+    }
+
+    /// Records a failed attempt outside the (rolled back) partition transaction. Fenced: a
+    /// stale attempt cannot overwrite a newer one's state.
+    pub async fn record_partition_error(
+        &self,
+        task: &PartitionTask,
+        state: PartitionState,
+        error: &str,
+    ) -> Result<(), BackfillError> {
+        let mut tx = self.warehouse.pool.begin().await?;
+        let updated = execute(
+            &mut tx,
+            &format!(
+                "UPDATE {} SET state = $4, attempt = $5, error = $6, finished_at = $7 WHERE run_id = $1 AND partition_key = $2 AND fencing_token = $3 AND state <> 'done'",
+                self.table("partitions")
+            ),
+            &[
+                task.run_id.as_str().into(),
+                task.partition_key.as_str().into(),
+                task.fencing_token.into(),
+                state.as_str().into(),
+                task.attempt.into(),
+                error.into(),
+                now_text().into(),
+            ],
+        )
+        .await?;
+        if updated == 1 {
+            self.record_event(
+                &mut tx,
+                &task.run_id,
+                Some(&task.partition_key),
+                &format!("partition_{}", state.as_str()),
+                error,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn partitions(&self, run_id: &str) -> Result<Vec<PartitionRecord>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let rows = fetch_all(
+            &mut conn,
+            &format!(
+                "SELECT partition_key, range_start, range_end, state, attempt, fencing_token, times_applied, inserted, updated, deleted, unchanged, \
+                 rows_after, checksum, seconds, error FROM {} WHERE run_id = $1 ORDER BY partition_key",
+                self.table("partitions")
+            ),
+            &[run_id.into()],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = get(row, 3)?;
+                let inserted: Option<i64> = get(row, 7)?;
+                let counts = match inserted {
+                    Some(inserted) => Some(MergeCounts {
+                        inserted,
+                        updated: get::<Option<i64>>(row, 8)?.unwrap_or(0),
+                        deleted: get::<Option<i64>>(row, 9)?.unwrap_or(0),
+                        unchanged: get::<Option<i64>>(row, 10)?.unwrap_or(0),
+                    }),
+                    None => None,
+                };
+                Ok(PartitionRecord {
+                    partition_key: get(row, 0)?,
+                    range_start: get(row, 1)?,
+                    range_end: get(row, 2)?,
+                    state: PartitionState::parse(&state).ok_or_else(|| {
+                        BackfillError::Invalid(format!("unknown partition state `{state}`"))
+                    })?,
+                    attempt: get(row, 4)?,
+                    fencing_token: get(row, 5)?,
+                    times_applied: get(row, 6)?,
+                    counts,
+                    rows_after: get(row, 11)?,
+                    checksum: get(row, 12)?,
+                    seconds: get(row, 13)?,
+                    error: get(row, 14)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn replace_audits(
+        &self,
+        conn: &mut AnyConnection,
+        run_id: &str,
+        audits: &[AuditRecord],
+    ) -> Result<(), BackfillError> {
+        let table = self.table("audits");
+        execute(
+            conn,
+            &format!("DELETE FROM {table} WHERE run_id = $1"),
+            &[run_id.into()],
+        )
+        .await?;
+        let checked_at = now_text();
+        for audit in audits {
+            execute(
+                conn,
+                &format!(
+                    "INSERT INTO {table} (run_id, audit_name, partition_key, severity, verdict, observed, allowed, checked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                ),
+                &[
+                    run_id.into(),
+                    audit.audit_name.as_str().into(),
+                    audit.partition_key.as_str().into(),
+                    audit.severity.as_str().into(),
+                    audit.verdict.as_str().into(),
+                    audit.observed.as_str().into(),
+                    audit.allowed.as_str().into(),
+                    checked_at.as_str().into(),
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn audits(&self, run_id: &str) -> Result<Vec<AuditRecord>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let rows = fetch_all(
+            &mut conn,
+            &format!("SELECT audit_name, partition_key, severity, verdict, observed, allowed FROM {} WHERE run_id = $1 ORDER BY audit_name, partition_key", self.table("audits")),
+            &[run_id.into()],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    audit_name: get(row, 0)?,
+                    partition_key: get(row, 1)?,
+                    severity: get(row, 2)?,
+                    verdict: get(row, 3)?,
+                    observed: get(row, 4)?,
+                    allowed: get(row, 5)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_archive(
+        &self,
+        conn: &mut AnyConnection,
+        archive: &ArchiveRecord,
+    ) -> Result<(), BackfillError> {
+        execute(
+            conn,
+            &format!(
+                "INSERT INTO {} (archive_table, run_id, source_table, kind, row_count, checksum, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                self.table("archives")
+            ),
+            &[
+                archive.archive_table.as_str().into(),
+                archive.run_id.as_str().into(),
+                archive.source_table.as_str().into(),
+                archive.kind.as_str().into(),
+                archive.row_count.into(),
+                archive.checksum.as_str().into(),
+                archive.created_at.as_str().into(),
+                archive.expires_at.as_str().into(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn archives(&self) -> Result<Vec<ArchiveRecord>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let rows = fetch_all(
+            &mut conn,
+            &format!(
+                "SELECT archive_table, run_id, source_table, kind, row_count, checksum, created_at, expires_at, restored_at, dropped_at FROM {} ORDER BY created_at DESC",
+                self.table("archives")
+            ),
+            &[],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ArchiveRecord {
+                    archive_table: get(row, 0)?,
+                    run_id: get(row, 1)?,
+                    source_table: get(row, 2)?,
+                    kind: get(row, 3)?,
+                    row_count: get(row, 4)?,
+                    checksum: get(row, 5)?,
+                    created_at: get(row, 6)?,
+                    expires_at: get(row, 7)?,
+                    restored_at: get(row, 8)?,
+                    dropped_at: get(row, 9)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn mark_archive(
+        &self,
+        conn: &mut AnyConnection,
+        archive_table: &str,
+        column: ArchiveMark,
+    ) -> Result<(), BackfillError> {
+        let column = match column {
+            ArchiveMark::Restored => "restored_at",
+            ArchiveMark::Dropped => "dropped_at",
+        };
+        execute(
+            conn,
+            &format!(
+                "UPDATE {} SET {column} = $2 WHERE archive_table = $1",
+                self.table("archives")
+            ),
+            &[archive_table.into(), now_text().into()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn spec_source(&self, spec_hash: &str) -> Result<Option<String>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let row = fetch_optional(
+            &mut conn,
+            &format!(
+                "SELECT source_text FROM {} WHERE spec_hash = $1",
+                self.table("specs")
+            ),
+            &[spec_hash.into()],
+        )
+        .await?;
+        row.as_ref().map(|r| get::<String>(r, 0)).transpose()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum ArchiveMark {
+    Restored,
+    Dropped,
+}

@@ -1,0 +1,126 @@
+//! What differs between warehouses, as SQL text. A dialect only renders SQL; executing it is
+//! the warehouse's job. Adding a warehouse means adding a variant here and matching arms, and
+//! the compiler lists every place that needs a decision.
+
+use crate::ident::{Ident, TableName};
+use crate::plan::Grain;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    pub fn from_url(url: &str) -> Option<Dialect> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Dialect::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(Dialect::Sqlite)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "postgres",
+            Dialect::Sqlite => "sqlite",
+        }
+    }
+
+    /// The n-th (1-based) bound parameter. Both dialects accept `$n`.
+    pub fn placeholder(self, n: usize) -> String {
+        format!("${n}")
+    }
+
+    /// A bound partition boundary, cast to the type partition columns are compared with.
+    /// SQLite keeps dates as ISO-8601 text, which compares correctly as text.
+    pub fn partition_bound(self, grain: Grain, n: usize) -> String {
+        match (self, grain) {
+            (Dialect::Postgres, Grain::Day) => format!("CAST(${n} AS date)"),
+            (Dialect::Postgres, Grain::Hour) => format!("CAST(${n} AS timestamp)"),
+            (Dialect::Sqlite, _) => format!("${n}"),
+        }
+    }
+
+    /// `a` and `b` differ, treating NULL as a value.
+    pub fn distinct(self, a: &str, b: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("{a} IS DISTINCT FROM {b}"),
+            Dialect::Sqlite => format!("{a} IS NOT {b}"),
+        }
+    }
+
+    /// Where a control-store table lives: a schema in PostgreSQL, a name prefix in SQLite
+    /// (which has no schemas inside one database file).
+    pub fn control_table(self, schema: &Ident, table: &str) -> TableName {
+        let name = |s: &str| Ident::new(s).expect("control table names are valid identifiers");
+        match self {
+            Dialect::Postgres => TableName {
+                schema: Some(schema.clone()),
+                name: name(table),
+            },
+            Dialect::Sqlite => TableName {
+                schema: None,
+                name: name(&format!("{schema}_{table}")),
+            },
+        }
+    }
+
+    /// The partition key label (`2024-03-01` / `2024-03-01T05`) computed from a column, so
+    /// grouped audit queries report per partition.
+    pub fn partition_label(self, column: &str, grain: Grain) -> String {
+        match (self, grain) {
+            (Dialect::Postgres, Grain::Day) => format!("to_char({column}, 'YYYY-MM-DD')"),
+            (Dialect::Postgres, Grain::Hour) => format!("to_char({column}, 'YYYY-MM-DD\"T\"HH24')"),
+            (Dialect::Sqlite, Grain::Day) => format!("strftime('%Y-%m-%d', {column})"),
+            (Dialect::Sqlite, Grain::Hour) => format!("strftime('%Y-%m-%dT%H', {column})"),
+        }
+    }
+
+    /// A numeric expression read back as a float (the Any driver reads no NUMERIC).
+    pub fn as_float(self, expr: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("CAST({expr} AS double precision)"),
+            Dialect::Sqlite => format!("CAST({expr} AS REAL)"),
+        }
+    }
+
+    pub fn bigint(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "bigint",
+            Dialect::Sqlite => "INTEGER",
+        }
+    }
+
+    pub fn double(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "double precision",
+            Dialect::Sqlite => "REAL",
+        }
+    }
+
+    pub fn serial_primary_key(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+            Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        }
+    }
+
+    /// Whether the dialect computes percentiles in SQL.
+    pub fn supports_percentiles(self) -> bool {
+        matches!(self, Dialect::Postgres)
+    }
+
+    /// Percentile of a column within a group (PostgreSQL only).
+    pub fn percentile(self, p: f64, column: &str) -> Option<String> {
+        match self {
+            Dialect::Postgres => Some(format!(
+                "percentile_cont({p}) WITHIN GROUP (ORDER BY {column})"
+            )),
+            Dialect::Sqlite => None,
+        }
+    }
+}

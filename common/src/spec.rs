@@ -1,0 +1,1032 @@
+//! The backfill spec: one TOML file that says what to recompute, where, how fast and how to
+//! check and publish it. `Spec::parse` validates everything up front; every error names the
+//! field, the bad value and what would be allowed. The validated spec has a canonical form
+//! whose SHA-256 pins a run to exactly this spec.
+
+use std::time::Duration;
+
+use chrono::{NaiveDate, NaiveDateTime};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ident::{Ident, TableName};
+use crate::plan::{self, Grain};
+use crate::sql;
+
+/// Retention the lesson asks for: keep the previous version 14 to 30 days.
+pub const MIN_RETENTION_DAYS: u32 = 14;
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// Plans larger than this need `partition.max_partitions` raised explicitly.
+pub const DEFAULT_MAX_PARTITIONS: usize = 20_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read the spec: {0}")]
+    Syntax(String),
+    #[error("`{field}`: got {value}; {allowed}")]
+    Field {
+        field: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn field_error(
+    field: &str,
+    value: impl std::fmt::Display,
+    allowed: impl Into<String>,
+) -> SpecError {
+    SpecError::Field {
+        field: field.to_string(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written (serde), before validation.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Option<String>,
+    description: Option<String>,
+    target: RawTarget,
+    partition: RawPartition,
+    source: RawSource,
+    warehouse: RawWarehouse,
+    #[serde(default)]
+    execution: RawExecution,
+    #[serde(default, rename = "audit")]
+    audits: Vec<RawAudit>,
+    #[serde(default)]
+    publish: RawPublish,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    table: String,
+    key: Vec<String>,
+    #[serde(default)]
+    add_columns: Vec<RawColumn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumn {
+    name: String,
+    #[serde(rename = "type")]
+    sql_type: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartition {
+    column: String,
+    grain: String,
+    first: Option<String>,
+    last: Option<String>,
+    list: Option<Vec<String>>,
+    max_partitions: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    query: String,
+    dedupe_order_by: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWarehouse {
+    name: String,
+    concurrency: Option<u32>,
+    control_schema: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExecution {
+    partition_timeout: Option<String>,
+    retries: Option<u32>,
+    backoff_initial: Option<String>,
+    backoff_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    kind: String,
+    name: Option<String>,
+    severity: Option<String>,
+    columns: Option<Vec<String>>,
+    column: Option<String>,
+    expression: Option<String>,
+    min: Option<f64>,
+    max: Option<f64>,
+    max_failing_rows: Option<u64>,
+    max_change_pct: Option<f64>,
+    max_change_rows: Option<u64>,
+    function: Option<String>,
+    percentile: Option<f64>,
+    min_ratio: Option<f64>,
+    max_ratio: Option<f64>,
+    min_value: Option<f64>,
+    max_value: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublish {
+    mode: Option<String>,
+    archive_retention_days: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated spec.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Spec {
+    pub name: String,
+    pub description: Option<String>,
+    pub target: Target,
+    pub partition: Partitioning,
+    pub source: Source,
+    pub warehouse: WarehouseRef,
+    pub execution: Execution,
+    pub audits: Vec<Audit>,
+    pub publish: Publish,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub table: TableName,
+    pub key: Vec<Ident>,
+    pub add_columns: Vec<NewColumn>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NewColumn {
+    pub name: Ident,
+    pub sql_type: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Partitioning {
+    pub column: Ident,
+    pub grain: Grain,
+    pub scope: Scope,
+    pub max_partitions: usize,
+}
+
+/// Which partitions a backfill touches: an inclusive range, or an explicit list.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub enum Scope {
+    Range {
+        first: NaiveDateTime,
+        last: NaiveDateTime,
+    },
+    List(Vec<NaiveDateTime>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    /// The query as written, with `:partition_start` / `:partition_end` placeholders.
+    pub query: String,
+    pub dedupe_order_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WarehouseRef {
+    pub name: String,
+    pub concurrency: u32,
+    pub control_schema: Ident,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Execution {
+    #[serde(with = "duration_ms")]
+    pub partition_timeout: Duration,
+    pub retries: u32,
+    #[serde(with = "duration_ms")]
+    pub backoff_initial: Duration,
+    #[serde(with = "duration_ms")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Error,
+    Warn,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Audit {
+    pub name: String,
+    pub severity: Severity,
+    pub check: AuditCheck,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum AuditCheck {
+    /// No two rows of the shadow share a key.
+    UniqueKey,
+    /// None of these columns is NULL in the backfilled partitions.
+    NotNull { columns: Vec<Ident> },
+    /// Every backfilled row satisfies a SQL boolean expression.
+    Expression {
+        expression: String,
+        max_failing_rows: u64,
+    },
+    /// A column stays within [min, max] in the backfilled partitions.
+    AcceptedRange {
+        column: Ident,
+        min: Option<f64>,
+        max: Option<f64>,
+        max_failing_rows: u64,
+    },
+    /// Per partition, the shadow's row count stays close to the current table's.
+    RowcountDelta {
+        max_change_pct: Option<f64>,
+        max_change_rows: Option<u64>,
+    },
+    /// Per partition, an aggregate of the shadow compared with the current table.
+    Aggregate {
+        function: AggregateFunction,
+        column: Option<Ident>,
+        bounds: AggregateBounds,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregateFunction {
+    Sum,
+    Count,
+    CountDistinct,
+    Avg,
+    Min,
+    Max,
+    Median,
+    Percentile(f64),
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct AggregateBounds {
+    pub max_change_pct: Option<f64>,
+    pub min_ratio: Option<f64>,
+    pub max_ratio: Option<f64>,
+    pub min_value: Option<f64>,
+    pub max_value: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    SwapTable,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Publish {
+    pub mode: PublishMode,
+    pub archive_retention_days: u32,
+}
+
+mod duration_ms {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_millis() as u64)
+    }
+}
+
+impl Spec {
+    /// Parses and validates a spec file's text.
+    pub fn parse(text: &str) -> Result<Spec, SpecError> {
+        let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Syntax(toml_message(&e)))?;
+        validate(raw)
+    }
+
+    /// The canonical text of the validated spec: defaults filled in, fields in a fixed order,
+    /// formatting and comments of the file gone. Two files that mean the same thing have the
+    /// same canonical text.
+    pub fn canonical(&self) -> String {
+        serde_json::to_string(self).expect("a validated spec always serialises")
+    }
+
+    /// SHA-256 of the canonical text, in hex. A run pins this.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.canonical().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn planned_partitions(&self) -> Vec<plan::Partition> {
+        plan::partitions(self.partition.grain, &self.partition.scope)
+    }
+}
+
+fn toml_message(error: &toml::de::Error) -> String {
+    // toml's message already names the key and shows the offending line; keep it on one line
+    // per fact so it reads well in a terminal.
+    error.to_string().trim_end().to_string()
+}
+
+fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
+    let name = match raw.name {
+        Some(name) if name.trim().is_empty() => {
+            return Err(field_error(
+                "name",
+                "an empty string",
+                "give the backfill a short name or leave the field out",
+            ));
+        }
+        Some(name) => name,
+        None => raw.target.table.clone(),
+    };
+
+    let table = TableName::parse(&raw.target.table).map_err(|e| {
+        field_error(
+            "target.table",
+            format!("`{}`", raw.target.table),
+            e.to_string(),
+        )
+    })?;
+    if raw.target.key.is_empty() {
+        return Err(field_error(
+            "target.key",
+            "an empty list",
+            "list the column(s) that identify a row, e.g. key = [\"order_id\"]",
+        ));
+    }
+    let key = idents("target.key", &raw.target.key)?;
+    let mut add_columns = Vec::new();
+    for (i, column) in raw.target.add_columns.iter().enumerate() {
+        let field = format!("target.add_columns[{i}]");
+        add_columns.push(NewColumn {
+            name: ident(&format!("{field}.name"), &column.name)?,
+            sql_type: sql_type(&format!("{field}.type"), &column.sql_type)?,
+        });
+    }
+
+    let column = ident("partition.column", &raw.partition.column)?;
+    let grain = match raw.partition.grain.as_str() {
+        "day" => Grain::Day,
+        "hour" => Grain::Hour,
+        other => {
+            return Err(field_error(
+                "partition.grain",
+                format!("`{other}`"),
+                "allowed: \"day\" or \"hour\"",
+            ));
+        }
+    };
+    let scope = scope(&raw.partition, grain)?;
+    let max_partitions = raw
+        .partition
+        .max_partitions
+        .unwrap_or(DEFAULT_MAX_PARTITIONS);
+    let count = plan::count(grain, &scope);
+    if count > max_partitions {
+        return Err(field_error(
+            "partition",
+            format!("{count} partitions"),
+            format!(
+                "at most {max_partitions} are allowed; if you really mean it, set partition.max_partitions = {count}"
+            ),
+        ));
+    }
+
+    let query = source_query(&raw.source.query)?;
+    let dedupe_order_by = match raw.source.dedupe_order_by {
+        Some(order) => Some(sql_fragment("source.dedupe_order_by", &order)?),
+        None => None,
+    };
+
+    if raw.warehouse.name.is_empty()
+        || !raw
+            .warehouse
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(field_error(
+            "warehouse.name",
+            format!("`{}`", raw.warehouse.name),
+            "allowed: letters, digits, `_` and `-` (the URL comes from BACKFILL_WAREHOUSE_<NAME>_URL, --warehouse-url or the config file)",
+        ));
+    }
+    let concurrency = raw.warehouse.concurrency.unwrap_or(2);
+    if !(1..=256).contains(&concurrency) {
+        return Err(field_error(
+            "warehouse.concurrency",
+            concurrency,
+            "allowed: 1 to 256 partitions at a time",
+        ));
+    }
+    let control_schema = ident(
+        "warehouse.control_schema",
+        raw.warehouse
+            .control_schema
+            .as_deref()
+            .unwrap_or("backfill"),
+    )?;
+
+    let execution = Execution {
+        partition_timeout: duration(
+            "execution.partition_timeout",
+            raw.execution.partition_timeout.as_deref().unwrap_or("30m"),
+        )?,
+        retries: raw.execution.retries.unwrap_or(3),
+        backoff_initial: duration(
+            "execution.backoff_initial",
+            raw.execution.backoff_initial.as_deref().unwrap_or("1s"),
+        )?,
+        backoff_max: duration(
+            "execution.backoff_max",
+            raw.execution.backoff_max.as_deref().unwrap_or("60s"),
+        )?,
+    };
+    if execution.retries > 20 {
+        return Err(field_error(
+            "execution.retries",
+            execution.retries,
+            "allowed: 0 to 20",
+        ));
+    }
+    if execution.partition_timeout < Duration::from_secs(1) {
+        return Err(field_error(
+            "execution.partition_timeout",
+            raw.execution.partition_timeout.unwrap_or_default(),
+            "allowed: at least 1s",
+        ));
+    }
+    if execution.backoff_max < execution.backoff_initial {
+        return Err(field_error(
+            "execution.backoff_max",
+            raw.execution.backoff_max.unwrap_or_default(),
+            "must be at least execution.backoff_initial",
+        ));
+    }
+
+    let mut audits = Vec::new();
+    for (i, audit) in raw.audits.into_iter().enumerate() {
+        audits.push(validate_audit(i, audit)?);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for audit in &audits {
+        if !seen.insert(audit.name.clone()) {
+            return Err(field_error(
+                "audit.name",
+                format!("`{}` twice", audit.name),
+                "each audit needs its own name",
+            ));
+        }
+    }
+
+    let mode = match raw.publish.mode.as_deref().unwrap_or("swap_table") {
+        "swap_table" => PublishMode::SwapTable,
+        other => {
+            return Err(field_error(
+                "publish.mode",
+                format!("`{other}`"),
+                "allowed: \"swap_table\"",
+            ));
+        }
+    };
+    let archive_retention_days = raw
+        .publish
+        .archive_retention_days
+        .unwrap_or(DEFAULT_RETENTION_DAYS);
+    if archive_retention_days < MIN_RETENTION_DAYS {
+        return Err(field_error(
+            "publish.archive_retention_days",
+            archive_retention_days,
+            format!(
+                "at least {MIN_RETENTION_DAYS} days, so a bad publish can still be rolled back (the usual range is 14 to 30)"
+            ),
+        ));
+    }
+
+    Ok(Spec {
+        name,
+        description: raw.description,
+        target: Target {
+            table,
+            key,
+            add_columns,
+        },
+        partition: Partitioning {
+            column,
+            grain,
+            scope,
+            max_partitions,
+        },
+        source: Source {
+            query,
+            dedupe_order_by,
+        },
+        warehouse: WarehouseRef {
+            name: raw.warehouse.name,
+            concurrency,
+            control_schema,
+        },
+        execution,
+        audits,
+        publish: Publish {
+            mode,
+            archive_retention_days,
+        },
+    })
+}
+
+fn ident(field: &str, value: &str) -> Result<Ident, SpecError> {
+    Ident::new(value).map_err(|e| field_error(field, format!("`{value}`"), e.to_string()))
+}
+
+fn idents(field: &str, values: &[String]) -> Result<Vec<Ident>, SpecError> {
+    let mut out = Vec::new();
+    for (i, value) in values.iter().enumerate() {
+        let id = ident(&format!("{field}[{i}]"), value)?;
+        if out.contains(&id) {
+            return Err(field_error(
+                field,
+                format!("`{value}` twice"),
+                "list each column once",
+            ));
+        }
+        out.push(id);
+    }
+    Ok(out)
+}
+
+fn sql_type(field: &str, value: &str) -> Result<String, SpecError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " _(),".contains(c));
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(field_error(
+            field,
+            format!("`{value}`"),
+            "allowed: a plain SQL type such as integer, bigint, numeric(12,2), text, timestamp",
+        ))
+    }
+}
+
+fn scope(raw: &RawPartition, grain: Grain) -> Result<Scope, SpecError> {
+    let format_hint = match grain {
+        Grain::Day => "a date like 2024-03-01",
+        Grain::Hour => "an hour like 2024-03-01T05 (or 2024-03-01T05:00:00)",
+    };
+    match (&raw.first, &raw.last, &raw.list) {
+        (Some(first), Some(last), None) => {
+            let f = plan::parse_partition_start(grain, first).ok_or_else(|| {
+                field_error(
+                    "partition.first",
+                    format!("`{first}`"),
+                    format!("expected {format_hint}"),
+                )
+            })?;
+            let l = plan::parse_partition_start(grain, last).ok_or_else(|| {
+                field_error(
+                    "partition.last",
+                    format!("`{last}`"),
+                    format!("expected {format_hint}"),
+                )
+            })?;
+            if l < f {
+                return Err(field_error(
+                    "partition.last",
+                    format!("`{last}`"),
+                    format!("must not be before partition.first (`{first}`)"),
+                ));
+            }
+            Ok(Scope::Range { first: f, last: l })
+        }
+        (None, None, Some(list)) => {
+            if list.is_empty() {
+                return Err(field_error(
+                    "partition.list",
+                    "an empty list",
+                    "list at least one partition",
+                ));
+            }
+            let mut starts = Vec::new();
+            for (i, item) in list.iter().enumerate() {
+                let start = plan::parse_partition_start(grain, item).ok_or_else(|| {
+                    field_error(
+                        &format!("partition.list[{i}]"),
+                        format!("`{item}`"),
+                        format!("expected {format_hint}"),
+                    )
+                })?;
+                starts.push(start);
+            }
+            starts.sort();
+            starts.dedup();
+            Ok(Scope::List(starts))
+        }
+        _ => Err(field_error(
+            "partition",
+            "neither a complete range nor a list",
+            "give either `first` and `last` (both included) or `list` (explicit partitions), not both",
+        )),
+    }
+}
+
+fn source_query(query: &str) -> Result<String, SpecError> {
+    let trimmed = query.trim();
+    let body = sql::strip_leading_comments(trimmed);
+    let starts_like_select = ["select", "with"].iter().any(|kw| {
+        body.len() >= kw.len()
+            && body[..kw.len()].eq_ignore_ascii_case(kw)
+            && body[kw.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_')
+    });
+    if !starts_like_select {
+        let first_word: String = body
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .take(20)
+            .collect();
+        return Err(field_error(
+            "source.query",
+            format!("a statement starting with `{first_word}`"),
+            "the source must be one SELECT (or WITH ... SELECT) query",
+        ));
+    }
+    let scan =
+        sql::scan_placeholders(trimmed).map_err(|e| field_error("source.query", "the query", e))?;
+    if scan.has_statement_separator {
+        return Err(field_error(
+            "source.query",
+            "a `;`",
+            "the source must be a single query without `;`",
+        ));
+    }
+    for name in &scan.names {
+        if !sql::SOURCE_PARAMETERS.contains(&name.as_str()) {
+            return Err(field_error(
+                "source.query",
+                format!("the parameter `:{name}`"),
+                format!(
+                    "allowed parameters: {}",
+                    sql::SOURCE_PARAMETERS
+                        .iter()
+                        .map(|p| format!(":{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    for required in ["partition_start", "partition_end"] {
+        if !scan.names.iter().any(|n| n == required) {
+            return Err(field_error(
+                "source.query",
+                format!("a query without `:{required}`"),
+                "filter on the partition, e.g. WHERE order_date >= :partition_start AND order_date < :partition_end, so that each task reads exactly one partition",
+            ));
+        }
+    }
+    Ok(trimmed.to_string())
+}
+
+fn sql_fragment(field: &str, value: &str) -> Result<String, SpecError> {
+    let scan =
+        sql::scan_placeholders(value).map_err(|e| field_error(field, format!("`{value}`"), e))?;
+    if scan.has_statement_separator || !scan.names.is_empty() || value.trim().is_empty() {
+        return Err(field_error(
+            field,
+            format!("`{value}`"),
+            "allowed: one SQL expression, without `;` or parameters",
+        ));
+    }
+    Ok(value.trim().to_string())
+}
+
+/// Parses `500ms`, `30s`, `10m`, `2h`.
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis = match unit {
+        "ms" => number,
+        "s" => number.checked_mul(1_000)?,
+        "m" => number.checked_mul(60_000)?,
+        "h" => number.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(millis))
+}
+
+fn duration(field: &str, value: &str) -> Result<Duration, SpecError> {
+    parse_duration(value).ok_or_else(|| {
+        field_error(
+            field,
+            format!("`{value}`"),
+            "allowed: a number with a unit, e.g. 500ms, 30s, 10m, 2h",
+        )
+    })
+}
+
+fn validate_audit(index: usize, raw: RawAudit) -> Result<Audit, SpecError> {
+    let field = |name: &str| format!("audit[{index}].{name}");
+    let severity = match raw.severity.as_deref().unwrap_or("error") {
+        "error" => Severity::Error,
+        "warn" => Severity::Warn,
+        other => {
+            return Err(field_error(
+                &field("severity"),
+                format!("`{other}`"),
+                "allowed: \"error\" (blocks publish) or \"warn\" (reports only)",
+            ));
+        }
+    };
+    let require = |value: Option<String>, name: &str, hint: &str| {
+        value.ok_or_else(|| {
+            field_error(
+                &field(name),
+                "nothing",
+                format!("the {} audit needs `{name}`: {hint}", raw.kind),
+            )
+        })
+    };
+    let (default_name, check) = match raw.kind.as_str() {
+        "unique_key" => ("unique_key".to_string(), AuditCheck::UniqueKey),
+        "not_null" => {
+            let columns = raw.columns.clone().ok_or_else(|| {
+                field_error(
+                    &field("columns"),
+                    "nothing",
+                    "the not_null audit needs `columns`, e.g. columns = [\"event_time\"]",
+                )
+            })?;
+            if columns.is_empty() {
+                return Err(field_error(
+                    &field("columns"),
+                    "an empty list",
+                    "list at least one column",
+                ));
+            }
+            let columns = idents(&field("columns"), &columns)?;
+            (
+                format!(
+                    "not_null_{}",
+                    columns
+                        .iter()
+                        .map(|c| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join("_")
+                ),
+                AuditCheck::NotNull { columns },
+            )
+        }
+        "expression" => {
+            let expression = require(
+                raw.expression.clone(),
+                "expression",
+                "a SQL condition every row must meet, e.g. \"quantity >= 0\"",
+            )?;
+            let expression = sql_fragment(&field("expression"), &expression)?;
+            (
+                "expression".to_string(),
+                AuditCheck::Expression {
+                    expression,
+                    max_failing_rows: raw.max_failing_rows.unwrap_or(0),
+                },
+            )
+        }
+        "accepted_range" => {
+            let column = require(raw.column.clone(), "column", "the column to check")?;
+            let column = ident(&field("column"), &column)?;
+            if raw.min.is_none() && raw.max.is_none() {
+                return Err(field_error(
+                    &field("min"),
+                    "nothing",
+                    "the accepted_range audit needs `min`, `max` or both",
+                ));
+            }
+            if let (Some(min), Some(max)) = (raw.min, raw.max)
+                && min > max
+            {
+                return Err(field_error(
+                    &field("max"),
+                    max,
+                    format!("must be at least min ({min})"),
+                ));
+            }
+            (
+                format!("accepted_range_{column}"),
+                AuditCheck::AcceptedRange {
+                    column,
+                    min: raw.min,
+                    max: raw.max,
+                    max_failing_rows: raw.max_failing_rows.unwrap_or(0),
+                },
+            )
+        }
+        "rowcount_delta" => {
+            if raw.max_change_pct.is_none() && raw.max_change_rows.is_none() {
+                return Err(field_error(
+                    &field("max_change_pct"),
+                    "nothing",
+                    "the rowcount_delta audit needs `max_change_pct` (e.g. 1.0 for 1%) and/or `max_change_rows`",
+                ));
+            }
+            non_negative(&field("max_change_pct"), raw.max_change_pct)?;
+            (
+                "rowcount_delta".to_string(),
+                AuditCheck::RowcountDelta {
+                    max_change_pct: raw.max_change_pct,
+                    max_change_rows: raw.max_change_rows,
+                },
+            )
+        }
+        "aggregate" => {
+            let function_name = require(
+                raw.function.clone(),
+                "function",
+                "one of sum, count, count_distinct, avg, min, max, median, percentile",
+            )?;
+            let function = match function_name.as_str() {
+                "sum" => AggregateFunction::Sum,
+                "count" => AggregateFunction::Count,
+                "count_distinct" => AggregateFunction::CountDistinct,
+                "avg" => AggregateFunction::Avg,
+                "min" => AggregateFunction::Min,
+                "max" => AggregateFunction::Max,
+                "median" => AggregateFunction::Median,
+                "percentile" => {
+                    let p = raw.percentile.ok_or_else(|| {
+                        field_error(
+                            &field("percentile"),
+                            "nothing",
+                            "the percentile function needs `percentile` between 0 and 1, e.g. 0.9",
+                        )
+                    })?;
+                    if !(0.0..=1.0).contains(&p) {
+                        return Err(field_error(
+                            &field("percentile"),
+                            p,
+                            "allowed: between 0 and 1",
+                        ));
+                    }
+                    AggregateFunction::Percentile(p)
+                }
+                other => {
+                    return Err(field_error(
+                        &field("function"),
+                        format!("`{other}`"),
+                        "allowed: sum, count, count_distinct, avg, min, max, median, percentile",
+                    ));
+                }
+            };
+            let column = match (&raw.column, function) {
+                (None, AggregateFunction::Count) => None,
+                (None, _) => {
+                    return Err(field_error(
+                        &field("column"),
+                        "nothing",
+                        format!("the {function_name} aggregate needs `column`"),
+                    ));
+                }
+                (Some(c), _) => Some(ident(&field("column"), c)?),
+            };
+            let bounds = AggregateBounds {
+                max_change_pct: raw.max_change_pct,
+                min_ratio: raw.min_ratio,
+                max_ratio: raw.max_ratio,
+                min_value: raw.min_value,
+                max_value: raw.max_value,
+            };
+            non_negative(&field("max_change_pct"), bounds.max_change_pct)?;
+            if bounds.max_change_pct.is_none()
+                && bounds.min_ratio.is_none()
+                && bounds.max_ratio.is_none()
+                && bounds.min_value.is_none()
+                && bounds.max_value.is_none()
+            {
+                return Err(field_error(
+                    &field("max_change_pct"),
+                    "no bound",
+                    "give at least one of max_change_pct, min_ratio, max_ratio (shadow / current), min_value, max_value",
+                ));
+            }
+            let name = match &column {
+                Some(c) => format!("{function_name}_{c}"),
+                None => function_name.clone(),
+            };
+            (
+                name,
+                AuditCheck::Aggregate {
+                    function,
+                    column,
+                    bounds,
+                },
+            )
+        }
+        other => {
+            return Err(field_error(
+                &field("kind"),
+                format!("`{other}`"),
+                "allowed: unique_key, not_null, expression, accepted_range, rowcount_delta, aggregate",
+            ));
+        }
+    };
+    let name = match raw.name {
+        Some(name) => {
+            Ident::new(&name)
+                .map_err(|e| field_error(&field("name"), format!("`{name}`"), e.to_string()))?;
+            name
+        }
+        None => default_name,
+    };
+    Ok(Audit {
+        name,
+        severity,
+        check,
+    })
+}
+
+fn non_negative(field: &str, value: Option<f64>) -> Result<(), SpecError> {
+    match value {
+        Some(v) if !(v >= 0.0) => Err(field_error(field, v, "allowed: zero or more")),
+        _ => Ok(()),
+    }
+}
+
+/// Day partitions accept `2024-03-01`; hour partitions `2024-03-01T05`, `2024-03-01T05:00` or
+/// `2024-03-01T05:00:00`. Exposed for the CLI and tests.
+pub fn parse_date(value: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(value, "%Y-%m-%d").ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const MINIMAL: &str = r#"
+[target]
+table = "fact_order_items"
+key = ["order_id", "item_id"]
+
+[partition]
+column = "order_date"
+grain = "day"
+first = "2024-03-03"
+last = "2024-03-06"
+
+[source]
+query = "SELECT * FROM staging_order_items WHERE order_date >= :partition_start AND order_date < :partition_end"
+
+[warehouse]
+name = "demo"
+"#;
+
+    #[test]
+    fn minimal_spec_gets_defaults() {
+        let spec = Spec::parse(MINIMAL).unwrap();
+        assert_eq!(spec.warehouse.concurrency, 2);
+        assert_eq!(spec.publish.archive_retention_days, 30);
+        assert_eq!(spec.planned_partitions().len(), 4);
+        assert_eq!(spec.hash().len(), 64);
+    }
+
+    #[test]
+    fn hash_ignores_formatting_but_not_meaning() {
+        let a = Spec::parse(MINIMAL).unwrap();
+        let reformatted = format!(
+            "# a comment\n{}",
+            MINIMAL.replace("grain = \"day\"", "grain   =   \"day\"")
+        );
+        let b = Spec::parse(&reformatted).unwrap();
+        assert_eq!(a.hash(), b.hash());
+        let changed = Spec::parse(&MINIMAL.replace("2024-03-06", "2024-03-07")).unwrap();
+        assert_ne!(a.hash(), changed.hash());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("ten minutes"), None);
+    }
+}

@@ -1,0 +1,399 @@
+//! A connection to a warehouse: a pool, its dialect, and the handful of catalog questions
+//! the pipeline asks (does a table exist, what are its columns, what does a query return,
+//! what is a table's checksum). Execution goes through sqlx's Any driver so one code path
+//! serves every dialect; SQL is built from validated, quoted identifiers and bound values.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::AnyConnection;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr, Statement};
+
+use crate::dialect::Dialect;
+use crate::error::BackfillError;
+use crate::ident::{Ident, TableName};
+
+#[derive(Clone)]
+pub struct Warehouse {
+    pub pool: AnyPool,
+    pub dialect: Dialect,
+    url: String,
+}
+
+impl std::fmt::Debug for Warehouse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warehouse")
+            .field("dialect", &self.dialect)
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// A bound parameter value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Null,
+}
+
+impl From<&str> for Bind {
+    fn from(value: &str) -> Self {
+        Bind::Text(value.to_string())
+    }
+}
+impl From<String> for Bind {
+    fn from(value: String) -> Self {
+        Bind::Text(value)
+    }
+}
+impl From<&String> for Bind {
+    fn from(value: &String) -> Self {
+        Bind::Text(value.clone())
+    }
+}
+impl From<i64> for Bind {
+    fn from(value: i64) -> Self {
+        Bind::Int(value)
+    }
+}
+impl From<Option<String>> for Bind {
+    fn from(value: Option<String>) -> Self {
+        value.map_or(Bind::Null, Bind::Text)
+    }
+}
+
+fn query_with(
+    sql: &str,
+    binds: &[Bind],
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    let mut query = sqlx::query(AssertSqlSafe(sql.to_string()));
+    for bind in binds {
+        query = match bind {
+            Bind::Text(v) => query.bind(v.clone()),
+            Bind::Int(v) => query.bind(*v),
+            Bind::Float(v) => query.bind(*v),
+            Bind::Null => query.bind(Option::<String>::None),
+        };
+    }
+    query
+}
+
+/// Runs one statement on a connection (or transaction); returns rows affected.
+pub async fn execute(
+    conn: &mut AnyConnection,
+    sql: &str,
+    binds: &[Bind],
+) -> Result<u64, BackfillError> {
+    Ok(query_with(sql, binds)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
+}
+
+pub async fn fetch_all(
+    conn: &mut AnyConnection,
+    sql: &str,
+    binds: &[Bind],
+) -> Result<Vec<AnyRow>, BackfillError> {
+    Ok(query_with(sql, binds).fetch_all(&mut *conn).await?)
+}
+
+pub async fn fetch_optional(
+    conn: &mut AnyConnection,
+    sql: &str,
+    binds: &[Bind],
+) -> Result<Option<AnyRow>, BackfillError> {
+    Ok(query_with(sql, binds).fetch_optional(&mut *conn).await?)
+}
+
+pub async fn fetch_one(
+    conn: &mut AnyConnection,
+    sql: &str,
+    binds: &[Bind],
+) -> Result<AnyRow, BackfillError> {
+    Ok(query_with(sql, binds).fetch_one(&mut *conn).await?)
+}
+
+/// Reads a column, turning a decode failure into a permanent warehouse error.
+pub fn get<T>(row: &AnyRow, index: usize) -> Result<T, BackfillError>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    Ok(row.try_get::<T, _>(index)?)
+}
+
+/// Order-independent content checksum of a set of rows, with their count.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Checksum {
+    pub rows: i64,
+    pub digest: String,
+}
+
+impl std::fmt::Display for Checksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.rows, self.digest)
+    }
+}
+
+impl Warehouse {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Warehouse, BackfillError> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::from_url(url).ok_or_else(|| {
+            BackfillError::Invalid(format!(
+                "warehouse URL `{}` is not supported: use postgres://… or sqlite://…",
+                redact_url(url)
+            ))
+        })?;
+        let mut options = AnyPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(30));
+        if dialect == Dialect::Sqlite {
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    // Partition writers take turns on SQLite's single write lock; waiting is
+                    // the right answer, not an error.
+                    conn.execute("PRAGMA busy_timeout = 60000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(url).await.map_err(|e| {
+            BackfillError::from(e).context(format!("connecting to {}", redact_url(url)))
+        })?;
+        if dialect == Dialect::Sqlite {
+            let mut conn = pool.acquire().await?;
+            execute(&mut conn, "PRAGMA journal_mode = WAL", &[])
+                .await
+                .ok();
+        }
+        Ok(Warehouse {
+            pool,
+            dialect,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, BackfillError> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    /// Fills in the schema of an unqualified PostgreSQL table name (the session's current
+    /// schema), so the name stays right whatever search_path later sessions have.
+    pub async fn resolve_table(&self, table: &TableName) -> Result<TableName, BackfillError> {
+        if table.schema.is_some() || self.dialect == Dialect::Sqlite {
+            return Ok(table.clone());
+        }
+        let mut conn = self.acquire().await?;
+        let row = fetch_one(&mut conn, "SELECT CAST(current_schema() AS text)", &[]).await?;
+        let schema: String = get(&row, 0)?;
+        Ok(TableName {
+            schema: Some(Ident::new(&schema).map_err(|e| BackfillError::Invalid(e.to_string()))?),
+            name: table.name.clone(),
+        })
+    }
+
+    pub async fn table_exists(
+        &self,
+        conn: &mut AnyConnection,
+        table: &TableName,
+    ) -> Result<bool, BackfillError> {
+        let count: i64 = match self.dialect {
+            Dialect::Postgres => {
+                let row = fetch_one(
+                    conn,
+                    "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                    &[schema_of(table).into(), table.name.as_str().into()],
+                )
+                .await?;
+                get(&row, 0)?
+            }
+            Dialect::Sqlite => {
+                let row = fetch_one(
+                    conn,
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
+                    &[table.name.as_str().into()],
+                )
+                .await?;
+                get(&row, 0)?
+            }
+        };
+        Ok(count > 0)
+    }
+
+    /// Column names of a table, in table order.
+    pub async fn table_columns(
+        &self,
+        conn: &mut AnyConnection,
+        table: &TableName,
+    ) -> Result<Vec<String>, BackfillError> {
+        let rows = match self.dialect {
+            Dialect::Postgres => {
+                fetch_all(
+                    conn,
+                    "SELECT CAST(a.attname AS text) FROM pg_catalog.pg_attribute a \
+                     JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                    &[schema_of(table).into(), table.name.as_str().into()],
+                )
+                .await?
+            }
+            Dialect::Sqlite => {
+                fetch_all(conn, "SELECT name FROM pragma_table_info($1) ORDER BY cid", &[table.name.as_str().into()]).await?
+            }
+        };
+        rows.iter().map(|r| get::<String>(r, 0)).collect()
+    }
+
+    /// The column names a query returns, asked of the server without running the query.
+    /// The Any driver cannot describe columns of types it does not read (date, numeric), so
+    /// this opens one native connection.
+    pub async fn describe_columns(&self, sql: &str) -> Result<Vec<String>, BackfillError> {
+        let names = match self.dialect {
+            Dialect::Postgres => {
+                let mut conn = sqlx::postgres::PgConnection::connect(&self.url).await?;
+                let statement = conn
+                    .prepare(AssertSqlSafe(sql.to_string()).into_sql_str())
+                    .await?;
+                let names = statement
+                    .columns()
+                    .iter()
+                    .map(|c| sqlx::Column::name(c).to_string())
+                    .collect();
+                conn.close().await.ok();
+                names
+            }
+            Dialect::Sqlite => {
+                let mut conn = sqlx::sqlite::SqliteConnection::connect(&self.url).await?;
+                let statement = conn
+                    .prepare(AssertSqlSafe(sql.to_string()).into_sql_str())
+                    .await?;
+                let names = statement
+                    .columns()
+                    .iter()
+                    .map(|c| sqlx::Column::name(c).to_string())
+                    .collect();
+                conn.close().await.ok();
+                names
+            }
+        };
+        Ok(names)
+    }
+
+    /// Checksum of the rows of `table` matching `filter` (SQL condition over alias `t`, with
+    /// `binds`). PostgreSQL hashes each row's text form on the server; SQLite, which has no
+    /// hash function, streams each row's quoted values and hashes them here.
+    pub async fn checksum(
+        &self,
+        conn: &mut AnyConnection,
+        table: &TableName,
+        filter: Option<&str>,
+        binds: &[Bind],
+    ) -> Result<Checksum, BackfillError> {
+        let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+        match self.dialect {
+            Dialect::Postgres => {
+                let sql = format!(
+                    "SELECT count(*), CAST(coalesce(sum(hashtextextended(CAST(t AS text), 0)), 0) AS text) FROM {} AS t{filter}",
+                    table.quoted()
+                );
+                let row = fetch_one(conn, &sql, binds).await?;
+                Ok(Checksum {
+                    rows: get(&row, 0)?,
+                    digest: get(&row, 1)?,
+                })
+            }
+            Dialect::Sqlite => {
+                let columns = self.table_columns(conn, table).await?;
+                let row_text = columns
+                    .iter()
+                    .map(|c| format!("quote(t.\"{}\")", c.replace('"', "\"\"")))
+                    .collect::<Vec<_>>()
+                    .join(" || '|' || ");
+                let sql = format!("SELECT {row_text} FROM {} AS t{filter}", table.quoted());
+                let rows = fetch_all(conn, &sql, binds).await?;
+                let mut sum: u128 = 0;
+                for row in &rows {
+                    let text: String = get(row, 0)?;
+                    let digest = Sha256::digest(text.as_bytes());
+                    let mut first = [0u8; 8];
+                    first.copy_from_slice(&digest[..8]);
+                    sum = sum.wrapping_add(u64::from_be_bytes(first) as u128);
+                }
+                Ok(Checksum {
+                    rows: rows.len() as i64,
+                    digest: format!("{sum:x}"),
+                })
+            }
+        }
+    }
+}
+
+/// The schema of a resolved table name ("main" in SQLite, where there is only one).
+pub fn schema_of(table: &TableName) -> String {
+    table
+        .schema
+        .as_ref()
+        .map_or_else(|| "main".to_string(), |s| s.as_str().to_string())
+}
+
+/// `postgres://user:secret@host/db` becomes `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    redact_secrets(url)
+}
+
+/// Hides the password of every `scheme://user:password@` in a text (error messages from
+/// drivers sometimes echo the URL).
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        let (head, tail) = rest.split_at(pos + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '?')
+            .unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://bob:s3cr3t@db:5432/x"),
+            "postgres://bob:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+        assert_eq!(
+            redact_secrets("failed to connect to postgres://a:b@h/d and amqp://u:p@q"),
+            "failed to connect to postgres://a:***@h/d and amqp://u:***@q"
+        );
+        assert_eq!(
+            redact_url("sqlite:///tmp/x.db?mode=rwc"),
+            "sqlite:///tmp/x.db?mode=rwc"
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! Whole-window audits after the barrier, each with pass/fail thresholds. Row audits
+//! (not-null, expression, accepted range) and per-partition comparisons (row counts,
+//! aggregates) each cost one grouped scan of the window, whatever the number of audits.
+//! Verdicts are plain functions of the measured numbers.
+
+use std::collections::BTreeMap;
+
+use backfill_common::BackfillError;
+use backfill_common::control::AuditRecord;
+use backfill_common::dialect::Dialect;
+use backfill_common::ident::TableName;
+use backfill_common::plan::Partition;
+use backfill_common::spec::{
+    AggregateBounds, AggregateFunction, Audit, AuditCheck, Severity, Spec,
+};
+use backfill_common::warehouse::{Bind, Warehouse, fetch_all, fetch_one, get};
+use sqlx::AnyConnection;
+
+use crate::window::window_condition;
+
+pub const PASS: &str = "pass";
+pub const FAIL: &str = "fail";
+pub const WARN: &str = "warn";
+
+/// Partition label used for audits about the whole window rather than one partition.
+pub const WHOLE_WINDOW: &str = "*";
+
+/// Whether the spec's audits can run on this dialect; checked at plan time.
+pub fn check_supported(spec: &Spec, dialect: Dialect) -> Result<(), BackfillError> {
+    for audit in &spec.audits {
+        if let AuditCheck::Aggregate {
+            function: AggregateFunction::Median | AggregateFunction::Percentile(_),
+            ..
+        } = audit.check
+            && !dialect.supports_percentiles()
+        {
+            return Err(BackfillError::Invalid(format!(
+                "audit `{}`: median and percentile need PostgreSQL; {} cannot compute them in SQL (use avg, min or max instead)",
+                audit.name,
+                dialect.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_audits(
+    warehouse: &Warehouse,
+    conn: &mut AnyConnection,
+    spec: &Spec,
+    target: &TableName,
+    shadow: &TableName,
+    partitions: &[Partition],
+) -> Result<Vec<AuditRecord>, BackfillError> {
+    let dialect = warehouse.dialect;
+    let grain = spec.partition.grain;
+    let label = dialect.partition_label(&format!("t.{}", spec.partition.column.quoted()), grain);
+    let (window, window_binds) =
+        window_condition(dialect, grain, &spec.partition.column, "t", partitions, 1);
+    let mut records = Vec::new();
+
+    // Unique key over the window (keys outside it were copied from the current table).
+    for audit in spec
+        .audits
+        .iter()
+        .filter(|a| matches!(a.check, AuditCheck::UniqueKey))
+    {
+        let keys = spec
+            .target
+            .key
+            .iter()
+            .map(|k| format!("t.{}", k.quoted()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT {keys} FROM {} AS t WHERE {window} GROUP BY {keys} HAVING count(*) > 1) AS d",
+            shadow.quoted()
+        );
+        let row = fetch_one(conn, &sql, &window_binds).await?;
+        let duplicates: i64 = get(&row, 0)?;
+        records.push(record(
+            audit,
+            WHOLE_WINDOW,
+            duplicates == 0,
+            format!("{duplicates} duplicated key(s)"),
+            "0 duplicated keys".into(),
+        ));
+    }
+
+    // Row audits: one grouped scan of the shadow's window.
+    let row_audits: Vec<(&Audit, String, Vec<Bind>, u64)> = spec
+        .audits
+        .iter()
+        .filter_map(|audit| match &audit.check {
+            AuditCheck::NotNull { columns } => Some((
+                audit,
+                columns
+                    .iter()
+                    .map(|c| format!("t.{} IS NULL", c.quoted()))
+                    .collect::<Vec<_>>()
+                    .join(" OR "),
+                vec![],
+                0,
+            )),
+            AuditCheck::Expression {
+                expression,
+                max_failing_rows,
+            } => Some((
+                audit,
+                format!("NOT coalesce(({expression}), false)"),
+                vec![],
+                *max_failing_rows,
+            )),
+            AuditCheck::AcceptedRange {
+                column,
+                min,
+                max,
+                max_failing_rows,
+            } => {
+                let col = format!("t.{}", column.quoted());
+                let mut parts = Vec::new();
+                let mut binds = Vec::new();
+                if let Some(min) = min {
+                    binds.push(Bind::Float(*min));
+                    parts.push(format!("{col} < {{{}}}", binds.len() - 1));
+                }
+                if let Some(max) = max {
+                    binds.push(Bind::Float(*max));
+                    parts.push(format!("{col} > {{{}}}", binds.len() - 1));
+                }
+                Some((audit, parts.join(" OR "), binds, *max_failing_rows))
+            }
+            _ => None,
+        })
+        .collect();
+    if !row_audits.is_empty() {
+        let mut binds = window_binds.clone();
+        let mut selects = Vec::new();
+        for (_, condition, audit_binds, _) in &row_audits {
+            // Renumber this audit's {i} placeholders after the binds already taken.
+            let mut condition = condition.clone();
+            for (i, bind) in audit_binds.iter().enumerate() {
+                binds.push(bind.clone());
+                let cast = dialect.as_float(&dialect.placeholder(binds.len()));
+                condition = condition.replace(&format!("{{{i}}}"), &cast);
+            }
+            selects.push(format!(
+                "coalesce(sum(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
+            ));
+        }
+        let sql = format!(
+            "SELECT {label} AS p, {} FROM {} AS t WHERE {window} GROUP BY {label}",
+            selects.join(", "),
+            shadow.quoted()
+        );
+        let rows = fetch_all(conn, &sql, &binds).await?;
+        let mut failing: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for row in &rows {
+            let p: Option<String> = get(row, 0)?;
+            let counts = (0..row_audits.len())
+                .map(|i| get::<i64>(row, i + 1))
+                .collect::<Result<Vec<_>, _>>()?;
+            failing.insert(p.unwrap_or_else(|| "NULL".into()), counts);
+        }
+        for (i, (audit, _, _, allowed)) in row_audits.iter().enumerate() {
+            for partition in partitions {
+                let observed = failing.get(&partition.key).map_or(0, |c| c[i]);
+                records.push(record(
+                    audit,
+                    &partition.key,
+                    observed as u64 <= *allowed,
+                    format!("{observed} failing row(s)"),
+                    format!("at most {allowed}"),
+                ));
+            }
+        }
+    }
+
+    // Per-partition comparisons against the current table: one grouped scan of each.
+    let comparisons: Vec<&Audit> = spec
+        .audits
+        .iter()
+        .filter(|a| {
+            matches!(
+                a.check,
+                AuditCheck::RowcountDelta { .. } | AuditCheck::Aggregate { .. }
+            )
+        })
+        .collect();
+    if !comparisons.is_empty() {
+        let aggregates: Vec<String> = comparisons
+            .iter()
+            .filter_map(|a| match &a.check {
+                AuditCheck::Aggregate {
+                    function, column, ..
+                } => Some(aggregate_sql(
+                    dialect,
+                    *function,
+                    column.as_ref().map(|c| format!("t.{}", c.quoted())),
+                )),
+                _ => None,
+            })
+            .collect::<Result<_, _>>()?;
+        let current =
+            partition_stats(conn, target, &label, &window, &window_binds, &aggregates).await?;
+        let proposed =
+            partition_stats(conn, shadow, &label, &window, &window_binds, &aggregates).await?;
+        for partition in partitions {
+            let empty = (0i64, vec![None; aggregates.len()]);
+            let (current_rows, current_values) = current
+                .get(&partition.key)
+                .cloned()
+                .unwrap_or_else(|| empty.clone());
+            let (shadow_rows, shadow_values) =
+                proposed.get(&partition.key).cloned().unwrap_or(empty);
+            let mut aggregate_index = 0;
+            for audit in &comparisons {
+                match &audit.check {
+                    AuditCheck::RowcountDelta {
+                        max_change_pct,
+                        max_change_rows,
+                    } => {
+                        let (ok, observed, allowed) = rowcount_verdict(
+                            current_rows,
+                            shadow_rows,
+                            *max_change_pct,
+                            *max_change_rows,
+                        );
+                        records.push(record(audit, &partition.key, ok, observed, allowed));
+                    }
+                    AuditCheck::Aggregate { bounds, .. } => {
+                        let (ok, observed, allowed) = aggregate_verdict(
+                            current_values[aggregate_index],
+                            shadow_values[aggregate_index],
+                            bounds,
+                        );
+                        aggregate_index += 1;
+                        records.push(record(audit, &partition.key, ok, observed, allowed));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+fn record(
+    audit: &Audit,
+    partition: &str,
+    ok: bool,
+    observed: String,
+    allowed: String,
+) -> AuditRecord {
+    let verdict = match (ok, audit.severity) {
+        (true, _) => PASS,
+        (false, Severity::Error) => FAIL,
+        (false, Severity::Warn) => WARN,
+    };
+    AuditRecord {
+        audit_name: audit.name.clone(),
+        partition_key: partition.to_string(),
+        severity: match audit.severity {
+            Severity::Error => "error".into(),
+            Severity::Warn => "warn".into(),
+        },
+        verdict: verdict.to_string(),
+        observed,
+        allowed,
+    }
+}
+
+fn aggregate_sql(
+    dialect: Dialect,
+    function: AggregateFunction,
+    column: Option<String>,
+) -> Result<String, BackfillError> {
+    let column = column.unwrap_or_else(|| "*".to_string());
+    let expr = match function {
+        AggregateFunction::Sum => format!("sum({column})"),
+        AggregateFunction::Count => format!("count({column})"),
+        AggregateFunction::CountDistinct => format!("count(DISTINCT {column})"),
+        AggregateFunction::Avg => format!("avg({column})"),
+        AggregateFunction::Min => format!("min({column})"),
+        AggregateFunction::Max => format!("max({column})"),
+        AggregateFunction::Median => dialect.percentile(0.5, &column).ok_or_else(|| {
+            BackfillError::Invalid(format!("median needs PostgreSQL, not {}", dialect.name()))
+        })?,
+        AggregateFunction::Percentile(p) => dialect.percentile(p, &column).ok_or_else(|| {
+            BackfillError::Invalid(format!(
+                "percentiles need PostgreSQL, not {}",
+                dialect.name()
+            ))
+        })?,
+    };
+    Ok(dialect.as_float(&expr))
+}
+
+type Stats = BTreeMap<String, (i64, Vec<Option<f64>>)>;
+
+async fn partition_stats(
+    conn: &mut AnyConnection,
+    table: &TableName,
+    label: &str,
+    window: &str,
+    binds: &[Bind],
+    aggregates: &[String],
+) -> Result<Stats, BackfillError> {
+    let extra: String = aggregates.iter().map(|a| format!(", {a}")).collect();
+    let sql = format!(
+        "SELECT {label} AS p, count(*){extra} FROM {} AS t WHERE {window} GROUP BY {label}",
+        table.quoted()
+    );
+    let rows = fetch_all(conn, &sql, binds).await?;
+    let mut stats = Stats::new();
+    for row in &rows {
+        let p: Option<String> = get(row, 0)?;
+        let n: i64 = get(row, 1)?;
+        let values = (0..aggregates.len())
+            .map(|i| get::<Option<f64>>(row, i + 2))
+            .collect::<Result<Vec<_>, _>>()?;
+        stats.insert(p.unwrap_or_else(|| "NULL".into()), (n, values));
+    }
+    Ok(stats)
+}
+
+/// Row count of one partition, shadow vs current.
+pub fn rowcount_verdict(
+    current: i64,
+    shadow: i64,
+    max_change_pct: Option<f64>,
+    max_change_rows: Option<u64>,
+) -> (bool, String, String) {
+    let delta = shadow - current;
+    let pct = if current == 0 {
+        if shadow == 0 { 0.0 } else { f64::INFINITY }
+    } else {
+        delta.unsigned_abs() as f64 * 100.0 / current as f64
+    };
+    let mut ok = true;
+    let mut allowed = Vec::new();
+    if let Some(max) = max_change_pct {
+        ok &= pct <= max;
+        allowed.push(format!("within {max}%"));
+    }
+    if let Some(max) = max_change_rows {
+        ok &= delta.unsigned_abs() <= max;
+        allowed.push(format!("within {max} rows"));
+    }
+    (
+        ok,
+        format!("{current} -> {shadow} rows ({delta:+}, {pct:.2}%)"),
+        allowed.join(" and "),
+    )
+}
+
+/// One aggregate of one partition, shadow vs current.
+pub fn aggregate_verdict(
+    current: Option<f64>,
+    shadow: Option<f64>,
+    bounds: &AggregateBounds,
+) -> (bool, String, String) {
+    let show = |v: Option<f64>| v.map_or("NULL".to_string(), |v| format!("{v}"));
+    let mut ok = true;
+    let mut allowed = Vec::new();
+    let ratio = match (current, shadow) {
+        (Some(c), Some(s)) if c != 0.0 => Some(s / c),
+        (Some(_), Some(s)) if s == 0.0 => Some(1.0),
+        _ => None,
+    };
+    if let Some(max) = bounds.max_change_pct {
+        let change = ratio.map(|r| (r - 1.0).abs() * 100.0);
+        ok &= change.is_some_and(|c| c <= max) || current == shadow;
+        allowed.push(format!("change within {max}%"));
+    }
+    if let Some(min) = bounds.min_ratio {
+        ok &= ratio.is_some_and(|r| r >= min);
+        allowed.push(format!("ratio >= {min}"));
+    }
+    if let Some(max) = bounds.max_ratio {
+        ok &= ratio.is_some_and(|r| r <= max);
+        allowed.push(format!("ratio <= {max}"));
+    }
+    if let Some(min) = bounds.min_value {
+        ok &= shadow.is_some_and(|s| s >= min);
+        allowed.push(format!("value >= {min}"));
+    }
+    if let Some(max) = bounds.max_value {
+        ok &= shadow.is_some_and(|s| s <= max);
+        allowed.push(format!("value <= {max}"));
+    }
+    let ratio_text = ratio.map_or(String::new(), |r| format!(" (ratio {r:.4})"));
+    (
+        ok,
+        format!("{} -> {}{ratio_text}", show(current), show(shadow)),
+        allowed.join(" and "),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rowcount_verdicts() {
+        assert!(rowcount_verdict(1000, 1005, Some(1.0), None).0);
+        assert!(!rowcount_verdict(1000, 1011, Some(1.0), None).0);
+        assert!(!rowcount_verdict(0, 5, Some(50.0), None).0);
+        assert!(rowcount_verdict(0, 0, Some(0.0), None).0);
+        assert!(!rowcount_verdict(100, 90, None, Some(5)).0);
+    }
+
+    #[test]
+    fn aggregate_verdicts() {
+        let halved = AggregateBounds {
+            min_ratio: Some(0.45),
+            max_ratio: Some(0.55),
+            ..Default::default()
+        };
+        assert!(aggregate_verdict(Some(200.0), Some(100.0), &halved).0);
+        assert!(!aggregate_verdict(Some(200.0), Some(200.0), &halved).0);
+        assert!(!aggregate_verdict(None, Some(1.0), &halved).0);
+        let stable = AggregateBounds {
+            max_change_pct: Some(2.0),
+            ..Default::default()
+        };
+        assert!(aggregate_verdict(Some(100.0), Some(101.0), &stable).0);
+        assert!(!aggregate_verdict(Some(100.0), Some(103.0), &stable).0);
+        assert!(aggregate_verdict(None, None, &stable).0);
+    }
+}

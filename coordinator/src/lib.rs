@@ -1,0 +1,12 @@
+//! The coordinator: the `backfill` CLI and the run state machine (plan, shadow, barrier,
+//! audits, publish, rollback, gc, status, demo). Depends on the worker library for partition
+//! execution and on the common vocabulary; nothing depends on it.
+
+pub mod audit;
+pub mod cli;
+pub mod demo;
+pub mod publish;
+pub mod runner;
+pub mod shadow;
+pub mod status;
+pub mod window;

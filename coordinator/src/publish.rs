@@ -1,0 +1,502 @@
+//! Publishing and taking back: the atomic `swap_table` (archive the current table, rename the
+//! shadow in, carry dependent views, grants and the table comment over), `rollback` (swap the
+//! archive back and prove its checksum), and `gc` (drop archives past retention).
+//!
+//! Each is one transaction. PostgreSQL views bind to a table's OID, so the views that read the
+//! target are re-created from their own definitions inside the swap; SQLite views bind by
+//! name, so the swap runs with `legacy_alter_table` so that renames leave views alone.
+
+use backfill_common::BackfillError;
+use backfill_common::control::{
+    ArchiveMark, ArchiveRecord, ControlStore, RunRecord, RunState, now_text,
+};
+use backfill_common::dialect::Dialect;
+use backfill_common::ident::TableName;
+use backfill_common::sql::string_literal;
+use backfill_common::warehouse::{Checksum, execute, fetch_all, fetch_one, get};
+use chrono::{Duration, Utc};
+use sqlx::{AnyConnection, Connection};
+
+use crate::shadow::quote_catalog_name;
+
+pub fn archive_name(target: &TableName, run_id: &str) -> Result<TableName, BackfillError> {
+    target
+        .with_suffix(&format!("__bf_archive_{run_id}"))
+        .map_err(|e| BackfillError::Invalid(e.to_string()))
+}
+
+pub fn undone_name(target: &TableName, run_id: &str) -> Result<TableName, BackfillError> {
+    target
+        .with_suffix(&format!("__bf_undone_{run_id}"))
+        .map_err(|e| BackfillError::Invalid(e.to_string()))
+}
+
+/// What must follow the target across a rename in PostgreSQL.
+struct Dependents {
+    views: Vec<ViewDefinition>,
+    grants: Vec<(String, String)>,
+    comment: Option<String>,
+}
+
+struct ViewDefinition {
+    name: String,
+    definition: String,
+    options: Option<String>,
+}
+
+/// Locks the target and reads what depends on it. Refuses targets whose dependents a rename
+/// would strand: materialized views and foreign keys pointing at the target.
+async fn read_dependents(
+    conn: &mut AnyConnection,
+    target: &TableName,
+) -> Result<Dependents, BackfillError> {
+    let target_text = target.quoted();
+    execute(
+        conn,
+        &format!("LOCK TABLE {target_text} IN ACCESS EXCLUSIVE MODE"),
+        &[],
+    )
+    .await?;
+    let row = fetch_one(conn, "SELECT current_setting('search_path')", &[]).await?;
+    let search_path: String = get(&row, 0)?;
+    // With only pg_catalog on the path, view definitions come back fully qualified.
+    execute(
+        conn,
+        "SELECT set_config('search_path', 'pg_catalog', true)",
+        &[],
+    )
+    .await?;
+    let views = fetch_all(
+        conn,
+        "SELECT DISTINCT CAST(quote_ident(vn.nspname) || '.' || quote_ident(v.relname) AS text), CAST(v.relkind AS text), \
+         pg_get_viewdef(v.oid), CAST(array_to_string(v.reloptions, ', ') AS text) \
+         FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class \
+         JOIN pg_namespace vn ON vn.oid = v.relnamespace \
+         WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = CAST($1 AS regclass) AND v.oid <> CAST($1 AS regclass)",
+        &[target_text.as_str().into()],
+    )
+    .await;
+    execute(
+        conn,
+        "SELECT set_config('search_path', $1, true)",
+        &[search_path.into()],
+    )
+    .await?;
+    let mut definitions = Vec::new();
+    for row in views? {
+        let name: String = get(&row, 0)?;
+        let kind: String = get(&row, 1)?;
+        if kind == "m" {
+            return Err(BackfillError::Invalid(format!(
+                "materialized view {name} reads {target}; swap_table would leave it on the archive. Drop it and re-create it after publish"
+            )));
+        }
+        let definition: String = get(&row, 2)?;
+        definitions.push(ViewDefinition {
+            name,
+            definition: definition.trim().trim_end_matches(';').to_string(),
+            options: get::<Option<String>>(&row, 3)?.filter(|o| !o.is_empty()),
+        });
+    }
+    let foreign_keys = fetch_all(
+        conn,
+        "SELECT CAST(conname AS text), CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE contype = 'f' AND confrelid = CAST($1 AS regclass)",
+        &[target_text.as_str().into()],
+    )
+    .await?;
+    if let Some(row) = foreign_keys.first() {
+        let (name, table): (String, String) = (get(row, 0)?, get(row, 1)?);
+        return Err(BackfillError::Invalid(format!(
+            "foreign key {name} on {table} references {target}; swap_table would leave it pointing at the archive"
+        )));
+    }
+    let grants = fetch_all(
+        conn,
+        "SELECT CAST(grantee AS text), CAST(privilege_type AS text) FROM information_schema.role_table_grants \
+         WHERE table_schema = $1 AND table_name = $2 AND grantee <> current_user",
+        &[backfill_common::warehouse::schema_of(target).into(), target.name.as_str().into()],
+    )
+    .await?;
+    let grants = grants
+        .iter()
+        .map(|r| Ok((get::<String>(r, 0)?, get::<String>(r, 1)?)))
+        .collect::<Result<Vec<_>, BackfillError>>()?;
+    let row = fetch_one(
+        conn,
+        "SELECT obj_description(CAST($1 AS regclass), 'pg_class')",
+        &[target_text.as_str().into()],
+    )
+    .await?;
+    let comment: Option<String> = get(&row, 0)?;
+    Ok(Dependents {
+        views: definitions,
+        grants,
+        comment,
+    })
+}
+
+/// Re-points views at the table now called `target`, and gives it the grants and comment the
+/// old table had.
+async fn restore_dependents(
+    conn: &mut AnyConnection,
+    target: &TableName,
+    dependents: &Dependents,
+    with_grants: bool,
+) -> Result<(), BackfillError> {
+    if with_grants {
+        for (grantee, privilege) in &dependents.grants {
+            let grantee = if grantee == "PUBLIC" {
+                "PUBLIC".to_string()
+            } else {
+                quote_catalog_name(grantee)
+            };
+            if !privilege
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c == ' ')
+            {
+                continue;
+            }
+            execute(
+                conn,
+                &format!("GRANT {privilege} ON {} TO {grantee}", target.quoted()),
+                &[],
+            )
+            .await?;
+        }
+        if let Some(comment) = &dependents.comment {
+            execute(
+                conn,
+                &format!(
+                    "COMMENT ON TABLE {} IS {}",
+                    target.quoted(),
+                    string_literal(comment)
+                ),
+                &[],
+            )
+            .await?;
+        }
+    }
+    for view in &dependents.views {
+        let options = view
+            .options
+            .as_ref()
+            .map(|o| format!(" WITH ({o})"))
+            .unwrap_or_default();
+        execute(
+            conn,
+            &format!(
+                "CREATE OR REPLACE VIEW {}{options} AS {}",
+                view.name, view.definition
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| e.context(format!("re-pointing view {} at {target}", view.name)))?;
+    }
+    Ok(())
+}
+
+async fn rename(
+    conn: &mut AnyConnection,
+    from: &TableName,
+    to: &TableName,
+) -> Result<(), BackfillError> {
+    execute(
+        conn,
+        &format!(
+            "ALTER TABLE {} RENAME TO {}",
+            from.quoted(),
+            to.name.quoted()
+        ),
+        &[],
+    )
+    .await
+    .map_err(|e| e.context(format!("renaming {from} to {}", to.name)))?;
+    Ok(())
+}
+
+/// Lets SQLite renames leave views alone (they then resolve by name at query time).
+async fn set_sqlite_legacy_alter(conn: &mut AnyConnection, on: bool) -> Result<(), BackfillError> {
+    execute(
+        conn,
+        &format!(
+            "PRAGMA legacy_alter_table = {}",
+            if on { "ON" } else { "OFF" }
+        ),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Archives the current target and renames the shadow in, in one transaction. Records the
+/// archive with the old table's checksum (for rollback) and marks the run published.
+pub async fn swap_table(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    shadow: &TableName,
+    retention_days: u32,
+) -> Result<ArchiveRecord, BackfillError> {
+    let warehouse = &store.warehouse;
+    let archive = archive_name(target, &run.run_id)?;
+    let mut conn = warehouse.acquire().await?;
+    let dialect = warehouse.dialect;
+    if dialect == Dialect::Sqlite {
+        set_sqlite_legacy_alter(&mut conn, true).await?;
+    }
+    let result = async {
+        let mut tx = conn.begin().await?;
+        if dialect == Dialect::Postgres {
+            execute(
+                &mut tx,
+                "SELECT set_config('lock_timeout', '30s', true)",
+                &[],
+            )
+            .await?;
+        }
+        let dependents = match dialect {
+            Dialect::Postgres => Some(read_dependents(&mut tx, target).await?),
+            Dialect::Sqlite => None,
+        };
+        let old = warehouse.checksum(&mut tx, target, None, &[]).await?;
+        rename(&mut tx, target, &archive).await?;
+        rename(&mut tx, shadow, target).await?;
+        if let Some(dependents) = &dependents {
+            restore_dependents(&mut tx, target, dependents, true).await?;
+        }
+        let now = Utc::now();
+        let record = ArchiveRecord {
+            archive_table: archive.to_string(),
+            run_id: run.run_id.clone(),
+            source_table: target.to_string(),
+            kind: "pre_publish".into(),
+            row_count: old.rows,
+            checksum: old.to_string(),
+            created_at: now_text(),
+            expires_at: (now + Duration::days(retention_days as i64))
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            restored_at: None,
+            dropped_at: None,
+        };
+        store.insert_archive(&mut tx, &record).await?;
+        execute(
+            &mut tx,
+            &format!(
+                "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
+                store.table("runs")
+            ),
+            &[
+                run.run_id.as_str().into(),
+                archive.to_string().into(),
+                now_text().into(),
+            ],
+        )
+        .await?;
+        store
+            .set_run_state(&mut tx, &run.run_id, RunState::Published, None)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, BackfillError>(record)
+    }
+    .await;
+    if dialect == Dialect::Sqlite {
+        set_sqlite_legacy_alter(&mut conn, false).await?;
+    }
+    result
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RollbackReport {
+    pub run_id: String,
+    pub target: String,
+    pub restored_from: String,
+    pub kept_as: String,
+    pub checksum: String,
+}
+
+/// Swaps the archive of `run` back in, keeping the backfilled table as `__bf_undone_<run>`
+/// (same retention), and proves the restored table's checksum equals the one recorded at
+/// publish; on a mismatch nothing changes.
+pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackReport, BackfillError> {
+    let run = store.find_run(run_id).await?.ok_or_else(|| {
+        BackfillError::Invalid(format!("no run `{run_id}` in this control store"))
+    })?;
+    if run.state != RunState::Published {
+        return Err(BackfillError::Conflict(format!(
+            "run {run_id} is {}; only a published run can be rolled back",
+            run.state.as_str()
+        )));
+    }
+    let target =
+        TableName::parse(&run.target).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let later = store
+        .runs_for_target(&run.target)
+        .await?
+        .into_iter()
+        .find(|r| r.state == RunState::Published && r.published_at > run.published_at);
+    if let Some(later) = later {
+        return Err(BackfillError::Conflict(format!(
+            "run {} published {} after run {run_id}; roll that one back first",
+            later.run_id, run.target
+        )));
+    }
+    let archive = store
+        .archives()
+        .await?
+        .into_iter()
+        .find(|a| a.run_id == run.run_id && a.kind == "pre_publish")
+        .ok_or_else(|| BackfillError::Invalid(format!("run {run_id} has no archive record")))?;
+    if archive.dropped_at.is_some() {
+        return Err(BackfillError::Conflict(format!(
+            "the archive {} of run {run_id} was dropped by gc on {}; it cannot be restored",
+            archive.archive_table,
+            archive.dropped_at.unwrap_or_default()
+        )));
+    }
+    let archive_table = TableName::parse(&archive.archive_table)
+        .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let undone = undone_name(&target, run_id)?;
+    let warehouse = &store.warehouse;
+    let dialect = warehouse.dialect;
+    let mut conn = warehouse.acquire().await?;
+    if dialect == Dialect::Sqlite {
+        set_sqlite_legacy_alter(&mut conn, true).await?;
+    }
+    let result = async {
+        let mut tx = conn.begin().await?;
+        if dialect == Dialect::Postgres {
+            execute(&mut tx, "SELECT set_config('lock_timeout', '30s', true)", &[]).await?;
+        }
+        if !warehouse.table_exists(&mut tx, &archive_table).await? {
+            return Err(BackfillError::Invalid(format!("the archive table {archive_table} no longer exists")));
+        }
+        let dependents = match dialect {
+            Dialect::Postgres => Some(read_dependents(&mut tx, &target).await?),
+            Dialect::Sqlite => None,
+        };
+        let current = warehouse.checksum(&mut tx, &target, None, &[]).await?;
+        rename(&mut tx, &target, &undone).await?;
+        rename(&mut tx, &archive_table, &target).await?;
+        if let Some(dependents) = &dependents {
+            restore_dependents(&mut tx, &target, dependents, false).await?;
+        }
+        let restored: Checksum = warehouse.checksum(&mut tx, &target, None, &[]).await?;
+        if restored.to_string() != archive.checksum {
+            tx.rollback().await?;
+            return Err(BackfillError::Conflict(format!(
+                "the archive {archive_table} has checksum {restored} but {} was recorded at publish; it changed since, so nothing was restored",
+                archive.checksum
+            )));
+        }
+        store.mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Restored).await?;
+        let now = Utc::now();
+        let retention = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
+            .map(|e| e.with_timezone(&Utc) - chrono::DateTime::parse_from_rfc3339(&archive.created_at).map(|c| c.with_timezone(&Utc)).unwrap_or(now))
+            .unwrap_or(Duration::days(30));
+        store
+            .insert_archive(
+                &mut tx,
+                &ArchiveRecord {
+                    archive_table: undone.to_string(),
+                    run_id: run.run_id.clone(),
+                    source_table: target.to_string(),
+                    kind: "rolled_back".into(),
+                    row_count: current.rows,
+                    checksum: current.to_string(),
+                    created_at: now_text(),
+                    expires_at: (now + retention).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    restored_at: None,
+                    dropped_at: None,
+                },
+            )
+            .await?;
+        store.set_run_state(&mut tx, &run.run_id, RunState::RolledBack, None).await?;
+        tx.commit().await?;
+        Ok(RollbackReport {
+            run_id: run.run_id.clone(),
+            target: target.to_string(),
+            restored_from: archive_table.to_string(),
+            kept_as: undone.to_string(),
+            checksum: restored.to_string(),
+        })
+    }
+    .await;
+    if dialect == Dialect::Sqlite {
+        set_sqlite_legacy_alter(&mut conn, false).await?;
+    }
+    result
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GcReport {
+    pub dropped: Vec<String>,
+    pub kept: usize,
+}
+
+/// Drops archives whose retention has passed (restored archives are the live table again and
+/// are never dropped). `dry_run` only lists them.
+pub async fn gc(
+    store: &ControlStore,
+    now: chrono::DateTime<Utc>,
+    dry_run: bool,
+) -> Result<GcReport, BackfillError> {
+    let mut dropped = Vec::new();
+    let mut kept = 0;
+    for archive in store.archives().await? {
+        if archive.dropped_at.is_some() || archive.restored_at.is_some() {
+            continue;
+        }
+        let expired = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
+            .map(|e| e.with_timezone(&Utc) <= now)
+            .unwrap_or(false);
+        if !expired {
+            kept += 1;
+            continue;
+        }
+        if !dry_run {
+            let table = TableName::parse(&archive.archive_table)
+                .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+            let mut tx = store.warehouse.pool.begin().await?;
+            execute(
+                &mut tx,
+                &format!("DROP TABLE IF EXISTS {}", table.quoted()),
+                &[],
+            )
+            .await?;
+            store
+                .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Dropped)
+                .await?;
+            store
+                .record_event(
+                    &mut tx,
+                    &archive.run_id,
+                    None,
+                    "archive_dropped",
+                    &archive.archive_table,
+                )
+                .await?;
+            tx.commit().await?;
+        }
+        dropped.push(archive.archive_table);
+    }
+    Ok(GcReport { dropped, kept })
+}
+
+/// Drops the shadow of a run that will never publish.
+pub async fn drop_shadow(store: &ControlStore, run: &RunRecord) -> Result<(), BackfillError> {
+    let shadow =
+        TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let mut tx = store.warehouse.pool.begin().await?;
+    execute(
+        &mut tx,
+        &format!("DROP TABLE IF EXISTS {}", shadow.quoted()),
+        &[],
+    )
+    .await?;
+    store
+        .set_run_state(&mut tx, &run.run_id, RunState::Abandoned, None)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! The run state machine: plan -> shadow -> partitions -> barrier -> audits -> publish.
+//! Every step records its state in the control store first, so running the same command
+//! again resumes where the last process stopped, and a changed spec never joins a run.
+
+use std::sync::Arc;
+
+use backfill_common::control::{
+    AuditRecord, ControlStore, PartitionState, RunRecord, RunState, now_text,
+};
+use backfill_common::ident::TableName;
+use backfill_common::plan::{Grain, Partition};
+use backfill_common::queue::{InMemoryQueue, TaskQueue};
+use backfill_common::semaphore::InMemorySemaphore;
+use backfill_common::spec::Spec;
+use backfill_common::warehouse::Warehouse;
+use backfill_common::{BackfillError, TOOL_VERSION, sql};
+use backfill_worker::{PartitionContext, PartitionOutcome, PartitionReport, consume};
+
+use crate::audit::{self, FAIL};
+use crate::publish;
+use crate::shadow;
+
+/// Everything `plan` finds out without writing anything.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub spec_name: String,
+    pub spec_hash: String,
+    pub target: String,
+    pub dialect: String,
+    pub grain: Grain,
+    pub partitions: Vec<Partition>,
+    pub source_columns: Vec<String>,
+    pub target_columns: Vec<String>,
+    pub partition_sql: String,
+    pub shadow_template: String,
+    /// The open run this spec would resume, if any.
+    pub resumes: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RunOutcome {
+    Published {
+        run_id: String,
+        archive: String,
+        partitions: usize,
+    },
+    AlreadyPublished {
+        run_id: String,
+    },
+    AuditFailed {
+        run_id: String,
+        failures: Vec<AuditRecord>,
+    },
+    PartitionsFailed {
+        run_id: String,
+        failures: Vec<(String, String)>,
+    },
+}
+
+impl RunOutcome {
+    pub fn run_id(&self) -> &str {
+        match self {
+            RunOutcome::Published { run_id, .. }
+            | RunOutcome::AlreadyPublished { run_id }
+            | RunOutcome::AuditFailed { run_id, .. }
+            | RunOutcome::PartitionsFailed { run_id, .. } => run_id,
+        }
+    }
+}
+
+/// Progress callbacks, so the CLI can draw a bar and tests can stay quiet.
+pub trait Progress: Send + Sync {
+    fn phase(&self, _message: &str) {}
+    fn partitions(&self, _total: usize, _already_done: usize) {}
+    fn partition_finished(&self, _report: &PartitionReport) {}
+}
+
+pub struct Quiet;
+impl Progress for Quiet {}
+
+pub struct Backfill {
+    pub spec: Spec,
+    pub spec_text: String,
+    pub store: ControlStore,
+    pub target: TableName,
+}
+
+impl Backfill {
+    /// Connects, migrates the control store and resolves the target.
+    pub async fn open(
+        spec: Spec,
+        spec_text: String,
+        warehouse_url: &str,
+    ) -> Result<Backfill, BackfillError> {
+        let warehouse = Warehouse::connect(warehouse_url, spec.warehouse.concurrency + 2).await?;
+        audit::check_supported(&spec, warehouse.dialect)?;
+        let store = ControlStore::new(warehouse, spec.warehouse.control_schema.clone());
+        store.migrate().await?;
+        let target = store.warehouse.resolve_table(&spec.target.table).await?;
+        Ok(Backfill {
+            spec,
+            spec_text,
+            store,
+            target,
+        })
+    }
+
+    /// The source query as the warehouse will run it (parameters as placeholders).
+    fn partition_sql(&self) -> Result<String, BackfillError> {
+        let dialect = self.store.dialect();
+        let grain = self.spec.partition.grain;
+        sql::rewrite_parameters(&self.spec.source.query, |name| match name {
+            "partition_start" => dialect.partition_bound(grain, 1),
+            _ => dialect.partition_bound(grain, 2),
+        })
+        .map_err(BackfillError::Invalid)
+    }
+
+    /// Checks the spec against the warehouse and describes what a run would do. Writes nothing
+    /// (beyond creating the control store's tables if they are missing).
+    pub async fn plan(&self) -> Result<Plan, BackfillError> {
+        let warehouse = &self.store.warehouse;
+        let mut conn = warehouse.acquire().await?;
+        if !warehouse.table_exists(&mut conn, &self.target).await? {
+            return Err(BackfillError::Invalid(format!(
+                "target.table: {} does not exist in the warehouse",
+                self.target
+            )));
+        }
+        let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
+        drop(conn);
+        let partition_sql = self.partition_sql()?;
+        let source_columns = warehouse
+            .describe_columns(&partition_sql)
+            .await
+            .map_err(|e| e.context("checking source.query against the warehouse"))?;
+        let mut known: Vec<String> = target_columns.clone();
+        known.extend(
+            self.spec
+                .target
+                .add_columns
+                .iter()
+                .map(|c| c.name.to_string()),
+        );
+        for column in &source_columns {
+            if !known.contains(column) {
+                return Err(BackfillError::Invalid(format!(
+                    "source.query returns column `{column}`, which {} does not have (its columns: {}); rename it in the query or declare it in target.add_columns",
+                    self.target,
+                    known.join(", ")
+                )));
+            }
+        }
+        for required in self
+            .spec
+            .target
+            .key
+            .iter()
+            .chain(std::iter::once(&self.spec.partition.column))
+        {
+            if !source_columns.iter().any(|c| c == required.as_str()) {
+                return Err(BackfillError::Invalid(format!(
+                    "source.query must return the column `{required}` (key and partition columns identify each row)"
+                )));
+            }
+        }
+        shadow_name(&self.target, "00000000")?;
+        publish::undone_name(&self.target, "00000000")?;
+        let resumes = self
+            .store
+            .runs_for_target(&self.target.to_string())
+            .await?
+            .into_iter()
+            .find(|r| r.state.is_open() && r.spec_hash == self.spec.hash())
+            .map(|r| r.run_id);
+        Ok(Plan {
+            spec_name: self.spec.name.clone(),
+            spec_hash: self.spec.hash(),
+            target: self.target.to_string(),
+            dialect: self.store.dialect().name().to_string(),
+            grain: self.spec.partition.grain,
+            partitions: self.spec.planned_partitions(),
+            source_columns,
+            target_columns,
+            partition_sql,
+            shadow_template: shadow_name(&self.target, "<run>")
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            resumes,
+        })
+    }
+
+    /// Runs (or resumes) the backfill to publish, embedded: in-process queue, semaphore and
+    /// `concurrency` worker tasks running the worker library.
+    pub async fn run(
+        &self,
+        owner: &str,
+        progress: &dyn Progress,
+    ) -> Result<RunOutcome, BackfillError> {
+        let plan = self.plan().await?;
+        let run = match self.find_or_create_run(&plan, owner, progress).await? {
+            Ok(run) => run,
+            Err(outcome) => return Ok(outcome),
+        };
+        let ctx = Arc::new(PartitionContext::new(
+            self.store.clone(),
+            &self.spec,
+            &run,
+            &plan.source_columns,
+        )?);
+
+        if matches!(run.state, RunState::Running | RunState::Failed) {
+            if run.state == RunState::Failed {
+                self.store
+                    .set_run_state_now(&run.run_id, RunState::Running, None)
+                    .await?;
+            }
+            let tasks = self.store.reissue_unfinished(&run).await?;
+            progress.partitions(plan.partitions.len(), plan.partitions.len() - tasks.len());
+            progress.phase(&format!(
+                "writing {} partition(s) into {}",
+                tasks.len(),
+                run.shadow_table
+            ));
+            let queue = Arc::new(InMemoryQueue::new());
+            for task in tasks {
+                queue.publish(task).await?;
+            }
+            queue.close();
+            run_embedded_workers(
+                ctx.clone(),
+                queue,
+                self.spec.warehouse.concurrency,
+                progress,
+            )
+            .await?;
+            // The barrier: the control store, not the reports, decides whether all are done.
+            let partitions = self.store.partitions(&run.run_id).await?;
+            let failures: Vec<(String, String)> = partitions
+                .iter()
+                .filter(|p| p.state != PartitionState::Done)
+                .map(|p| {
+                    (
+                        p.partition_key.clone(),
+                        p.error
+                            .clone()
+                            .unwrap_or_else(|| p.state.as_str().to_string()),
+                    )
+                })
+                .collect();
+            if !failures.is_empty() {
+                let message = format!(
+                    "{} partition(s) failed; fix the cause and run the same spec again",
+                    failures.len()
+                );
+                self.store
+                    .set_run_state_now(&run.run_id, RunState::Failed, Some(&message))
+                    .await?;
+                return Ok(RunOutcome::PartitionsFailed {
+                    run_id: run.run_id,
+                    failures,
+                });
+            }
+            self.store
+                .set_run_state_now(&run.run_id, RunState::Auditing, None)
+                .await?;
+        }
+
+        progress.phase("auditing the shadow against the current table");
+        let shadow = TableName::parse(&run.shadow_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        let mut conn = self.store.warehouse.acquire().await?;
+        let records = audit::run_audits(
+            &self.store.warehouse,
+            &mut conn,
+            &self.spec,
+            &self.target,
+            &shadow,
+            &plan.partitions,
+        )
+        .await?;
+        drop(conn);
+        let failures: Vec<AuditRecord> = records
+            .iter()
+            .filter(|r| r.verdict == FAIL)
+            .cloned()
+            .collect();
+        let mut tx = self.store.warehouse.pool.begin().await?;
+        self.store
+            .replace_audits(&mut tx, &run.run_id, &records)
+            .await?;
+        if !failures.is_empty() {
+            let message = format!(
+                "{} audit check(s) failed; nothing was published and {} is kept for inspection",
+                failures.len(),
+                run.shadow_table
+            );
+            self.store
+                .set_run_state(&mut tx, &run.run_id, RunState::AuditFailed, Some(&message))
+                .await?;
+            tx.commit().await?;
+            return Ok(RunOutcome::AuditFailed {
+                run_id: run.run_id,
+                failures,
+            });
+        }
+        tx.commit().await?;
+
+        progress.phase(&format!(
+            "publishing: swapping {} into {}",
+            run.shadow_table, self.target
+        ));
+        let archive = publish::swap_table(
+            &self.store,
+            &run,
+            &self.target,
+            &shadow,
+            self.spec.publish.archive_retention_days,
+        )
+        .await?;
+        Ok(RunOutcome::Published {
+            run_id: run.run_id,
+            archive: archive.archive_table,
+            partitions: plan.partitions.len(),
+        })
+    }
+
+    /// The open run of this spec, or a new one with its shadow built; or, when the spec was
+    /// already published, that outcome. Refuses to start while another spec's run is open.
+    async fn find_or_create_run(
+        &self,
+        plan: &Plan,
+        owner: &str,
+        progress: &dyn Progress,
+    ) -> Result<Result<RunRecord, RunOutcome>, BackfillError> {
+        let hash = self.spec.hash();
+        let runs = self.store.runs_for_target(&self.target.to_string()).await?;
+        if let Some(open) = runs.iter().find(|r| r.state.is_open()) {
+            if open.spec_hash != hash {
+                return Err(BackfillError::Conflict(format!(
+                    "run {} on {} is {} with spec {}, but this spec hashes to {}: a changed spec never joins a run in progress. \
+                     Finish that run with its own spec, or abandon it with `backfill abandon {}`, then run again",
+                    open.run_id,
+                    self.target,
+                    open.state.as_str(),
+                    &open.spec_hash[..12],
+                    &hash[..12],
+                    open.run_id
+                )));
+            }
+            progress.phase(&format!(
+                "resuming run {} ({})",
+                open.run_id,
+                open.state.as_str()
+            ));
+            return Ok(Ok(open.clone()));
+        }
+        if let Some(done) = runs
+            .iter()
+            .find(|r| r.state == RunState::Published && r.spec_hash == hash)
+        {
+            return Ok(Err(RunOutcome::AlreadyPublished {
+                run_id: done.run_id.clone(),
+            }));
+        }
+        let run_id = new_run_id();
+        let shadow = shadow_name(&self.target, &run_id)?;
+        let now = now_text();
+        let run = RunRecord {
+            run_id: run_id.clone(),
+            spec_hash: hash,
+            spec_name: self.spec.name.clone(),
+            target: self.target.to_string(),
+            state: RunState::Running,
+            tool_version: TOOL_VERSION.to_string(),
+            owner: owner.to_string(),
+            shadow_table: shadow.to_string(),
+            archive_table: None,
+            error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            published_at: None,
+        };
+        progress.phase(&format!(
+            "run {run_id}: building shadow {shadow} (copying partitions outside the window)"
+        ));
+        // Run, partitions and shadow appear together or not at all.
+        let mut tx = self.store.warehouse.pool.begin().await?;
+        self.store
+            .insert_run(
+                &mut tx,
+                &run,
+                &self.spec.canonical(),
+                &self.spec_text,
+                &plan.partitions,
+                self.spec.partition.grain,
+            )
+            .await?;
+        shadow::build_shadow(
+            &self.store.warehouse,
+            &mut tx,
+            &self.spec,
+            &self.target,
+            &shadow,
+            &plan.partitions,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(run))
+    }
+}
+
+pub fn shadow_name(target: &TableName, run_id: &str) -> Result<TableName, BackfillError> {
+    target.with_suffix(&format!("__bf_shadow_{run_id}")).map_err(|_| {
+        BackfillError::Invalid(format!(
+            "target.table: `{}` is too long to name its shadow and archive tables (at most 42 characters)",
+            target.name
+        ))
+    })
+}
+
+/// Eight hex characters: short enough to type in `backfill rollback <run>`.
+pub fn new_run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
+}
+
+async fn run_embedded_workers(
+    ctx: Arc<PartitionContext>,
+    queue: Arc<InMemoryQueue>,
+    concurrency: u32,
+    progress: &dyn Progress,
+) -> Result<(), BackfillError> {
+    let semaphore = Arc::new(InMemorySemaphore::new());
+    let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        workers.push(tokio::spawn(consume(
+            ctx.clone(),
+            queue.clone(),
+            semaphore.clone(),
+            reports.clone(),
+        )));
+    }
+    drop(reports);
+    while let Some(report) = received.recv().await {
+        if let PartitionOutcome::Failed { error, .. } = &report.outcome {
+            tracing::error!(partition = %report.task.partition_key, %error, "partition failed");
+        }
+        progress.partition_finished(&report);
+    }
+    for worker in workers {
+        worker
+            .await
+            .map_err(|e| BackfillError::Invalid(format!("worker task crashed: {e}")))??;
+    }
+    Ok(())
+}

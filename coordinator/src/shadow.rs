@@ -1,0 +1,225 @@
+//! Builds the shadow table: the target's columns, keys and indexes (plus columns the spec
+//! adds), filled with the target's rows OUTSIDE the window only. The window's partitions start
+//! empty, so each partition's first application is a plain insert.
+
+use backfill_common::BackfillError;
+use backfill_common::dialect::Dialect;
+use backfill_common::ident::{Ident, TableName};
+use backfill_common::plan::Partition;
+use backfill_common::spec::Spec;
+use backfill_common::warehouse::{Warehouse, execute, fetch_all, fetch_one, get};
+use sqlx::AnyConnection;
+
+use crate::window::window_condition;
+
+pub async fn build_shadow(
+    warehouse: &Warehouse,
+    conn: &mut AnyConnection,
+    spec: &Spec,
+    target: &TableName,
+    shadow: &TableName,
+    partitions: &[Partition],
+) -> Result<(), BackfillError> {
+    let target_columns = warehouse.table_columns(conn, target).await?;
+    match warehouse.dialect {
+        Dialect::Postgres => {
+            execute(
+                conn,
+                &format!(
+                    "CREATE TABLE {} (LIKE {} INCLUDING ALL)",
+                    shadow.quoted(),
+                    target.quoted()
+                ),
+                &[],
+            )
+            .await?;
+        }
+        Dialect::Sqlite => create_sqlite_shadow(conn, target, shadow).await?,
+    }
+    for column in &spec.target.add_columns {
+        if target_columns.iter().any(|c| c == column.name.as_str()) {
+            return Err(BackfillError::Invalid(format!(
+                "target.add_columns: `{}` already exists in {target}; remove it from add_columns",
+                column.name
+            )));
+        }
+        execute(
+            conn,
+            &format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                shadow.quoted(),
+                column.name.quoted(),
+                column.sql_type
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| e.context(format!("adding column {} to the shadow", column.name)))?;
+    }
+    if !has_unique_index_on(warehouse, conn, shadow, &spec.target.key).await? {
+        let index = Ident::new(&format!("{}_bf_key", shadow.name))
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        let keys = spec
+            .target
+            .key
+            .iter()
+            .map(|k| k.quoted())
+            .collect::<Vec<_>>()
+            .join(", ");
+        execute(
+            conn,
+            &format!(
+                "CREATE UNIQUE INDEX {} ON {} ({keys})",
+                index.quoted(),
+                shadow.quoted()
+            ),
+            &[],
+        )
+        .await?;
+    }
+    let column_list = target_columns
+        .iter()
+        .map(|c| quote_catalog_name(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (window, binds) = window_condition(
+        warehouse.dialect,
+        spec.partition.grain,
+        &spec.partition.column,
+        "t",
+        partitions,
+        1,
+    );
+    let copy = format!(
+        "INSERT INTO {} ({column_list}) SELECT {} FROM {} AS t WHERE NOT coalesce({window}, false)",
+        shadow.quoted(),
+        target_columns
+            .iter()
+            .map(|c| format!("t.{}", quote_catalog_name(c)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        target.quoted()
+    );
+    execute(conn, &copy, &binds).await.map_err(|e| {
+        if matches!(&e, BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "2067" || code == "1555") {
+            BackfillError::Invalid(format!(
+                "{target} already has duplicate keys ({}) outside the window; deduplicate them before backfilling",
+                spec.target.key.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        } else {
+            e.context(format!("copying the partitions outside the window into {shadow}"))
+        }
+    })?;
+    execute(conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
+    Ok(())
+}
+
+/// Quotes a column name read from the catalog (not validated as an `Ident`: the target may
+/// have columns our identifier rules would not accept).
+pub fn quote_catalog_name(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// SQLite has no `CREATE TABLE … LIKE`: replay the target's own DDL under the shadow's name,
+/// then its explicit indexes.
+async fn create_sqlite_shadow(
+    conn: &mut AnyConnection,
+    target: &TableName,
+    shadow: &TableName,
+) -> Result<(), BackfillError> {
+    let row = fetch_one(
+        conn,
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1",
+        &[target.name.as_str().into()],
+    )
+    .await?;
+    let ddl: String = get(&row, 0)?;
+    let body = ddl
+        .find('(')
+        .map(|i| &ddl[i..])
+        .ok_or_else(|| BackfillError::Invalid(format!("cannot read the definition of {target}")))?;
+    execute(
+        conn,
+        &format!("CREATE TABLE {} {body}", shadow.quoted()),
+        &[],
+    )
+    .await?;
+    let indexes = fetch_all(
+        conn,
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
+        &[target.name.as_str().into()],
+    )
+    .await?;
+    for index in &indexes {
+        let name: String = get(index, 0)?;
+        let sql: String = get(index, 1)?;
+        let columns = sql
+            .rfind(" ON ")
+            .or_else(|| sql.to_ascii_uppercase().rfind(" ON "))
+            .and_then(|on| sql[on..].find('(').map(|p| &sql[on + p..]))
+            .ok_or_else(|| {
+                BackfillError::Invalid(format!("cannot read the definition of index {name}"))
+            })?;
+        let unique = if sql
+            .trim_start()
+            .to_ascii_uppercase()
+            .starts_with("CREATE UNIQUE")
+        {
+            "UNIQUE "
+        } else {
+            ""
+        };
+        let base = name.rsplit("__bfx_").next().unwrap_or(&name);
+        let new_name = quote_catalog_name(&format!("{}__bfx_{base}", shadow.name));
+        execute(
+            conn,
+            &format!(
+                "CREATE {unique}INDEX {new_name} ON {} {columns}",
+                shadow.quoted()
+            ),
+            &[],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether a unique, non-partial index covers exactly the key columns.
+pub async fn has_unique_index_on(
+    warehouse: &Warehouse,
+    conn: &mut AnyConnection,
+    table: &TableName,
+    key: &[Ident],
+) -> Result<bool, BackfillError> {
+    let mut wanted: Vec<&str> = key.iter().map(|k| k.as_str()).collect();
+    wanted.sort();
+    let wanted = wanted.join(",");
+    let found: Vec<String> = match warehouse.dialect {
+        Dialect::Postgres => {
+            let rows = fetch_all(
+                conn,
+                "SELECT (SELECT string_agg(CAST(a.attname AS text), ',' ORDER BY a.attname) FROM pg_catalog.pg_attribute a \
+                 WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) \
+                 FROM pg_catalog.pg_index i WHERE i.indrelid = CAST($1 AS regclass) AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+                &[table.quoted().into()],
+            )
+            .await?;
+            rows.iter()
+                .map(|r| get::<Option<String>>(r, 0).map(|v| v.unwrap_or_default()))
+                .collect::<Result<_, _>>()?
+        }
+        Dialect::Sqlite => {
+            let rows = fetch_all(
+                conn,
+                "SELECT (SELECT group_concat(name, ',') FROM (SELECT ii.name FROM pragma_index_info(il.name) ii ORDER BY ii.name)) \
+                 FROM pragma_index_list($1) il WHERE il.\"unique\" = 1 AND il.partial = 0",
+                &[table.name.as_str().into()],
+            )
+            .await?;
+            rows.iter()
+                .map(|r| get::<Option<String>>(r, 0).map(|v| v.unwrap_or_default()))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    Ok(found.iter().any(|f| *f == wanted))
+}

@@ -1,0 +1,203 @@
+//! `backfill status`: a run's state, a per-partition grid, totals and audit results, as text
+//! for people or JSON for scripts.
+
+use backfill_common::BackfillError;
+use backfill_common::control::{
+    AuditRecord, ControlStore, PartitionRecord, PartitionState, RunRecord,
+};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunStatus {
+    pub run: RunRecord,
+    pub counts: StateCounts,
+    pub rows: RowTotals,
+    pub partitions: Vec<PartitionRecord>,
+    pub audits: Vec<AuditRecord>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StateCounts {
+    pub pending: usize,
+    pub running: usize,
+    pub retrying: usize,
+    pub done: usize,
+    pub failed: usize,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RowTotals {
+    pub inserted: i64,
+    pub updated: i64,
+    pub deleted: i64,
+    pub unchanged: i64,
+}
+
+pub async fn load(store: &ControlStore, run_id: &str) -> Result<RunStatus, BackfillError> {
+    let run = store.find_run(run_id).await?.ok_or_else(|| {
+        BackfillError::Invalid(format!(
+            "no run `{run_id}` in this control store (see `backfill status` for the list)"
+        ))
+    })?;
+    let partitions = store.partitions(run_id).await?;
+    let audits = store.audits(run_id).await?;
+    let mut counts = StateCounts::default();
+    let mut rows = RowTotals::default();
+    for p in &partitions {
+        match p.state {
+            PartitionState::Pending => counts.pending += 1,
+            PartitionState::Running => counts.running += 1,
+            PartitionState::Retrying => counts.retrying += 1,
+            PartitionState::Done => counts.done += 1,
+            PartitionState::Failed => counts.failed += 1,
+        }
+        if let Some(c) = p.counts {
+            rows.inserted += c.inserted;
+            rows.updated += c.updated;
+            rows.deleted += c.deleted;
+            rows.unchanged += c.unchanged;
+        }
+    }
+    Ok(RunStatus {
+        run,
+        counts,
+        rows,
+        partitions,
+        audits,
+    })
+}
+
+fn symbol(state: PartitionState) -> char {
+    match state {
+        PartitionState::Pending => '.',
+        PartitionState::Running => '>',
+        PartitionState::Retrying => 'r',
+        PartitionState::Done => '#',
+        PartitionState::Failed => 'X',
+    }
+}
+
+pub fn render(status: &RunStatus) -> String {
+    let run = &status.run;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "run {}  {}  target {}  spec {} ({})\n",
+        run.run_id,
+        run.state.as_str(),
+        run.target,
+        run.spec_name,
+        &run.spec_hash[..12.min(run.spec_hash.len())]
+    ));
+    out.push_str(&format!(
+        "created {}  updated {}  owner {}\n",
+        run.created_at, run.updated_at, run.owner
+    ));
+    out.push_str(&format!("shadow {}", run.shadow_table));
+    if let Some(archive) = &run.archive_table {
+        out.push_str(&format!("  archive {archive}"));
+    }
+    out.push('\n');
+    if let Some(error) = &run.error {
+        out.push_str(&format!("note: {error}\n"));
+    }
+    let c = &status.counts;
+    out.push_str(&format!(
+        "\npartitions: {} done, {} running, {} retrying, {} pending, {} failed (of {})\n",
+        c.done,
+        c.running,
+        c.retrying,
+        c.pending,
+        c.failed,
+        status.partitions.len()
+    ));
+    out.push_str("grid (# done, > running, r retrying, . pending, X failed):\n");
+    for line in status.partitions.chunks(60) {
+        out.push_str(&format!(
+            "  {} {}\n",
+            line[0].partition_key,
+            line.iter().map(|p| symbol(p.state)).collect::<String>()
+        ));
+    }
+    let r = &status.rows;
+    out.push_str(&format!(
+        "rows: {} inserted, {} updated, {} deleted, {} unchanged\n",
+        r.inserted, r.updated, r.deleted, r.unchanged
+    ));
+    let failed: Vec<&PartitionRecord> = status
+        .partitions
+        .iter()
+        .filter(|p| p.error.is_some())
+        .collect();
+    if !failed.is_empty() {
+        out.push_str("\npartition errors:\n");
+        for p in failed {
+            out.push_str(&format!(
+                "  {} [{} attempt {}]: {}\n",
+                p.partition_key,
+                p.state.as_str(),
+                p.attempt,
+                p.error.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if !status.audits.is_empty() {
+        out.push_str("\naudits:\n");
+        out.push_str(&render_audits(&status.audits, false));
+    }
+    out
+}
+
+/// One line per audit with its worst partitions; `only_failures` lists failing checks only.
+pub fn render_audits(audits: &[AuditRecord], only_failures: bool) -> String {
+    let mut out = String::new();
+    let mut names: Vec<&str> = audits.iter().map(|a| a.audit_name.as_str()).collect();
+    names.dedup();
+    for name in names {
+        let rows: Vec<&AuditRecord> = audits.iter().filter(|a| a.audit_name == name).collect();
+        let bad: Vec<&&AuditRecord> = rows.iter().filter(|a| a.verdict != "pass").collect();
+        if only_failures && bad.is_empty() {
+            continue;
+        }
+        let verdict = if bad.iter().any(|a| a.verdict == "fail") {
+            "FAIL"
+        } else if bad.is_empty() {
+            "pass"
+        } else {
+            "warn"
+        };
+        out.push_str(&format!(
+            "  {verdict:4} {name} ({} checked, {} not passing)\n",
+            rows.len(),
+            bad.len()
+        ));
+        for a in bad.iter().take(10) {
+            out.push_str(&format!(
+                "       partition {}: observed {}; allowed {}\n",
+                a.partition_key, a.observed, a.allowed
+            ));
+        }
+        if bad.len() > 10 {
+            out.push_str(&format!("       … and {} more\n", bad.len() - 10));
+        }
+    }
+    out
+}
+
+pub fn render_run_list(runs: &[RunRecord]) -> String {
+    if runs.is_empty() {
+        return "no runs yet\n".into();
+    }
+    let mut out = String::from(
+        "RUN       STATE         TARGET                          SPEC          CREATED\n",
+    );
+    for r in runs {
+        out.push_str(&format!(
+            "{:<9} {:<13} {:<31} {:<13} {}\n",
+            r.run_id,
+            r.state.as_str(),
+            r.target,
+            &r.spec_hash[..12.min(r.spec_hash.len())],
+            r.created_at
+        ));
+    }
+    out
+}

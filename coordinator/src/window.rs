@@ -1,0 +1,34 @@
+//! "The window" (the partitions a run backfills) as a SQL condition with bound values.
+
+use backfill_common::dialect::Dialect;
+use backfill_common::ident::Ident;
+use backfill_common::plan::{self, Grain, Partition};
+use backfill_common::warehouse::Bind;
+
+/// `(t.col >= $a AND t.col < $b) OR …` over the coalesced ranges of `partitions`, with
+/// placeholders numbered from `first_placeholder`.
+pub fn window_condition(
+    dialect: Dialect,
+    grain: Grain,
+    column: &Ident,
+    alias: &str,
+    partitions: &[Partition],
+    first_placeholder: usize,
+) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let mut parts = Vec::new();
+    for (start, end) in plan::coalesce_ranges(partitions) {
+        let lo = dialect.partition_bound(grain, first_placeholder + binds.len());
+        binds.push(Bind::Text(plan::bound_value(grain, start)));
+        let hi = dialect.partition_bound(grain, first_placeholder + binds.len());
+        binds.push(Bind::Text(plan::bound_value(grain, end)));
+        parts.push(format!(
+            "({alias}.{col} >= {lo} AND {alias}.{col} < {hi})",
+            col = column.quoted()
+        ));
+    }
+    if parts.is_empty() {
+        return ("1 = 0".to_string(), binds);
+    }
+    (format!("({})", parts.join(" OR ")), binds)
+}

@@ -1,0 +1,234 @@
+//! Everything a worker needs to run one run's partitions, derived once per run from the frozen
+//! spec and the shadow table: the SQL of the fast insert, the merge and the checks, with
+//! identifiers quoted and partition bounds as bound parameters.
+
+use std::time::Duration;
+
+use backfill_common::control::{ControlStore, RunRecord};
+use backfill_common::dialect::Dialect;
+use backfill_common::ident::{Ident, TableName};
+use backfill_common::plan::Grain;
+use backfill_common::spec::Spec;
+use backfill_common::{BackfillError, sql};
+
+#[derive(Debug, Clone)]
+pub struct PartitionContext {
+    pub store: ControlStore,
+    pub run_id: String,
+    pub spec_hash: String,
+    pub warehouse_name: String,
+    pub concurrency: u32,
+    pub grain: Grain,
+    pub shadow: TableName,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// `INSERT INTO shadow (cols) <deduplicated source>`; $1/$2 are the partition bounds.
+    pub fast_insert_sql: String,
+    /// Rows of the shadow in the partition, and how many have a NULL key column.
+    pub partition_rows_sql: String,
+    pub merge: MergeSql,
+    /// Filter over alias `t` selecting one partition of the shadow ($1/$2).
+    pub partition_filter: String,
+}
+
+/// The statements of the general merge path, used when the partition may already hold rows.
+#[derive(Debug, Clone)]
+pub struct MergeSql {
+    pub create_source: String,
+    pub source_checks: String,
+    pub count_new: String,
+    pub merge: String,
+    pub delete_vanished: String,
+    pub drop_source: Option<String>,
+}
+
+impl PartitionContext {
+    /// Builds the context for `run`. `source_columns` are the columns the source query
+    /// returns (described at plan time); they must all exist in the shadow.
+    pub fn new(
+        store: ControlStore,
+        spec: &Spec,
+        run: &RunRecord,
+        source_columns: &[String],
+    ) -> Result<PartitionContext, BackfillError> {
+        let dialect = store.dialect();
+        let shadow = TableName::parse(&run.shadow_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        let columns: Vec<Ident> = source_columns
+            .iter()
+            .map(|c| {
+                Ident::new(c).map_err(|e| BackfillError::Invalid(format!("source column: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let grain = spec.partition.grain;
+        let source = sql::rewrite_parameters(&spec.source.query, |name| match name {
+            "partition_start" => dialect.partition_bound(grain, 1),
+            _ => dialect.partition_bound(grain, 2),
+        })
+        .map_err(BackfillError::Invalid)?;
+        let column_list = columns
+            .iter()
+            .map(|c| c.quoted())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_list = spec
+            .target
+            .key
+            .iter()
+            .map(|c| c.quoted())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let deduped = match &spec.source.dedupe_order_by {
+            Some(order) => format!(
+                "SELECT {column_list} FROM (SELECT bf_q.*, ROW_NUMBER() OVER (PARTITION BY {key_list} ORDER BY {order}) AS bf_rn FROM ({source}) AS bf_q) AS bf_d WHERE bf_rn = 1"
+            ),
+            None => format!("SELECT {column_list} FROM ({source}) AS bf_q"),
+        };
+        let part = spec.partition.column.quoted();
+        let lo = dialect.partition_bound(grain, 1);
+        let hi = dialect.partition_bound(grain, 2);
+        let in_partition =
+            |alias: &str| format!("{alias}.{part} >= {lo} AND {alias}.{part} < {hi}");
+        let any_key_null = |alias: &str| {
+            spec.target
+                .key
+                .iter()
+                .map(|k| format!("{alias}.{} IS NULL", k.quoted()))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        };
+        let key_match = |a: &str, b: &str| {
+            spec.target
+                .key
+                .iter()
+                .map(|k| format!("{a}.{k} = {b}.{k}", k = k.quoted()))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let shadow_q = shadow.quoted();
+        let fast_insert_sql = format!("INSERT INTO {shadow_q} ({column_list}) {deduped}");
+        let partition_rows_sql = format!(
+            "SELECT count(*), coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {shadow_q} AS t WHERE {}",
+            any_key_null("t"),
+            in_partition("t")
+        );
+
+        let non_key: Vec<&Ident> = columns
+            .iter()
+            .filter(|c| !spec.target.key.contains(c))
+            .collect();
+        let changed = |t: &str, s: &str| {
+            if non_key.is_empty() {
+                "1 = 0".to_string()
+            } else {
+                non_key
+                    .iter()
+                    .map(|c| {
+                        dialect.distinct(
+                            &format!("{t}.{}", c.quoted()),
+                            &format!("{s}.{}", c.quoted()),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
+            }
+        };
+        let source_table = "bf_src";
+        let (create_source, drop_source) = match dialect {
+            Dialect::Postgres => (
+                format!("CREATE TEMP TABLE {source_table} ON COMMIT DROP AS {deduped}"),
+                None,
+            ),
+            Dialect::Sqlite => (
+                format!("CREATE TEMP TABLE {source_table} AS {deduped}"),
+                Some(format!("DROP TABLE temp.{source_table}")),
+            ),
+        };
+        let source_checks = format!(
+            "SELECT count(*), coalesce(sum(CASE WHEN s.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
+             coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {source_table} AS s",
+            in_partition("s"),
+            any_key_null("s")
+        );
+        let count_new = format!(
+            "SELECT count(*) FROM {source_table} AS s WHERE NOT EXISTS (SELECT 1 FROM {shadow_q} AS t WHERE {})",
+            key_match("t", "s")
+        );
+        let merge = match dialect {
+            Dialect::Postgres => {
+                let set = if non_key.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "WHEN MATCHED AND ({}) THEN UPDATE SET {} ",
+                        changed("t", "s"),
+                        non_key
+                            .iter()
+                            .map(|c| format!("{c} = s.{c}", c = c.quoted()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                format!(
+                    "MERGE INTO {shadow_q} AS t USING {source_table} AS s ON {} {set}WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({})",
+                    key_match("t", "s"),
+                    columns
+                        .iter()
+                        .map(|c| format!("s.{}", c.quoted()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+            Dialect::Sqlite => {
+                let action = if non_key.is_empty() {
+                    "DO NOTHING".to_string()
+                } else {
+                    format!(
+                        "DO UPDATE SET {} WHERE {}",
+                        non_key
+                            .iter()
+                            .map(|c| format!("{c} = excluded.{c}", c = c.quoted()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        changed(&shadow.name.quoted(), "excluded")
+                    )
+                };
+                format!(
+                    "INSERT INTO {shadow_q} ({column_list}) SELECT {column_list} FROM {source_table} WHERE true ON CONFLICT ({key_list}) {action}"
+                )
+            }
+        };
+        let delete_vanished = format!(
+            "DELETE FROM {shadow_q} AS t WHERE {} AND NOT EXISTS (SELECT 1 FROM {source_table} AS s WHERE {})",
+            in_partition("t"),
+            key_match("s", "t")
+        );
+        let partition_filter = in_partition("t");
+        Ok(PartitionContext {
+            store,
+            run_id: run.run_id.clone(),
+            spec_hash: run.spec_hash.clone(),
+            warehouse_name: spec.warehouse.name.clone(),
+            concurrency: spec.warehouse.concurrency,
+            grain,
+            shadow,
+            timeout: spec.execution.partition_timeout,
+            retries: spec.execution.retries,
+            backoff_initial: spec.execution.backoff_initial,
+            backoff_max: spec.execution.backoff_max,
+            fast_insert_sql,
+            partition_rows_sql,
+            merge: MergeSql {
+                create_source,
+                source_checks,
+                count_new,
+                merge,
+                delete_vanished,
+                drop_source,
+            },
+            partition_filter,
+        })
+    }
+}

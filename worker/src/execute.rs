@@ -1,0 +1,339 @@
+//! One partition, end to end: lease, transaction, claim, merge, checks, checkpoint; and the
+//! consume loop that feeds tasks from a queue through it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backfill_common::control::{MergeCounts, PartitionState, PartitionTask};
+use backfill_common::dialect::Dialect;
+use backfill_common::queue::TaskQueue;
+use backfill_common::semaphore::Semaphore;
+use backfill_common::warehouse::{Bind, execute, fetch_one, get};
+use backfill_common::{BackfillError, Retry};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sqlx::AnyConnection;
+
+use crate::context::PartitionContext;
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PartitionOutcome {
+    /// Applied and checkpointed by this call.
+    Done {
+        counts: MergeCounts,
+        rows_after: i64,
+    },
+    /// The partition was already done or the task's fencing token is no longer current:
+    /// nothing was written.
+    Stale,
+    /// A permanent error, or transient errors past the retry budget.
+    Failed { error: String, retry: Retry },
+}
+
+/// What a worker reports to the coordinator's barrier.
+#[derive(Debug, Clone)]
+pub struct PartitionReport {
+    pub task: PartitionTask,
+    pub outcome: PartitionOutcome,
+}
+
+/// Runs one task with retries: each attempt holds a semaphore lease and one transaction;
+/// between attempts the lease is released while backing off.
+pub async fn run_partition<S: Semaphore>(
+    ctx: &PartitionContext,
+    semaphore: &S,
+    mut task: PartitionTask,
+) -> PartitionReport {
+    if task.run_id != ctx.run_id || task.spec_hash != ctx.spec_hash {
+        let error = format!(
+            "task for run {} spec {} does not belong to run {} spec {}",
+            task.run_id, task.spec_hash, ctx.run_id, ctx.spec_hash
+        );
+        return PartitionReport {
+            task,
+            outcome: PartitionOutcome::Failed {
+                error,
+                retry: Retry::Permanent,
+            },
+        };
+    }
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(ctx.backoff_initial)
+        .with_max_delay(ctx.backoff_max)
+        .with_max_times(ctx.retries as usize)
+        .with_jitter()
+        .build();
+    loop {
+        let result = {
+            match semaphore
+                .acquire(&ctx.warehouse_name, ctx.concurrency)
+                .await
+            {
+                Ok(_lease) => attempt_with_timeout(ctx, &task).await,
+                Err(e) => Err(e),
+            }
+        };
+        match result {
+            Ok(outcome) => return PartitionReport { task, outcome },
+            Err(error) => {
+                let message = error.to_string();
+                let retry = error.retry();
+                let next = if retry == Retry::Transient {
+                    delays.next()
+                } else {
+                    None
+                };
+                let state = if next.is_some() {
+                    PartitionState::Retrying
+                } else {
+                    PartitionState::Failed
+                };
+                tracing::warn!(partition = %task.partition_key, attempt = task.attempt, ?retry, error = %message, "partition attempt failed");
+                if let Err(record_error) = ctx
+                    .store
+                    .record_partition_error(&task, state, &message)
+                    .await
+                {
+                    tracing::warn!(partition = %task.partition_key, error = %record_error, "could not record the partition error");
+                }
+                match next {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        task.attempt += 1;
+                    }
+                    None => {
+                        return PartitionReport {
+                            task,
+                            outcome: PartitionOutcome::Failed {
+                                error: message,
+                                retry,
+                            },
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client-side bound: a little longer than the server's statement timeout, so the
+/// server's own error normally arrives first and the connection stays usable.
+async fn attempt_with_timeout(
+    ctx: &PartitionContext,
+    task: &PartitionTask,
+) -> Result<PartitionOutcome, BackfillError> {
+    let client_timeout = ctx.timeout + Duration::from_secs(2);
+    match tokio::time::timeout(client_timeout, attempt(ctx, task)).await {
+        Ok(result) => result,
+        Err(_) => Err(BackfillError::Timeout {
+            partition: task.partition_key.clone(),
+            seconds: client_timeout.as_secs_f64(),
+        }),
+    }
+}
+
+/// One attempt in one transaction. Dropping the transaction on any error rolls it back, so
+/// the shadow and the checkpoint move together or not at all.
+async fn attempt(
+    ctx: &PartitionContext,
+    task: &PartitionTask,
+) -> Result<PartitionOutcome, BackfillError> {
+    let started = Instant::now();
+    let mut tx = ctx.store.warehouse.pool.begin().await?;
+    let Some(times_applied) = ctx.store.claim_partition(&mut tx, task).await? else {
+        tx.rollback().await?;
+        return Ok(PartitionOutcome::Stale);
+    };
+    if ctx.store.dialect() == Dialect::Postgres {
+        let millis = ctx.timeout.as_millis().to_string();
+        execute(&mut tx, "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)", &[millis.into()]).await?;
+    }
+    let bounds = [
+        Bind::Text(task.range_start.clone()),
+        Bind::Text(task.range_end.clone()),
+    ];
+    let (counts, rows_after) = if times_applied == 0 {
+        fast_insert(ctx, &mut tx, task, &bounds).await?
+    } else {
+        merge(ctx, &mut tx, task, &bounds).await?
+    };
+    let checksum = ctx
+        .store
+        .warehouse
+        .checksum(&mut tx, &ctx.shadow, Some(&ctx.partition_filter), &bounds)
+        .await
+        .map_err(|e| e.context(format!("checksumming partition {}", task.partition_key)))?;
+    ctx.store
+        .checkpoint_partition(
+            &mut tx,
+            task,
+            counts,
+            rows_after,
+            &checksum.to_string(),
+            started.elapsed().as_secs_f64(),
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(PartitionOutcome::Done { counts, rows_after })
+}
+
+/// First application: the shadow was built without the window's partitions, so this one is
+/// empty and the deduplicated source goes in with a plain INSERT. The row count afterwards
+/// proves it: it must equal what was inserted (more means the partition was not empty, fewer
+/// means the source returned rows outside the partition).
+async fn fast_insert(
+    ctx: &PartitionContext,
+    tx: &mut AnyConnection,
+    task: &PartitionTask,
+    bounds: &[Bind],
+) -> Result<(MergeCounts, i64), BackfillError> {
+    let inserted = execute(tx, &ctx.fast_insert_sql, bounds)
+        .await
+        .map_err(|e| {
+            explain_constraint(e, task)
+                .context(format!("inserting partition {}", task.partition_key))
+        })? as i64;
+    let row = fetch_one(tx, &ctx.partition_rows_sql, bounds).await?;
+    let (rows, null_keys): (i64, i64) = (get(&row, 0)?, get(&row, 1)?);
+    if rows < inserted {
+        return Err(check_failed(
+            task,
+            format!(
+                "the source query returned {} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
+                inserted - rows,
+                task.range_start,
+                task.range_end
+            ),
+        ));
+    }
+    if rows > inserted {
+        return Err(check_failed(
+            task,
+            format!(
+                "the shadow already held {} row(s) in this partition before its first application",
+                rows - inserted
+            ),
+        ));
+    }
+    if null_keys > 0 {
+        return Err(check_failed(
+            task,
+            format!("{null_keys} source row(s) have a NULL key column"),
+        ));
+    }
+    Ok((
+        MergeCounts {
+            inserted,
+            ..MergeCounts::default()
+        },
+        rows,
+    ))
+}
+
+/// Re-application: the partition may hold rows, so merge. Materialise the deduplicated
+/// source once, check it, then update only changed rows, insert new keys, delete keys that
+/// vanished from the source.
+async fn merge(
+    ctx: &PartitionContext,
+    tx: &mut AnyConnection,
+    task: &PartitionTask,
+    bounds: &[Bind],
+) -> Result<(MergeCounts, i64), BackfillError> {
+    let sql = &ctx.merge;
+    execute(tx, &sql.create_source, bounds).await.map_err(|e| {
+        e.context(format!(
+            "reading the source for partition {}",
+            task.partition_key
+        ))
+    })?;
+    let row = fetch_one(tx, &sql.source_checks, bounds).await?;
+    let (source_rows, outside, null_keys): (i64, i64, i64) =
+        (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
+    if outside > 0 {
+        return Err(check_failed(
+            task,
+            format!(
+                "the source query returned {outside} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
+                task.range_start, task.range_end
+            ),
+        ));
+    }
+    if null_keys > 0 {
+        return Err(check_failed(
+            task,
+            format!("{null_keys} source row(s) have a NULL key column"),
+        ));
+    }
+    let row = fetch_one(tx, &sql.count_new, &[]).await?;
+    let inserted: i64 = get(&row, 0)?;
+    let affected = execute(tx, &sql.merge, &[]).await.map_err(|e| {
+        explain_constraint(e, task).context(format!("merging partition {}", task.partition_key))
+    })? as i64;
+    let deleted = execute(tx, &sql.delete_vanished, bounds).await? as i64;
+    if let Some(drop) = &sql.drop_source {
+        execute(tx, drop, &[]).await?;
+    }
+    let row = fetch_one(tx, &ctx.partition_rows_sql, bounds).await?;
+    let rows_after: i64 = get(&row, 0)?;
+    if rows_after != source_rows {
+        return Err(check_failed(
+            task,
+            format!(
+                "after the merge the partition holds {rows_after} rows but the source has {source_rows}; a key of this partition collides with a row outside it"
+            ),
+        ));
+    }
+    Ok((
+        MergeCounts {
+            inserted,
+            updated: affected - inserted,
+            deleted,
+            unchanged: source_rows - affected,
+        },
+        rows_after,
+    ))
+}
+
+fn check_failed(task: &PartitionTask, message: String) -> BackfillError {
+    BackfillError::PartitionCheck {
+        partition: task.partition_key.clone(),
+        message,
+    }
+}
+
+/// A unique violation while writing a partition means the source has duplicate keys: say how
+/// to fix it instead of only quoting the constraint.
+fn explain_constraint(error: BackfillError, task: &PartitionTask) -> BackfillError {
+    if let BackfillError::Warehouse {
+        sqlstate: Some(code),
+        message,
+        ..
+    } = &error
+        && (code == "23505" || code == "2067" || code == "1555")
+    {
+        return check_failed(
+            task,
+            format!(
+                "the source returned duplicate keys ({message}); set source.dedupe_order_by to keep one row per key"
+            ),
+        );
+    }
+    error
+}
+
+/// Consumes tasks until the queue is closed and drained: run each, report it, then settle the
+/// delivery (ack once the checkpoint has committed or the task is settled for good; requeue
+/// when the outcome was a transient failure past the retry budget).
+pub async fn consume<Q: TaskQueue, S: Semaphore>(
+    ctx: Arc<PartitionContext>,
+    queue: Arc<Q>,
+    semaphore: Arc<S>,
+    reports: tokio::sync::mpsc::UnboundedSender<PartitionReport>,
+) -> Result<(), BackfillError> {
+    while let Some(delivery) = queue.receive().await? {
+        let report = run_partition(&ctx, semaphore.as_ref(), delivery.task.clone()).await;
+        let _ = reports.send(report);
+        delivery.ack().await?;
+    }
+    Ok(())
+}
