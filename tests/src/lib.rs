@@ -1,1 +1,155 @@
+//! Test harness shared by the integration tests: throwaway PostgreSQL databases and SQLite
+//! files with unique names, the `backfill` binary, and data assertions (checksums,
+//! duplicates). Tests that need PostgreSQL fail loudly when it is not running; they never
+//! skip.
 
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use backfill_common::control::ControlStore;
+use backfill_common::ident::{Ident, TableName};
+use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_one, get};
+
+/// Admin URL of the local PostgreSQL; override with BACKFILL_TEST_PG_URL.
+pub fn pg_admin_url() -> String {
+    std::env::var("BACKFILL_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A database that exists for one test and is dropped (or deleted) afterwards.
+pub struct TestDatabase {
+    pub url: String,
+    kind: Kind,
+}
+
+enum Kind {
+    Postgres { name: String },
+    Sqlite { _dir: tempfile::TempDir },
+}
+
+impl TestDatabase {
+    pub async fn postgres() -> TestDatabase {
+        let name = format!("bf_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let admin = Warehouse::connect(&pg_admin_url(), 2)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL must be running at {} for this test: {e}", pg_admin_url()));
+        let mut conn = admin.acquire().await.expect("admin connection");
+        execute(&mut conn, &format!("CREATE DATABASE {name}"), &[]).await.expect("create test database");
+        drop(conn);
+        admin.pool.close().await;
+        let base = pg_admin_url();
+        let url = match base.rfind('/') {
+            Some(slash) => format!("{}/{name}", &base[..slash]),
+            None => panic!("cannot derive a database URL from {base}"),
+        };
+        TestDatabase { url, kind: Kind::Postgres { name } }
+    }
+
+    pub fn sqlite() -> TestDatabase {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("warehouse.db").display());
+        TestDatabase { url, kind: Kind::Sqlite { _dir: dir } }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.kind, Kind::Postgres { .. })
+    }
+
+    pub async fn warehouse(&self) -> Warehouse {
+        Warehouse::connect(&self.url, 4).await.expect("connect to test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Kind::Postgres { name } = &self.kind {
+            let name = name.clone();
+            // Drop runs outside any runtime guarantee: use a private one on its own thread.
+            let handle = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                runtime.block_on(async move {
+                    if let Ok(admin) = Warehouse::connect(&pg_admin_url(), 2).await
+                        && let Ok(mut conn) = admin.acquire().await
+                    {
+                        let _ = execute(&mut conn, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[]).await;
+                    }
+                });
+            });
+            let _ = handle.join();
+        }
+    }
+}
+
+pub fn table(name: &str) -> TableName {
+    TableName::parse(name).expect("valid table name")
+}
+
+pub async fn checksum(warehouse: &Warehouse, table_name: &str, filter: Option<&str>) -> Checksum {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    warehouse.checksum(&mut conn, &table(table_name), filter, &[]).await.expect("checksum")
+}
+
+/// Number of key values that occur more than once.
+pub async fn duplicate_keys(warehouse: &Warehouse, table_name: &str, key: &str) -> i64 {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    let row = fetch_one(
+        &mut conn,
+        &format!("SELECT count(*) FROM (SELECT {key} FROM {table_name} GROUP BY {key} HAVING count(*) > 1) AS d"),
+        &[],
+    )
+    .await
+    .expect("duplicate query");
+    get(&row, 0).expect("count")
+}
+
+pub async fn count(warehouse: &Warehouse, sql: &str) -> i64 {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    let row = fetch_one(&mut conn, sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    get(&row, 0).expect("count")
+}
+
+pub async fn exec(warehouse: &Warehouse, sql: &str) {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    execute(&mut conn, sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+pub async fn table_exists(warehouse: &Warehouse, table_name: &str) -> bool {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    warehouse.table_exists(&mut conn, &table(table_name)).await.expect("table_exists")
+}
+
+pub fn control_store(warehouse: &Warehouse) -> ControlStore {
+    ControlStore::new(warehouse.clone(), Ident::new("backfill").expect("ident"))
+}
+
+/// The `backfill` binary, built on first use when the test runner did not build it.
+pub fn backfill_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/backfill
+        let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile dir").to_path_buf();
+        let bin = profile_dir.join("backfill");
+        if !bin.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--bin", "backfill"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build --bin backfill failed");
+        }
+        assert!(bin.exists(), "the backfill binary is missing at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The mini challenge spec with changes applied as (from, to) text replacements.
+pub fn mini_challenge_spec(replacements: &[(&str, &str)]) -> String {
+    let mut text = backfill_coordinator::demo::MINI_CHALLENGE_SPEC.to_string();
+    for (from, to) in replacements {
+        assert!(text.contains(from), "the mini challenge spec has no `{from}`");
+        text = text.replace(from, to);
+    }
+    text
+}
