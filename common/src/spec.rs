@@ -967,7 +967,7 @@ fn validate_audit(index: usize, raw: RawAudit) -> Result<Audit, SpecError> {
 
 fn non_negative(field: &str, value: Option<f64>) -> Result<(), SpecError> {
     match value {
-        Some(v) if !(v >= 0.0) => Err(field_error(field, v, "allowed: zero or more")),
+        Some(v) if v.is_nan() || v < 0.0 => Err(field_error(field, v, "allowed: zero or more")),
         _ => Ok(()),
     }
 }

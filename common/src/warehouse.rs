@@ -210,8 +210,8 @@ impl Warehouse {
                 let row = fetch_one(
                     conn,
                     "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                    &[schema_of(table).into(), table.name.as_str().into()],
+                     WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                    &[pg_schema_bind(table), table.name.as_str().into()],
                 )
                 .await?;
                 get(&row, 0)?
@@ -241,8 +241,8 @@ impl Warehouse {
                     conn,
                     "SELECT CAST(a.attname AS text) FROM pg_catalog.pg_attribute a \
                      JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                    &[schema_of(table).into(), table.name.as_str().into()],
+                     WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                    &[pg_schema_bind(table), table.name.as_str().into()],
                 )
                 .await?
             }
@@ -335,6 +335,11 @@ impl Warehouse {
             }
         }
     }
+}
+
+/// The schema of a PostgreSQL table name as a bind; NULL (the current schema) when unqualified.
+fn pg_schema_bind(table: &TableName) -> Bind {
+    table.schema.as_ref().map(|s| s.as_str().to_string()).into()
 }
 
 /// The schema of a resolved table name ("main" in SQLite, where there is only one).

@@ -365,7 +365,7 @@ pub fn aggregate_verdict(
     let mut allowed = Vec::new();
     let ratio = match (current, shadow) {
         (Some(c), Some(s)) if c != 0.0 => Some(s / c),
-        (Some(_), Some(s)) if s == 0.0 => Some(1.0),
+        (Some(c), Some(s)) if c == 0.0 && s == 0.0 => Some(1.0),
         _ => None,
     };
     if let Some(max) = bounds.max_change_pct {

@@ -104,17 +104,12 @@ pub async fn seed_mini_challenge(warehouse: &Warehouse) -> Result<(), BackfillEr
         Dialect::Sqlite => ("TEXT", "REAL", "TEXT"),
     };
     let mut conn = warehouse.acquire().await?;
+    execute(&mut conn, "DROP VIEW IF EXISTS daily_quantity", &[]).await?;
     for table in [
         "fact_order_items",
         "staging_order_items",
         "expected_order_items",
     ] {
-        execute(
-            &mut conn,
-            &format!("DROP VIEW IF EXISTS daily_quantity"),
-            &[],
-        )
-        .await?;
         execute(&mut conn, &format!("DROP TABLE IF EXISTS {table}"), &[]).await?;
         let key = if table == "staging_order_items" {
             ""

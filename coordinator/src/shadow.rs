@@ -221,5 +221,5 @@ pub async fn has_unique_index_on(
                 .collect::<Result<_, _>>()?
         }
     };
-    Ok(found.iter().any(|f| *f == wanted))
+    Ok(found.contains(&wanted))
 }

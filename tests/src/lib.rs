@@ -13,7 +13,8 @@ use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_one, get};
 
 /// Admin URL of the local PostgreSQL; override with BACKFILL_TEST_PG_URL.
 pub fn pg_admin_url() -> String {
-    std::env::var("BACKFILL_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+    std::env::var("BACKFILL_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
 /// A database that exists for one test and is dropped (or deleted) afterwards.
@@ -29,12 +30,22 @@ enum Kind {
 
 impl TestDatabase {
     pub async fn postgres() -> TestDatabase {
-        let name = format!("bf_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "bf_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let admin = Warehouse::connect(&pg_admin_url(), 2)
             .await
-            .unwrap_or_else(|e| panic!("PostgreSQL must be running at {} for this test: {e}", pg_admin_url()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL must be running at {} for this test: {e}",
+                    pg_admin_url()
+                )
+            });
         let mut conn = admin.acquire().await.expect("admin connection");
-        execute(&mut conn, &format!("CREATE DATABASE {name}"), &[]).await.expect("create test database");
+        execute(&mut conn, &format!("CREATE DATABASE {name}"), &[])
+            .await
+            .expect("create test database");
         drop(conn);
         admin.pool.close().await;
         let base = pg_admin_url();
@@ -42,13 +53,22 @@ impl TestDatabase {
             Some(slash) => format!("{}/{name}", &base[..slash]),
             None => panic!("cannot derive a database URL from {base}"),
         };
-        TestDatabase { url, kind: Kind::Postgres { name } }
+        TestDatabase {
+            url,
+            kind: Kind::Postgres { name },
+        }
     }
 
     pub fn sqlite() -> TestDatabase {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("warehouse.db").display());
-        TestDatabase { url, kind: Kind::Sqlite { _dir: dir } }
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("warehouse.db").display()
+        );
+        TestDatabase {
+            url,
+            kind: Kind::Sqlite { _dir: dir },
+        }
     }
 
     pub fn is_postgres(&self) -> bool {
@@ -56,7 +76,9 @@ impl TestDatabase {
     }
 
     pub async fn warehouse(&self) -> Warehouse {
-        Warehouse::connect(&self.url, 4).await.expect("connect to test database")
+        Warehouse::connect(&self.url, 4)
+            .await
+            .expect("connect to test database")
     }
 }
 
@@ -66,12 +88,20 @@ impl Drop for TestDatabase {
             let name = name.clone();
             // Drop runs outside any runtime guarantee: use a private one on its own thread.
             let handle = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 runtime.block_on(async move {
                     if let Ok(admin) = Warehouse::connect(&pg_admin_url(), 2).await
                         && let Ok(mut conn) = admin.acquire().await
                     {
-                        let _ = execute(&mut conn, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[]).await;
+                        let _ = execute(
+                            &mut conn,
+                            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                            &[],
+                        )
+                        .await;
                     }
                 });
             });
@@ -86,7 +116,10 @@ pub fn table(name: &str) -> TableName {
 
 pub async fn checksum(warehouse: &Warehouse, table_name: &str, filter: Option<&str>) -> Checksum {
     let mut conn = warehouse.acquire().await.expect("connection");
-    warehouse.checksum(&mut conn, &table(table_name), filter, &[]).await.expect("checksum")
+    warehouse
+        .checksum(&mut conn, &table(table_name), filter, &[])
+        .await
+        .expect("checksum")
 }
 
 /// Number of key values that occur more than once.
@@ -104,18 +137,25 @@ pub async fn duplicate_keys(warehouse: &Warehouse, table_name: &str, key: &str) 
 
 pub async fn count(warehouse: &Warehouse, sql: &str) -> i64 {
     let mut conn = warehouse.acquire().await.expect("connection");
-    let row = fetch_one(&mut conn, sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let row = fetch_one(&mut conn, sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     get(&row, 0).expect("count")
 }
 
 pub async fn exec(warehouse: &Warehouse, sql: &str) {
     let mut conn = warehouse.acquire().await.expect("connection");
-    execute(&mut conn, sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    execute(&mut conn, sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 pub async fn table_exists(warehouse: &Warehouse, table_name: &str) -> bool {
     let mut conn = warehouse.acquire().await.expect("connection");
-    warehouse.table_exists(&mut conn, &table(table_name)).await.expect("table_exists")
+    warehouse
+        .table_exists(&mut conn, &table(table_name))
+        .await
+        .expect("table_exists")
 }
 
 pub fn control_store(warehouse: &Warehouse) -> ControlStore {
@@ -128,7 +168,11 @@ pub fn backfill_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>/backfill
-        let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile dir").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target profile dir")
+            .to_path_buf();
         let bin = profile_dir.join("backfill");
         if !bin.exists() {
             let status = Command::new(env!("CARGO"))
@@ -138,7 +182,11 @@ pub fn backfill_bin() -> PathBuf {
                 .expect("run cargo build");
             assert!(status.success(), "cargo build --bin backfill failed");
         }
-        assert!(bin.exists(), "the backfill binary is missing at {}", bin.display());
+        assert!(
+            bin.exists(),
+            "the backfill binary is missing at {}",
+            bin.display()
+        );
         bin
     })
     .clone()
@@ -148,7 +196,10 @@ pub fn backfill_bin() -> PathBuf {
 pub fn mini_challenge_spec(replacements: &[(&str, &str)]) -> String {
     let mut text = backfill_coordinator::demo::MINI_CHALLENGE_SPEC.to_string();
     for (from, to) in replacements {
-        assert!(text.contains(from), "the mini challenge spec has no `{from}`");
+        assert!(
+            text.contains(from),
+            "the mini challenge spec has no `{from}`"
+        );
         text = text.replace(from, to);
     }
     text

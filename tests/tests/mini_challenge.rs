@@ -14,19 +14,40 @@ const DAY_FILTER_SQLITE: &str = "t.order_date = '{day}'";
 async fn mini_challenge_end_to_end(db: TestDatabase) {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
-    let day_filter = if db.is_postgres() { DAY_FILTER_PG } else { DAY_FILTER_SQLITE };
-    let untouched: Vec<String> = (0..demo::DAYS).map(demo::day).filter(|d| !BUG_DAYS.contains(&d.as_str())).collect();
+    let day_filter = if db.is_postgres() {
+        DAY_FILTER_PG
+    } else {
+        DAY_FILTER_SQLITE
+    };
+    let untouched: Vec<String> = (0..demo::DAYS)
+        .map(demo::day)
+        .filter(|d| !BUG_DAYS.contains(&d.as_str()))
+        .collect();
     let mut untouched_before = Vec::new();
     for day in &untouched {
-        untouched_before.push(checksum(&warehouse, "fact_order_items", Some(&day_filter.replace("{day}", day))).await);
+        untouched_before.push(
+            checksum(
+                &warehouse,
+                "fact_order_items",
+                Some(&day_filter.replace("{day}", day)),
+            )
+            .await,
+        );
     }
     let before = checksum(&warehouse, "fact_order_items", None).await;
     let view_before = demo::daily_totals(&warehouse).await.unwrap();
 
     let spec = Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap();
-    let backfill = Backfill::open(spec, demo::MINI_CHALLENGE_SPEC.into(), &db.url).await.unwrap();
+    let backfill = Backfill::open(spec, demo::MINI_CHALLENGE_SPEC.into(), &db.url)
+        .await
+        .unwrap();
     let outcome = backfill.run("test", &Quiet).await.unwrap();
-    let RunOutcome::Published { run_id, archive, partitions } = outcome else {
+    let RunOutcome::Published {
+        run_id,
+        archive,
+        partitions,
+    } = outcome
+    else {
         panic!("expected a publish, got {outcome:?}");
     };
     assert_eq!(partitions, 4);
@@ -34,19 +55,40 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
     // The data: exactly the expected corrected table, no duplicates, untouched days identical.
     let after = checksum(&warehouse, "fact_order_items", None).await;
     let expected = checksum(&warehouse, "expected_order_items", None).await;
-    assert_eq!(after, expected, "the fixed table must equal the expected data");
-    assert_eq!(duplicate_keys(&warehouse, "fact_order_items", "order_id, item_id").await, 0);
+    assert_eq!(
+        after, expected,
+        "the fixed table must equal the expected data"
+    );
+    assert_eq!(
+        duplicate_keys(&warehouse, "fact_order_items", "order_id, item_id").await,
+        0
+    );
     for (day, before) in untouched.iter().zip(&untouched_before) {
-        let now = checksum(&warehouse, "fact_order_items", Some(&day_filter.replace("{day}", day))).await;
+        let now = checksum(
+            &warehouse,
+            "fact_order_items",
+            Some(&day_filter.replace("{day}", day)),
+        )
+        .await;
         assert_eq!(&now, before, "untouched day {day} must be byte-identical");
     }
-    assert_eq!(checksum(&warehouse, &archive, None).await, before, "the archive is the old table");
+    assert_eq!(
+        checksum(&warehouse, &archive, None).await,
+        before,
+        "the archive is the old table"
+    );
 
     // The dashboard view reads the new data.
     let view_after = demo::daily_totals(&warehouse).await.unwrap();
     for (b, a) in view_before.iter().zip(&view_after) {
         if BUG_DAYS.contains(&b.day.as_str()) {
-            assert!(a.total_quantity * 2 <= b.total_quantity, "{}: {} -> {}", b.day, b.total_quantity, a.total_quantity);
+            assert!(
+                a.total_quantity * 2 <= b.total_quantity,
+                "{}: {} -> {}",
+                b.day,
+                b.total_quantity,
+                a.total_quantity
+            );
         } else {
             assert_eq!(a, b);
         }
@@ -58,28 +100,56 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
     assert_eq!(records.len(), 4);
     let expected_window_rows = count(
         &warehouse,
-        &format!("SELECT count(*) FROM expected_order_items AS t WHERE {}", window_filter(db.is_postgres())),
+        &format!(
+            "SELECT count(*) FROM expected_order_items AS t WHERE {}",
+            window_filter(db.is_postgres())
+        ),
     )
     .await;
     assert_eq!(records.iter().map(|p| p.times_applied).sum::<i64>(), 4);
-    assert_eq!(records.iter().map(|p| p.counts.unwrap().inserted).sum::<i64>(), expected_window_rows);
+    assert_eq!(
+        records
+            .iter()
+            .map(|p| p.counts.unwrap().inserted)
+            .sum::<i64>(),
+        expected_window_rows
+    );
 
     // A rerun of a finished run changes nothing.
-    let backfill = Backfill::open(Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(), demo::MINI_CHALLENGE_SPEC.into(), &db.url)
-        .await
-        .unwrap();
+    let backfill = Backfill::open(
+        Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
+        demo::MINI_CHALLENGE_SPEC.into(),
+        &db.url,
+    )
+    .await
+    .unwrap();
     let again = backfill.run("test", &Quiet).await.unwrap();
-    assert!(matches!(again, RunOutcome::AlreadyPublished { run_id: ref r } if *r == run_id), "{again:?}");
-    assert_eq!(checksum(&warehouse, "fact_order_items", None).await, expected);
+    assert!(
+        matches!(again, RunOutcome::AlreadyPublished { run_id: ref r } if *r == run_id),
+        "{again:?}"
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        expected
+    );
 
     // Rollback restores the exact pre-publish content, and the view works again.
     let report = publish::rollback(&store, &run_id).await.unwrap();
     assert_eq!(report.checksum, before.to_string());
     assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
     assert_eq!(demo::daily_totals(&warehouse).await.unwrap(), view_before);
-    assert!(table_exists(&warehouse, &report.kept_as).await, "the backfilled table is kept after rollback");
-    let second = publish::rollback(&store, &run_id).await.unwrap_err().to_string();
-    assert!(second.contains("only a published run can be rolled back"), "{second}");
+    assert!(
+        table_exists(&warehouse, &report.kept_as).await,
+        "the backfilled table is kept after rollback"
+    );
+    let second = publish::rollback(&store, &run_id)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        second.contains("only a published run can be rolled back"),
+        "{second}"
+    );
 }
 
 fn window_filter(postgres: bool) -> String {
@@ -107,16 +177,40 @@ async fn postgres_swap_keeps_grants_comment_and_views() {
     let db = TestDatabase::postgres().await;
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
-    let role = format!("bf_reader_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let role = format!(
+        "bf_reader_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     exec(&warehouse, &format!("CREATE ROLE {role}")).await;
-    exec(&warehouse, &format!("GRANT SELECT ON fact_order_items TO {role}")).await;
-    exec(&warehouse, "COMMENT ON TABLE fact_order_items IS 'order items, one row per item'").await;
-    let backfill = Backfill::open(Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(), demo::MINI_CHALLENGE_SPEC.into(), &db.url)
-        .await
-        .unwrap();
+    exec(
+        &warehouse,
+        &format!("GRANT SELECT ON fact_order_items TO {role}"),
+    )
+    .await;
+    exec(
+        &warehouse,
+        "COMMENT ON TABLE fact_order_items IS 'order items, one row per item'",
+    )
+    .await;
+    let backfill = Backfill::open(
+        Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
+        demo::MINI_CHALLENGE_SPEC.into(),
+        &db.url,
+    )
+    .await
+    .unwrap();
     let outcome = backfill.run("test", &Quiet).await.unwrap();
-    assert!(matches!(outcome, RunOutcome::Published { .. }), "{outcome:?}");
-    let granted = count(&warehouse, &format!("SELECT CAST(has_table_privilege('{role}', 'fact_order_items', 'SELECT') AS integer)")).await;
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
+    let granted = count(
+        &warehouse,
+        &format!(
+            "SELECT CAST(has_table_privilege('{role}', 'fact_order_items', 'SELECT') AS integer)"
+        ),
+    )
+    .await;
     let comment = count(
         &warehouse,
         "SELECT CAST(obj_description(CAST('fact_order_items' AS regclass), 'pg_class') = 'order items, one row per item' AS integer)",
@@ -132,6 +226,12 @@ async fn postgres_swap_keeps_grants_comment_and_views() {
     exec(&warehouse, &format!("DROP OWNED BY {role}")).await;
     exec(&warehouse, &format!("DROP ROLE {role}")).await;
     assert_eq!(granted, 1, "SELECT grant must follow the published table");
-    assert_eq!(comment, 1, "the table comment must follow the published table");
-    assert!(view_on_live > 0, "daily_quantity must read the published table");
+    assert_eq!(
+        comment, 1,
+        "the table comment must follow the published table"
+    );
+    assert!(
+        view_on_live > 0,
+        "daily_quantity must read the published table"
+    );
 }
