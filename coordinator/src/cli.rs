@@ -183,7 +183,10 @@ pub fn resolve_url(connection: &Connection, spec_warehouse: Option<&str>) -> Res
 fn read_spec(path: &PathBuf) -> Result<(Spec, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading spec {}", path.display()))?;
-    let spec = Spec::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    // Keep the SpecError in the chain: main maps it to exit code 2.
+    let spec = Spec::parse(&text)
+        .map_err(anyhow::Error::new)
+        .with_context(|| path.display().to_string())?;
     Ok((spec, text))
 }
 

@@ -87,7 +87,8 @@ pub struct Backfill {
 }
 
 impl Backfill {
-    /// Connects, migrates the control store and resolves the target.
+    /// Connects and resolves the target. Writes nothing: the control store is created or
+    /// migrated by `run`, so `plan` stays read-only.
     pub async fn open(
         spec: Spec,
         spec_text: String,
@@ -96,7 +97,6 @@ impl Backfill {
         let warehouse = Warehouse::connect(warehouse_url, spec.warehouse.concurrency + 2).await?;
         audit::check_supported(&spec, warehouse.dialect)?;
         let store = ControlStore::new(warehouse, spec.warehouse.control_schema.clone());
-        store.migrate().await?;
         let target = store.warehouse.resolve_table(&spec.target.table).await?;
         Ok(Backfill {
             spec,
@@ -117,8 +117,8 @@ impl Backfill {
         .map_err(BackfillError::Invalid)
     }
 
-    /// Checks the spec against the warehouse and describes what a run would do. Writes nothing
-    /// (beyond creating the control store's tables if they are missing).
+    /// Checks the spec against the warehouse and describes what a run would do. Writes
+    /// nothing, not even the control store's tables.
     pub async fn plan(&self) -> Result<Plan, BackfillError> {
         let warehouse = &self.store.warehouse;
         let mut conn = warehouse.acquire().await?;
@@ -129,6 +129,9 @@ impl Backfill {
             )));
         }
         let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
+        let has_control_store = warehouse
+            .table_exists(&mut conn, &self.store.table_name("runs"))
+            .await?;
         drop(conn);
         let partition_sql = self.partition_sql()?;
         let source_columns = warehouse
@@ -167,13 +170,16 @@ impl Backfill {
         }
         shadow_name(&self.target, "00000000")?;
         publish::undone_name(&self.target, "00000000")?;
-        let resumes = self
-            .store
-            .runs_for_target(&self.target.to_string())
-            .await?
-            .into_iter()
-            .find(|r| r.state.is_open() && r.spec_hash == self.spec.hash())
-            .map(|r| r.run_id);
+        let resumes = if has_control_store {
+            self.store
+                .runs_for_target(&self.target.to_string())
+                .await?
+                .into_iter()
+                .find(|r| r.state.is_open() && r.spec_hash == self.spec.hash())
+                .map(|r| r.run_id)
+        } else {
+            None
+        };
         Ok(Plan {
             spec_name: self.spec.name.clone(),
             spec_hash: self.spec.hash(),
@@ -198,6 +204,7 @@ impl Backfill {
         owner: &str,
         progress: &dyn Progress,
     ) -> Result<RunOutcome, BackfillError> {
+        self.store.migrate().await?;
         let plan = self.plan().await?;
         let run = match self.find_or_create_run(&plan, owner, progress).await? {
             Ok(run) => run,

@@ -1,0 +1,213 @@
+//! The `backfill` binary as a user runs it: plan writes nothing, run publishes and prints the
+//! rollback command, status --json reports counts, exit codes tell scripts what happened,
+//! passwords never appear, and `demo` works with no server.
+
+use std::process::{Command, Output};
+
+use backfill_coordinator::demo;
+use backfill_tests::*;
+
+fn backfill(args: &[&str], url: Option<&str>) -> Output {
+    let mut command = Command::new(backfill_bin());
+    command
+        .args(args)
+        .env_remove("BACKFILL_WAREHOUSE_URL")
+        .env_remove("BACKFILL_WAREHOUSE_DEMO_URL");
+    if let Some(url) = url {
+        command
+            .env("BACKFILL_WAREHOUSE_DEMO_URL", url)
+            .env("BACKFILL_WAREHOUSE_URL", url);
+    }
+    command.output().expect("run backfill")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_run_status_and_exit_codes() {
+    let db = TestDatabase::sqlite();
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("fix.toml");
+    std::fs::write(&spec, demo::MINI_CHALLENGE_SPEC).unwrap();
+    let spec = spec.to_str().unwrap();
+
+    // plan: partitions, SQL and hash; writes nothing.
+    let tables_before = count(&warehouse, "SELECT count(*) FROM sqlite_master").await;
+    let output = backfill(&["plan", spec], Some(&db.url));
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    let hash = backfill_common::spec::Spec::parse(demo::MINI_CHALLENGE_SPEC)
+        .unwrap()
+        .hash();
+    assert!(shown.contains(&hash), "plan prints the spec hash: {shown}");
+    assert!(
+        shown.contains("partitions 4 by day from 2024-03-03 to 2024-03-06"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("order_date >= $1 AND order_date < $2"),
+        "plan prints the SQL with bound parameters: {shown}"
+    );
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM sqlite_master").await,
+        tables_before,
+        "plan must not write"
+    );
+
+    // run: publishes, prints the rollback command.
+    let output = backfill(&["run", spec, "--no-progress"], Some(&db.url));
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    let run_id = shown
+        .split("published run ")
+        .nth(1)
+        .and_then(|s| s.get(..8))
+        .expect("run id in output")
+        .to_string();
+    assert!(
+        shown.contains(&format!("backfill rollback {run_id}")),
+        "{shown}"
+    );
+
+    // status --json: machine-readable counts.
+    let output = backfill(&["status", &run_id, "--json"], Some(&db.url));
+    assert!(output.status.success(), "{}", text(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["run"]["state"], "published");
+    assert_eq!(status["counts"]["done"], 4);
+    assert_eq!(status["rows"]["inserted"], 1199);
+    assert!(
+        status["audits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["verdict"] == "pass")
+    );
+    let output = backfill(&["status", &run_id], Some(&db.url));
+    assert!(
+        text(&output).contains("####"),
+        "the grid shows 4 done partitions: {}",
+        text(&output)
+    );
+
+    // exit code 3 when audits fail, and the report names the audit and partition.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        mini_challenge_spec(&[(
+            "SELECT order_id, item_id, order_date, sku, quantity,",
+            "SELECT order_id, item_id, order_date, sku, quantity * 2 AS quantity,",
+        )]),
+    )
+    .unwrap();
+    let output = backfill(
+        &["run", bad.to_str().unwrap(), "--no-progress"],
+        Some(&db.url),
+    );
+    let shown = text(&output);
+    assert_eq!(output.status.code(), Some(3), "{shown}");
+    assert!(
+        shown.contains("FAIL total_quantity_halved") && shown.contains("partition 2024-03-04"),
+        "{shown}"
+    );
+
+    // exit code 2 for a bad spec, with the field named.
+    let invalid = dir.path().join("invalid.toml");
+    std::fs::write(
+        &invalid,
+        demo::MINI_CHALLENGE_SPEC.replace("grain = \"day\"", "grain = \"week\""),
+    )
+    .unwrap();
+    let output = backfill(&["plan", invalid.to_str().unwrap()], Some(&db.url));
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("`partition.grain`: got `week`"),
+        "{}",
+        text(&output)
+    );
+
+    // no URL anywhere: the error says every way to give one.
+    let output = backfill(&["plan", spec], None);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output).contains("BACKFILL_WAREHOUSE_DEMO_URL"),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn passwords_never_appear_in_errors() {
+    let output = backfill(
+        &[
+            "status",
+            "--warehouse-url",
+            "postgres://bob:hunter2secret@127.0.0.1:5432/nowhere",
+        ],
+        None,
+    );
+    let shown = text(&output);
+    assert!(!output.status.success());
+    assert!(!shown.contains("hunter2secret"), "password leaked: {shown}");
+    assert!(shown.contains("bob:***@127.0.0.1:5432"), "{shown}");
+}
+
+#[test]
+fn demo_runs_without_any_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = backfill(&["demo", "--dir", dir.path().to_str().unwrap()], None);
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    for day in demo::BUG_DAYS {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(day) && l.ends_with("<- fixed")),
+            "{day} fixed: {shown}"
+        );
+    }
+    assert!(
+        shown.contains("2024-03-04         1800        900"),
+        "{shown}"
+    );
+    assert!(shown.contains("backfill rollback"), "{shown}");
+    // the printed rollback command works
+    let url = format!(
+        "sqlite://{}/warehouse.db?mode=rwc",
+        dir.path().canonicalize().unwrap().display()
+    );
+    let run_id = shown
+        .split("published run ")
+        .nth(1)
+        .and_then(|s| s.get(..8))
+        .unwrap();
+    let output = backfill(&["rollback", run_id, "--warehouse-url", &url], None);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("verified"), "{}", text(&output));
+}
+
+#[test]
+fn help_teaches() {
+    let output = backfill(&["--help"], None);
+    let shown = text(&output);
+    for word in [
+        "plan",
+        "run",
+        "status",
+        "rollback",
+        "gc",
+        "demo",
+        "Exit codes",
+        "BACKFILL_WAREHOUSE_<NAME>_URL",
+    ] {
+        assert!(shown.contains(word), "--help mentions {word}: {shown}");
+    }
+}
