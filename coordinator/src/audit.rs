@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use backfill_common::BackfillError;
 use backfill_common::control::AuditRecord;
 use backfill_common::dialect::Dialect;
-use backfill_common::ident::TableName;
+use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
 use backfill_common::spec::{
     AggregateBounds, AggregateFunction, Audit, AuditCheck, Severity, Spec,
@@ -25,14 +25,22 @@ pub const WARN: &str = "warn";
 /// Partition label used for audits about the whole window rather than one partition.
 pub const WHOLE_WINDOW: &str = "*";
 
-/// Whether the spec's audits can run on this dialect; checked at plan time.
+/// Whether the spec's audits can run on this dialect and against this target; checked before
+/// anything is written.
 pub fn check_supported(spec: &Spec, dialect: Dialect) -> Result<(), BackfillError> {
     for audit in &spec.audits {
-        if let AuditCheck::Aggregate {
-            function: AggregateFunction::Median | AggregateFunction::Percentile(_),
-            ..
-        } = audit.check
-            && !dialect.supports_percentiles()
+        let AuditCheck::Aggregate {
+            function,
+            column,
+            bounds,
+        } = &audit.check
+        else {
+            continue;
+        };
+        if matches!(
+            function,
+            AggregateFunction::Median | AggregateFunction::Percentile(_)
+        ) && !dialect.supports_percentiles()
         {
             return Err(BackfillError::Invalid(format!(
                 "audit `{}`: median and percentile need PostgreSQL; {} cannot compute them in SQL (use avg, min or max instead)",
@@ -40,8 +48,25 @@ pub fn check_supported(spec: &Spec, dialect: Dialect) -> Result<(), BackfillErro
                 dialect.name()
             )));
         }
+        let compares_with_current = bounds.max_change_pct.is_some()
+            || bounds.min_ratio.is_some()
+            || bounds.max_ratio.is_some();
+        if let Some(column) = column
+            && is_added_column(spec, column)
+            && compares_with_current
+        {
+            return Err(BackfillError::Invalid(format!(
+                "audit `{}`: `{column}` is a new column (target.add_columns), so the current table has nothing to compare it with; \
+                 bound it with min_value / max_value instead of max_change_pct / min_ratio / max_ratio",
+                audit.name
+            )));
+        }
     }
     Ok(())
+}
+
+fn is_added_column(spec: &Spec, column: &Ident) -> bool {
+    spec.target.add_columns.iter().any(|c| &c.name == column)
 }
 
 pub async fn run_audits(
@@ -188,23 +213,34 @@ pub async fn run_audits(
         })
         .collect();
     if !comparisons.is_empty() {
-        let aggregates: Vec<String> = comparisons
-            .iter()
-            .filter_map(|a| match &a.check {
-                AuditCheck::Aggregate {
-                    function, column, ..
-                } => Some(aggregate_sql(
+        // Aggregates over the shadow, and the same over the current table, where a column
+        // the backfill adds reads as NULL.
+        let mut on_shadow = Vec::new();
+        let mut on_current = Vec::new();
+        for audit in &comparisons {
+            if let AuditCheck::Aggregate {
+                function, column, ..
+            } = &audit.check
+            {
+                let expr = aggregate_sql(
                     dialect,
                     *function,
                     column.as_ref().map(|c| format!("t.{}", c.quoted())),
-                )),
-                _ => None,
-            })
-            .collect::<Result<_, _>>()?;
+                )?;
+                let absent = column.as_ref().is_some_and(|c| is_added_column(spec, c));
+                on_current.push(if absent {
+                    dialect.as_float("NULL")
+                } else {
+                    expr.clone()
+                });
+                on_shadow.push(expr);
+            }
+        }
         let current =
-            partition_stats(conn, target, &label, &window, &window_binds, &aggregates).await?;
+            partition_stats(conn, target, &label, &window, &window_binds, &on_current).await?;
         let proposed =
-            partition_stats(conn, shadow, &label, &window, &window_binds, &aggregates).await?;
+            partition_stats(conn, shadow, &label, &window, &window_binds, &on_shadow).await?;
+        let aggregates = on_shadow;
         for partition in partitions {
             let empty = (0i64, vec![None; aggregates.len()]);
             let (current_rows, current_values) = current
