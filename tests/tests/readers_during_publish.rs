@@ -16,12 +16,20 @@ const TOTALS: &str = "SELECT CAST((SELECT sum(quantity) FROM fact_order_items) A
 
 async fn read_totals(warehouse: &Warehouse) -> Result<(i64, i64), String> {
     let mut conn = warehouse.acquire().await.map_err(|e| e.to_string())?;
-    let row = fetch_one(&mut conn, TOTALS, &[]).await.map_err(|e| e.to_string())?;
-    Ok((get(&row, 0).map_err(|e| e.to_string())?, get(&row, 1).map_err(|e| e.to_string())?))
+    let row = fetch_one(&mut conn, TOTALS, &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        get(&row, 0).map_err(|e| e.to_string())?,
+        get(&row, 1).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Reads in a loop until `stop`; returns every observation.
-fn spawn_reader(warehouse: Warehouse, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Result<(i64, i64), String>>> {
+fn spawn_reader(
+    warehouse: Warehouse,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Result<(i64, i64), String>>> {
     tokio::spawn(async move {
         let mut seen = Vec::new();
         while !stop.load(Ordering::SeqCst) {
@@ -32,12 +40,19 @@ fn spawn_reader(warehouse: Warehouse, stop: Arc<AtomicBool>) -> tokio::task::Joi
 }
 
 fn assert_only(seen: &[Result<(i64, i64), String>], allowed: &[i64]) {
-    assert!(seen.len() > 5, "the reader ran during the operation ({} reads)", seen.len());
+    assert!(
+        seen.len() > 5,
+        "the reader ran during the operation ({} reads)",
+        seen.len()
+    );
     for observation in seen {
         match observation {
             Ok((table, view)) => {
                 assert_eq!(table, view, "table and view agree");
-                assert!(allowed.contains(table), "saw total {table}, allowed {allowed:?}");
+                assert!(
+                    allowed.contains(table),
+                    "saw total {table}, allowed {allowed:?}"
+                );
             }
             Err(error) => panic!("a reader saw an error: {error}"),
         }
@@ -48,13 +63,23 @@ async fn readers_never_see_a_mix(db: TestDatabase) {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     let old = read_totals(&warehouse).await.unwrap().0;
-    let new = count(&warehouse, "SELECT CAST(sum(quantity) AS bigint) FROM expected_order_items").await;
+    let new = count(
+        &warehouse,
+        "SELECT CAST(sum(quantity) AS bigint) FROM expected_order_items",
+    )
+    .await;
     assert_ne!(old, new);
 
     let reader_pool = Warehouse::connect(&db.url, 2).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = spawn_reader(reader_pool.clone(), stop.clone());
-    let backfill = Backfill::open(Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(), demo::MINI_CHALLENGE_SPEC.into(), &db.url).await.unwrap();
+    let backfill = Backfill::open(
+        Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
+        demo::MINI_CHALLENGE_SPEC.into(),
+        &db.url,
+    )
+    .await
+    .unwrap();
     let outcome = backfill.run("test", &Quiet).await.unwrap();
     // keep reading a little after the publish
     for _ in 0..10 {
@@ -62,14 +87,21 @@ async fn readers_never_see_a_mix(db: TestDatabase) {
     }
     stop.store(true, Ordering::SeqCst);
     let seen = reader.await.unwrap();
-    let RunOutcome::Published { run_id, .. } = outcome else { panic!("{outcome:?}") };
+    let RunOutcome::Published { run_id, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
     assert_only(&seen, &[old, new]);
-    assert!(seen.iter().any(|s| s.as_ref().is_ok_and(|t| t.0 == old)), "the reader saw the old version first");
+    assert!(
+        seen.iter().any(|s| s.as_ref().is_ok_and(|t| t.0 == old)),
+        "the reader saw the old version first"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let reader = spawn_reader(reader_pool, stop.clone());
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    publish::rollback(&control_store(&warehouse), &run_id).await.unwrap();
+    publish::rollback(&control_store(&warehouse), &run_id)
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     stop.store(true, Ordering::SeqCst);
     let seen = reader.await.unwrap();
