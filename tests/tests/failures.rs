@@ -173,3 +173,35 @@ async fn permanent_error_on_sqlite() {
 async fn permanent_error_on_postgres() {
     permanent_partition_error_is_not_retried(TestDatabase::postgres().await).await;
 }
+
+/// A partition slower than its timeout: the server cancels the statement (transient), the
+/// worker retries with backoff, then gives up with the database's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timeout_is_retried_then_reported() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let spec = mini_challenge_spec(&[
+        (
+            "FROM staging_order_items\n",
+            "FROM staging_order_items CROSS JOIN (SELECT pg_sleep(3)) AS slow\n",
+        ),
+        ("partition_timeout = \"5m\"", "partition_timeout = \"1s\""),
+        ("retries = 3", "retries = 1"),
+        ("first = \"2024-03-03\"", "first = \"2024-03-06\""),
+    ]);
+    let outcome = open(&db, &spec).await.run("test", &Quiet).await.unwrap();
+    let RunOutcome::PartitionsFailed { run_id, failures } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].1.contains("statement timeout"), "{failures:?}");
+    let partition = control_store(&warehouse)
+        .partitions(&run_id)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(partition.attempt, 2, "one retry, then give up");
+    assert_eq!(partition.state, PartitionState::Failed);
+    assert_eq!(partition.times_applied, 0);
+}
