@@ -18,6 +18,8 @@ pub const MIN_RETENTION_DAYS: u32 = 14;
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 /// Plans larger than this need `partition.max_partitions` raised explicitly.
 pub const DEFAULT_MAX_PARTITIONS: usize = 20_000;
+/// Longest target name whose `__bf_undone_<run>` sibling still fits PostgreSQL's 63.
+pub const MAX_TARGET_NAME_LEN: usize = 42;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -350,6 +352,13 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
         None => raw.target.table.clone(),
     };
 
+    if raw.target.table.matches('.').count() > 1 {
+        return Err(field_error(
+            "target.table",
+            format!("`{}`", raw.target.table),
+            "allowed: `table` or `schema.table` (the warehouse comes from warehouse.name)",
+        ));
+    }
     let table = TableName::parse(&raw.target.table).map_err(|e| {
         field_error(
             "target.table",
@@ -364,12 +373,33 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
             "list the column(s) that identify a row, e.g. key = [\"order_id\"]",
         ));
     }
+    if table.name.as_str().len() > MAX_TARGET_NAME_LEN {
+        return Err(field_error(
+            "target.table",
+            format!(
+                "`{}` ({} characters)",
+                table.name,
+                table.name.as_str().len()
+            ),
+            format!(
+                "at most {MAX_TARGET_NAME_LEN} characters, so that its shadow and archive tables (`<table>__bf_archive_<run>`) fit in 63"
+            ),
+        ));
+    }
     let key = idents("target.key", &raw.target.key)?;
-    let mut add_columns = Vec::new();
+    let mut add_columns: Vec<NewColumn> = Vec::new();
     for (i, column) in raw.target.add_columns.iter().enumerate() {
         let field = format!("target.add_columns[{i}]");
+        let name = ident(&format!("{field}.name"), &column.name)?;
+        if add_columns.iter().any(|c| c.name == name) {
+            return Err(field_error(
+                &format!("{field}.name"),
+                format!("`{name}` twice"),
+                "add each new column once",
+            ));
+        }
         add_columns.push(NewColumn {
-            name: ident(&format!("{field}.name"), &column.name)?,
+            name,
             sql_type: sql_type(&format!("{field}.type"), &column.sql_type)?,
         });
     }
@@ -469,8 +499,11 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
     if execution.backoff_max < execution.backoff_initial {
         return Err(field_error(
             "execution.backoff_max",
-            raw.execution.backoff_max.unwrap_or_default(),
-            "must be at least execution.backoff_initial",
+            format!("{:?}", execution.backoff_max),
+            format!(
+                "must be at least execution.backoff_initial ({:?}); raise backoff_max or lower backoff_initial",
+                execution.backoff_initial
+            ),
         ));
     }
 
@@ -478,13 +511,12 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
     for (i, audit) in raw.audits.into_iter().enumerate() {
         audits.push(validate_audit(i, audit)?);
     }
-    let mut seen = std::collections::BTreeSet::new();
-    for audit in &audits {
-        if !seen.insert(audit.name.clone()) {
+    for (i, audit) in audits.iter().enumerate() {
+        if let Some(first) = audits[..i].iter().position(|a| a.name == audit.name) {
             return Err(field_error(
-                "audit.name",
-                format!("`{}` twice", audit.name),
-                "each audit needs its own name",
+                &format!("audit[{i}].name"),
+                format!("`{}`, already the name of audit[{first}]", audit.name),
+                "each audit needs its own name (unnamed audits are named after their kind and column): set `name`",
             ));
         }
     }
@@ -565,48 +597,57 @@ fn idents(field: &str, values: &[String]) -> Result<Vec<Ident>, SpecError> {
     Ok(out)
 }
 
+/// A column type for `ALTER TABLE … ADD COLUMN`: a type name, optional words that belong to
+/// multi-word types (`double precision`, `timestamp with time zone`, `character varying`),
+/// optional `(n)` / `(p, s)` and `[]`. Nothing else, so no clause can ride along.
 fn sql_type(field: &str, value: &str) -> Result<String, SpecError> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || " _(),".contains(c));
-    if ok {
-        Ok(value.to_string())
-    } else {
+    const CONTINUATIONS: &[&str] = &["precision", "varying", "with", "without", "time", "zone"];
+    let refuse = || {
         Err(field_error(
             field,
             format!("`{value}`"),
-            "allowed: a plain SQL type such as integer, bigint, numeric(12,2), text, timestamp",
+            "allowed: a plain SQL type such as integer, bigint, numeric(12,2), text, double precision, timestamp with time zone",
         ))
+    };
+    let trimmed = value.trim();
+    let (head, rest) = match trimmed.find('(') {
+        Some(open) => (&trimmed[..open], &trimmed[open..]),
+        None => (trimmed, ""),
+    };
+    let mut words = head.split_whitespace();
+    let first_ok = words.next().is_some_and(|w| {
+        w.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    let words_ok = words.all(|w| CONTINUATIONS.contains(&w.to_ascii_lowercase().as_str()));
+    let rest = rest.strip_suffix("[]").unwrap_or(rest);
+    let modifiers_ok = rest.is_empty()
+        || (rest.starts_with('(')
+            && rest.ends_with(')')
+            && rest[1..rest.len() - 1]
+                .split(',')
+                .all(|n| !n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())));
+    if first_ok && words_ok && modifiers_ok && trimmed.len() <= 64 {
+        Ok(trimmed.to_string())
+    } else {
+        refuse()
     }
 }
 
 fn scope(raw: &RawPartition, grain: Grain) -> Result<Scope, SpecError> {
-    let format_hint = match grain {
-        Grain::Day => "a date like 2024-03-01",
-        Grain::Hour => "an hour like 2024-03-01T05 (or 2024-03-01T05:00:00)",
+    let parse = |field: &str, value: &str| {
+        plan::parse_partition_start(grain, value).ok_or_else(|| {
+            field_error(
+                field,
+                format!("`{value}`"),
+                partition_value_hint(grain, value),
+            )
+        })
     };
     match (&raw.first, &raw.last, &raw.list) {
         (Some(first), Some(last), None) => {
-            let f = plan::parse_partition_start(grain, first).ok_or_else(|| {
-                field_error(
-                    "partition.first",
-                    format!("`{first}`"),
-                    format!("expected {format_hint}"),
-                )
-            })?;
-            let l = plan::parse_partition_start(grain, last).ok_or_else(|| {
-                field_error(
-                    "partition.last",
-                    format!("`{last}`"),
-                    format!("expected {format_hint}"),
-                )
-            })?;
+            let f = parse("partition.first", first)?;
+            let l = parse("partition.last", last)?;
             if l < f {
                 return Err(field_error(
                     "partition.last",
@@ -626,30 +667,60 @@ fn scope(raw: &RawPartition, grain: Grain) -> Result<Scope, SpecError> {
             }
             let mut starts = Vec::new();
             for (i, item) in list.iter().enumerate() {
-                let start = plan::parse_partition_start(grain, item).ok_or_else(|| {
-                    field_error(
-                        &format!("partition.list[{i}]"),
-                        format!("`{item}`"),
-                        format!("expected {format_hint}"),
-                    )
-                })?;
+                let start = parse(&format!("partition.list[{i}]"), item)?;
                 starts.push(start);
             }
             starts.sort();
             starts.dedup();
             Ok(Scope::List(starts))
         }
-        _ => Err(field_error(
-            "partition",
-            "neither a complete range nor a list",
-            "give either `first` and `last` (both included) or `list` (explicit partitions), not both",
-        )),
+        (first, last, list) => {
+            let got = match (first.is_some() || last.is_some(), list.is_some()) {
+                (true, true) => "both a range (`first`/`last`) and a `list`",
+                (true, false) if first.is_some() => "`first` without `last`",
+                (true, false) => "`last` without `first`",
+                _ => "neither a range nor a list",
+            };
+            Err(field_error(
+                "partition",
+                got,
+                "give either `first` and `last` (both included) or `list` (explicit partitions), not both",
+            ))
+        }
+    }
+}
+
+/// Why a partition value did not parse, as precisely as we can tell.
+fn partition_value_hint(grain: Grain, value: &str) -> String {
+    let shaped_like_date = value.len() >= 10
+        && value.as_bytes()[..10].iter().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                *b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    let real_date = shaped_like_date && parse_date(&value[..10]).is_some();
+    match grain {
+        Grain::Day if shaped_like_date && !real_date => {
+            format!("`{}` is not a calendar date", &value[..10])
+        }
+        Grain::Day => "expected a date like 2024-03-01".to_string(),
+        Grain::Hour if shaped_like_date && !real_date => {
+            format!("`{}` is not a calendar date", &value[..10])
+        }
+        Grain::Hour if real_date && value.len() > 13 => {
+            "hour partitions start on the hour: expected e.g. 2024-03-01T05 or 2024-03-01T05:00:00"
+                .to_string()
+        }
+        Grain::Hour => "expected an hour like 2024-03-01T05 (or 2024-03-01T05:00:00)".to_string(),
     }
 }
 
 fn source_query(query: &str) -> Result<String, SpecError> {
     let trimmed = query.trim();
-    let body = sql::strip_leading_comments(trimmed);
+    let body = sql::strip_leading_comments(trimmed)
+        .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
     let starts_like_select = ["select", "with"].iter().any(|kw| {
         body.len() >= kw.len()
             && body[..kw.len()].eq_ignore_ascii_case(kw)
@@ -677,6 +748,17 @@ fn source_query(query: &str) -> Result<String, SpecError> {
             "source.query",
             "a `;`",
             "the source must be a single query without `;`",
+        ));
+    }
+    const WRITES: &[&str] = &[
+        "insert", "update", "delete", "merge", "truncate", "drop", "alter", "create", "grant",
+        "revoke", "copy", "call", "vacuum",
+    ];
+    if let Some(word) = scan.words.iter().find(|w| WRITES.contains(&w.as_str())) {
+        return Err(field_error(
+            "source.query",
+            format!("`{}`", word.to_ascii_uppercase()),
+            "the source must only read: one SELECT (or WITH ... SELECT) without data-modifying statements",
         ));
     }
     for name in &scan.names {
@@ -759,6 +841,40 @@ fn validate_audit(index: usize, raw: RawAudit) -> Result<Audit, SpecError> {
             ));
         }
     };
+    reject_fields_that_do_not_apply(index, &raw)?;
+    for (name, value) in [
+        ("min", raw.min),
+        ("max", raw.max),
+        ("max_change_pct", raw.max_change_pct),
+        ("percentile", raw.percentile),
+        ("min_ratio", raw.min_ratio),
+        ("max_ratio", raw.max_ratio),
+        ("min_value", raw.min_value),
+        ("max_value", raw.max_value),
+    ] {
+        if let Some(v) = value
+            && !v.is_finite()
+        {
+            return Err(field_error(&field(name), v, "allowed: a finite number"));
+        }
+    }
+    for (low, high, low_name, high_name) in [
+        (raw.min_ratio, raw.max_ratio, "min_ratio", "max_ratio"),
+        (raw.min_value, raw.max_value, "min_value", "max_value"),
+    ] {
+        if let (Some(low), Some(high)) = (low, high)
+            && low > high
+        {
+            return Err(field_error(
+                &field(high_name),
+                high,
+                format!("must be at least {low_name} ({low})"),
+            ));
+        }
+    }
+    for (name, value) in [("min_ratio", raw.min_ratio), ("max_ratio", raw.max_ratio)] {
+        non_negative(&field(name), value)?;
+    }
     let require = |value: Option<String>, name: &str, hint: &str| {
         value.ok_or_else(|| {
             field_error(
@@ -963,6 +1079,75 @@ fn validate_audit(index: usize, raw: RawAudit) -> Result<Audit, SpecError> {
         severity,
         check,
     })
+}
+
+/// Fields that mean nothing for an audit kind are refused rather than silently ignored: a
+/// `columns` on unique_key most likely means the author expects another key to be checked.
+fn reject_fields_that_do_not_apply(index: usize, raw: &RawAudit) -> Result<(), SpecError> {
+    let allowed: &[&str] = match raw.kind.as_str() {
+        "unique_key" => &[],
+        "not_null" => &["columns"],
+        "expression" => &["expression", "max_failing_rows"],
+        "accepted_range" => &["column", "min", "max", "max_failing_rows"],
+        "rowcount_delta" => &["max_change_pct", "max_change_rows"],
+        "aggregate" => &[
+            "function",
+            "column",
+            "percentile",
+            "max_change_pct",
+            "min_ratio",
+            "max_ratio",
+            "min_value",
+            "max_value",
+        ],
+        _ => return Ok(()),
+    };
+    let present = [
+        ("columns", raw.columns.is_some()),
+        ("column", raw.column.is_some()),
+        ("expression", raw.expression.is_some()),
+        ("min", raw.min.is_some()),
+        ("max", raw.max.is_some()),
+        ("max_failing_rows", raw.max_failing_rows.is_some()),
+        ("max_change_pct", raw.max_change_pct.is_some()),
+        ("max_change_rows", raw.max_change_rows.is_some()),
+        ("function", raw.function.is_some()),
+        ("percentile", raw.percentile.is_some()),
+        ("min_ratio", raw.min_ratio.is_some()),
+        ("max_ratio", raw.max_ratio.is_some()),
+        ("min_value", raw.min_value.is_some()),
+        ("max_value", raw.max_value.is_some()),
+    ];
+    for (name, is_set) in present {
+        if is_set && !allowed.contains(&name) {
+            let hint = if raw.kind == "unique_key" && matches!(name, "columns" | "column") {
+                "unique_key always checks target.key; to check other columns use a custom expression or change target.key".to_string()
+            } else if allowed.is_empty() {
+                format!(
+                    "the {} audit takes no settings besides name and severity",
+                    raw.kind
+                )
+            } else {
+                format!("the {} audit takes: {}", raw.kind, allowed.join(", "))
+            };
+            return Err(field_error(
+                &format!("audit[{index}].{name}"),
+                "a value",
+                hint,
+            ));
+        }
+    }
+    if raw.kind == "aggregate"
+        && raw.percentile.is_some()
+        && raw.function.as_deref() != Some("percentile")
+    {
+        return Err(field_error(
+            &format!("audit[{index}].percentile"),
+            "a value",
+            "`percentile` only applies with function = \"percentile\"",
+        ));
+    }
+    Ok(())
 }
 
 fn non_negative(field: &str, value: Option<f64>) -> Result<(), SpecError> {

@@ -10,49 +10,78 @@ pub struct Scan {
     /// Parameter names in order of appearance (with repeats).
     pub names: Vec<String>,
     pub has_statement_separator: bool,
+    /// Lower-cased keywords and identifiers outside literals and comments, in order.
+    pub words: Vec<String>,
 }
 
-/// Piece of a lexed query: literal SQL text or a `:name` parameter.
+/// Piece of a lexed query: SQL code, a quoted literal or comment, or a `:name` parameter.
 #[derive(Debug, PartialEq, Eq)]
 enum Piece<'a> {
-    Text(&'a str),
+    Code(&'a str),
+    Quoted(&'a str),
     Parameter(&'a str),
+}
+
+/// "line L, column C" of a byte offset, for errors a user has to find in a long query.
+fn position(sql: &str, offset: usize) -> String {
+    let before = &sql[..offset.min(sql.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}")
+}
+
+/// End (exclusive) of the quoted string opening at `start`. `backslash_escapes` is for
+/// PostgreSQL's E'...' strings, where \' does not close the string.
+fn quoted_end(sql: &str, start: usize, backslash_escapes: bool) -> Result<usize, String> {
+    let bytes = sql.as_bytes();
+    let quote = bytes[start];
+    let mut i = start + 1;
+    loop {
+        match bytes.get(i) {
+            None => {
+                return Err(format!(
+                    "unterminated {} quote opened at {}",
+                    quote as char,
+                    position(sql, start)
+                ));
+            }
+            Some(b'\\') if backslash_escapes => i += 2,
+            Some(&c) if c == quote => {
+                if bytes.get(i + 1) == Some(&quote) {
+                    i += 2;
+                } else {
+                    return Ok(i + 1);
+                }
+            }
+            Some(_) => i += 1,
+        }
+    }
 }
 
 fn lex(sql: &str) -> Result<(Vec<Piece<'_>>, bool), String> {
     let bytes = sql.as_bytes();
     let mut pieces = Vec::new();
     let mut separator = false;
-    let mut text_start = 0;
+    let mut code_start = 0;
     let mut i = 0;
+    let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     while i < bytes.len() {
-        match bytes[i] {
+        let quoted_until = match bytes[i] {
             b'\'' | b'"' | b'`' => {
-                let quote = bytes[i];
-                i += 1;
-                loop {
-                    if i >= bytes.len() {
-                        return Err(format!("unterminated {} quote", quote as char));
-                    }
-                    if bytes[i] == quote {
-                        if bytes.get(i + 1) == Some(&quote) {
-                            i += 2;
-                            continue;
-                        }
-                        i += 1;
-                        break;
-                    }
-                    i += 1;
-                }
+                let escapes = bytes[i] == b'\''
+                    && i > 0
+                    && matches!(bytes[i - 1], b'E' | b'e')
+                    && (i < 2 || !is_ident(bytes[i - 2]));
+                Some(quoted_end(sql, i, escapes)?)
             }
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
+                Some(sql[i..].find('\n').map_or(sql.len(), |n| i + n))
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                let end = sql[i + 2..].find("*/").ok_or("unterminated /* comment")?;
-                i += 2 + end + 2;
+                let end = sql[i + 2..].find("*/").ok_or_else(|| {
+                    format!("unterminated /* comment opened at {}", position(sql, i))
+                })?;
+                Some(i + 2 + end + 2)
             }
             b'$' => {
                 // PostgreSQL dollar quoting: $tag$ ... $tag$
@@ -65,14 +94,27 @@ fn lex(sql: &str) -> Result<(Vec<Piece<'_>>, bool), String> {
                             && !sql[i + 1..end].starts_with(|c: char| c.is_ascii_digit()) =>
                     {
                         let tag = &sql[i..=end];
-                        let close = sql[end + 1..]
-                            .find(tag)
-                            .ok_or("unterminated dollar-quoted string")?;
-                        i = end + 1 + close + tag.len();
+                        let close = sql[end + 1..].find(tag).ok_or_else(|| {
+                            format!(
+                                "unterminated dollar-quoted string opened at {}",
+                                position(sql, i)
+                            )
+                        })?;
+                        Some(end + 1 + close + tag.len())
                     }
-                    _ => i += 1,
+                    _ => None,
                 }
             }
+            _ => None,
+        };
+        if let Some(end) = quoted_until {
+            pieces.push(Piece::Code(&sql[code_start..i]));
+            pieces.push(Piece::Quoted(&sql[i..end]));
+            i = end;
+            code_start = end;
+            continue;
+        }
+        match bytes[i] {
             b':' if bytes.get(i + 1) == Some(&b':') => i += 2,
             b':' if bytes
                 .get(i + 1)
@@ -80,41 +122,45 @@ fn lex(sql: &str) -> Result<(Vec<Piece<'_>>, bool), String> {
             {
                 let start = i + 1;
                 let mut end = start;
-                while end < bytes.len()
-                    && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_')
-                {
+                while end < bytes.len() && is_ident(bytes[end]) {
                     end += 1;
                 }
-                pieces.push(Piece::Text(&sql[text_start..i]));
+                pieces.push(Piece::Code(&sql[code_start..i]));
                 pieces.push(Piece::Parameter(&sql[start..end]));
                 i = end;
-                text_start = end;
+                code_start = end;
             }
             b';' => {
-                // A trailing `;` followed only by whitespace/comments is still a second
-                // statement boundary; we refuse it to keep the query embeddable.
+                // Even a trailing `;` is refused: the query is embedded as a subquery.
                 separator = true;
                 i += 1;
             }
             _ => i += 1,
         }
     }
-    pieces.push(Piece::Text(&sql[text_start..]));
+    pieces.push(Piece::Code(&sql[code_start..]));
     Ok((pieces, separator))
 }
 
 pub fn scan_placeholders(sql: &str) -> Result<Scan, String> {
     let (pieces, has_statement_separator) = lex(sql)?;
-    let names = pieces
-        .iter()
-        .filter_map(|p| match p {
-            Piece::Parameter(name) => Some(name.to_string()),
-            Piece::Text(_) => None,
-        })
-        .collect();
+    let mut names = Vec::new();
+    let mut words = Vec::new();
+    for piece in &pieces {
+        match piece {
+            Piece::Parameter(name) => names.push(name.to_string()),
+            Piece::Code(code) => words.extend(
+                code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| !w.is_empty())
+                    .map(|w| w.to_ascii_lowercase()),
+            ),
+            Piece::Quoted(_) => {}
+        }
+    }
     Ok(Scan {
         names,
         has_statement_separator,
+        words,
     })
 }
 
@@ -127,7 +173,7 @@ pub fn rewrite_parameters(
     let mut out = String::with_capacity(sql.len() + 32);
     for piece in pieces {
         match piece {
-            Piece::Text(text) => out.push_str(text),
+            Piece::Code(text) | Piece::Quoted(text) => out.push_str(text),
             Piece::Parameter(name) => out.push_str(&placeholder(name)),
         }
     }
@@ -195,6 +241,37 @@ mod tests {
                 .has_statement_separator
         );
         assert!(scan_placeholders("SELECT 'abc").is_err());
+    }
+
+    #[test]
+    fn backslash_escapes_in_e_strings_do_not_hide_statements() {
+        let sql = "SELECT 1 FROM t WHERE a <> E'\\'' ; DROP TABLE x; -- '";
+        assert!(scan_placeholders(sql).unwrap().has_statement_separator);
+        let sql = "SELECT 1 FROM t WHERE a <> E'\\'' AND d = :day -- '";
+        assert_eq!(scan_placeholders(sql).unwrap().names, vec!["day"]);
+        // a plain string ending in a backslash is not an escape
+        assert!(
+            !scan_placeholders("SELECT 'a\\' AS x")
+                .unwrap()
+                .has_statement_separator
+        );
+    }
+
+    #[test]
+    fn words_skip_literals_and_comments() {
+        let scan = scan_placeholders(
+            "WITH g AS (DELETE FROM t RETURNING *) SELECT 'update' /* insert */ FROM g",
+        )
+        .unwrap();
+        assert!(scan.words.contains(&"delete".to_string()));
+        assert!(!scan.words.contains(&"update".to_string()));
+        assert!(!scan.words.contains(&"insert".to_string()));
+    }
+
+    #[test]
+    fn unterminated_literals_say_where() {
+        let error = scan_placeholders("SELECT 1\nFROM t WHERE a = 'x").unwrap_err();
+        assert!(error.contains("line 2, column 18"), "{error}");
     }
 
     #[test]
