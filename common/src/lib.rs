@@ -5,10 +5,12 @@
 
 pub mod control;
 pub mod dialect;
+pub mod envelope;
 pub mod error;
 pub mod ident;
 pub mod plan;
 pub mod queue;
+pub mod redis_semaphore;
 pub mod semaphore;
 pub mod spec;
 pub mod sql;

@@ -1,31 +1,49 @@
 //! The task queue as a capability trait: publish partition tasks, receive them one at a time,
-//! acknowledge after the checkpoint commits or hand them back. The in-memory queue serves the
-//! embedded mode; the RabbitMQ queue (distributed mode) has the same contract.
+//! and settle each delivery: ack after the checkpoint commits, hand it back (nack), or
+//! dead-letter it with a reason. The in-memory queue serves the embedded mode and has the same
+//! contract as the RabbitMQ queue of the distributed mode, delivery limit included; one
+//! conformance suite (tests/tests/queue_conformance.rs) runs against both.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use crate::control::PartitionTask;
+use crate::envelope::TaskMessage;
 use crate::error::BackfillError;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Settles one delivery: ack after the checkpoint committed, nack to hand it back.
+/// How many times a task is delivered before it is dead-lettered (RabbitMQ's
+/// `x-delivery-limit` says the same to the broker).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+
+/// Settles one delivery.
 pub trait Settle: Send {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>>;
     fn nack(self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>>;
+    /// Moves the message to the dead-letter queue with a reason, and acks it.
+    fn dead_letter(
+        self: Box<Self>,
+        reason: &'static str,
+        detail: String,
+    ) -> BoxFuture<'static, Result<(), BackfillError>>;
 }
 
 pub struct Delivery {
-    pub task: PartitionTask,
+    pub message: TaskMessage,
+    /// 1 for the first delivery, 2 for the first redelivery, …
+    pub delivery_count: u32,
     settle: Box<dyn Settle>,
 }
 
 impl Delivery {
-    pub fn new(task: PartitionTask, settle: Box<dyn Settle>) -> Delivery {
-        Delivery { task, settle }
+    pub fn new(message: TaskMessage, delivery_count: u32, settle: Box<dyn Settle>) -> Delivery {
+        Delivery {
+            message,
+            delivery_count,
+            settle,
+        }
     }
 
     pub async fn ack(self) -> Result<(), BackfillError> {
@@ -35,34 +53,58 @@ impl Delivery {
     pub async fn nack(self, requeue: bool) -> Result<(), BackfillError> {
         self.settle.nack(requeue).await
     }
+
+    pub async fn dead_letter(
+        self,
+        reason: &'static str,
+        detail: String,
+    ) -> Result<(), BackfillError> {
+        self.settle.dead_letter(reason, detail).await
+    }
 }
 
 pub trait TaskQueue: Send + Sync + 'static {
     fn publish(
         &self,
-        task: PartitionTask,
+        message: TaskMessage,
     ) -> impl Future<Output = Result<(), BackfillError>> + Send;
-    /// The next task, or None once the queue is closed and drained.
+    /// The next task, or None once the queue is closed and drained (the RabbitMQ queue is
+    /// never closed by its consumers: it waits).
     fn receive(&self) -> impl Future<Output = Result<Option<Delivery>, BackfillError>> + Send;
 }
 
+/// A dead-lettered message with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message: Option<TaskMessage>,
+    pub reason: String,
+    pub detail: String,
+}
+
 /// FIFO queue inside one process.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct InMemoryQueue {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     state: Mutex<QueueState>,
     notify: tokio::sync::Notify,
+    delivery_limit: u32,
 }
 
 #[derive(Default)]
 struct QueueState {
-    ready: VecDeque<PartitionTask>,
+    ready: VecDeque<(TaskMessage, u32)>,
     unacked: usize,
     closed: bool,
+    dead: Vec<DeadLetter>,
+}
+
+impl Default for InMemoryQueue {
+    fn default() -> Self {
+        Self::with_delivery_limit(DEFAULT_DELIVERY_LIMIT)
+    }
 }
 
 impl InMemoryQueue {
@@ -70,65 +112,106 @@ impl InMemoryQueue {
         Self::default()
     }
 
+    pub fn with_delivery_limit(delivery_limit: u32) -> Self {
+        InMemoryQueue {
+            inner: Arc::new(Inner {
+                state: Mutex::new(QueueState::default()),
+                notify: tokio::sync::Notify::new(),
+                delivery_limit: delivery_limit.max(1),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// No more tasks will be published: receivers get None once the queue is drained.
     pub fn close(&self) {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closed = true;
+        self.state().closed = true;
         self.inner.notify.notify_waiters();
     }
 
-    /// Tasks published and not yet acknowledged (ready or in flight).
+    /// Tasks published and not yet settled (ready or in flight).
     pub fn outstanding(&self) -> usize {
-        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.state();
         state.ready.len() + state.unacked
+    }
+
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.state().dead.clone()
     }
 }
 
 struct InMemorySettle {
     inner: Arc<Inner>,
-    task: Option<PartitionTask>,
+    message: TaskMessage,
+    delivery_count: u32,
+}
+
+impl InMemorySettle {
+    fn settle(self: Box<Self>, requeue: bool, dead: Option<(String, String)>) {
+        {
+            let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.unacked -= 1;
+            match dead {
+                Some((reason, detail)) => state.dead.push(DeadLetter {
+                    message: Some(self.message),
+                    reason,
+                    detail,
+                }),
+                None if requeue && self.delivery_count >= self.inner.delivery_limit => {
+                    state.dead.push(DeadLetter {
+                        message: Some(self.message),
+                        reason: "delivery_limit".into(),
+                        detail: format!("delivered {} times", self.delivery_count),
+                    })
+                }
+                None if requeue => state.ready.push_back((self.message, self.delivery_count)),
+                None => {}
+            }
+        }
+        // Wake every receiver: one may take the requeued task, and receivers of a closed
+        // queue finish once nothing is in flight.
+        self.inner.notify.notify_waiters();
+    }
 }
 
 impl Settle for InMemorySettle {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>> {
         Box::pin(async move {
-            self.inner
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .unacked -= 1;
-            // Receivers waiting on a closed queue finish once nothing is in flight.
-            self.inner.notify.notify_waiters();
+            self.settle(false, None);
             Ok(())
         })
     }
 
-    fn nack(mut self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>> {
+    fn nack(self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>> {
         Box::pin(async move {
-            {
-                let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.unacked -= 1;
-                if requeue && let Some(task) = self.task.take() {
-                    state.ready.push_back(task);
-                }
-            }
-            self.inner.notify.notify_waiters();
+            self.settle(requeue, None);
+            Ok(())
+        })
+    }
+
+    fn dead_letter(
+        self: Box<Self>,
+        reason: &'static str,
+        detail: String,
+    ) -> BoxFuture<'static, Result<(), BackfillError>> {
+        Box::pin(async move {
+            self.settle(false, Some((reason.to_string(), detail)));
             Ok(())
         })
     }
 }
 
 impl TaskQueue for InMemoryQueue {
-    async fn publish(&self, task: PartitionTask) -> Result<(), BackfillError> {
+    async fn publish(&self, message: TaskMessage) -> Result<(), BackfillError> {
         {
-            let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state();
             if state.closed {
                 return Err(BackfillError::Queue("queue is closed".into()));
             }
-            state.ready.push_back(task);
+            state.ready.push_back((message, 0));
         }
         self.inner.notify.notify_one();
         Ok(())
@@ -138,14 +221,19 @@ impl TaskQueue for InMemoryQueue {
         loop {
             let notified = self.inner.notify.notified();
             {
-                let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(task) = state.ready.pop_front() {
+                let mut state = self.state();
+                if let Some((message, deliveries)) = state.ready.pop_front() {
                     state.unacked += 1;
                     let settle = InMemorySettle {
                         inner: self.inner.clone(),
-                        task: Some(task.clone()),
+                        message: message.clone(),
+                        delivery_count: deliveries + 1,
                     };
-                    return Ok(Some(Delivery::new(task, Box::new(settle))));
+                    return Ok(Some(Delivery::new(
+                        message,
+                        deliveries + 1,
+                        Box::new(settle),
+                    )));
                 }
                 if state.closed && state.unacked == 0 {
                     return Ok(None);
@@ -153,41 +241,5 @@ impl TaskQueue for InMemoryQueue {
             }
             notified.await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn task(key: &str) -> PartitionTask {
-        PartitionTask {
-            run_id: "r".into(),
-            spec_hash: "h".into(),
-            partition_key: key.into(),
-            range_start: key.into(),
-            range_end: key.into(),
-            attempt: 1,
-            fencing_token: 1,
-        }
-    }
-
-    #[tokio::test]
-    async fn nacked_tasks_come_back_and_close_drains() {
-        let queue = InMemoryQueue::new();
-        queue.publish(task("a")).await.unwrap();
-        queue.publish(task("b")).await.unwrap();
-        queue.close();
-        let first = queue.receive().await.unwrap().unwrap();
-        assert_eq!(first.task.partition_key, "a");
-        first.nack(true).await.unwrap();
-        let second = queue.receive().await.unwrap().unwrap();
-        assert_eq!(second.task.partition_key, "b");
-        second.ack().await.unwrap();
-        let again = queue.receive().await.unwrap().unwrap();
-        assert_eq!(again.task.partition_key, "a");
-        again.ack().await.unwrap();
-        assert!(queue.receive().await.unwrap().is_none());
-        assert_eq!(queue.outstanding(), 0);
     }
 }

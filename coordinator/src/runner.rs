@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
+use backfill_common::control::PartitionTask;
 use backfill_common::control::{
     AuditRecord, ControlStore, PartitionState, RunRecord, RunState, now_text,
 };
+use backfill_common::envelope::TaskMessage;
 use backfill_common::ident::TableName;
 use backfill_common::plan::{Grain, Partition};
 use backfill_common::queue::{InMemoryQueue, TaskQueue};
@@ -14,7 +16,7 @@ use backfill_common::semaphore::InMemorySemaphore;
 use backfill_common::spec::Spec;
 use backfill_common::warehouse::Warehouse;
 use backfill_common::{BackfillError, TOOL_VERSION, sql};
-use backfill_worker::{PartitionContext, PartitionOutcome, PartitionReport, consume};
+use backfill_worker::{FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume};
 
 use crate::audit::{self, FAIL};
 use crate::publish;
@@ -230,9 +232,10 @@ impl Backfill {
                 tasks.len(),
                 run.shadow_table
             ));
-            let queue = Arc::new(InMemoryQueue::new());
+            // Retries happen inside the worker; a task out of retries is not redelivered.
+            let queue = Arc::new(InMemoryQueue::with_delivery_limit(EMBEDDED_DELIVERY_LIMIT));
             for task in tasks {
-                queue.publish(task).await?;
+                queue.publish(self.task_message(task)).await?;
             }
             queue.close();
             run_embedded_workers(
@@ -333,6 +336,17 @@ impl Backfill {
         })
     }
 
+    /// A task as the queue carries it: where its warehouse and control store are, and where
+    /// its result goes.
+    fn task_message(&self, task: PartitionTask) -> TaskMessage {
+        TaskMessage {
+            reply_to: results_queue_name(&task.run_id),
+            task,
+            warehouse: self.spec.warehouse.name.clone(),
+            control_schema: self.spec.warehouse.control_schema.to_string(),
+        }
+    }
+
     /// The open run of this spec, or a new one with its shadow built; or, when the spec was
     /// already published, that outcome. Refuses to start while another spec's run is open.
     async fn find_or_create_run(
@@ -427,6 +441,14 @@ pub fn shadow_name(target: &TableName, run_id: &str) -> Result<TableName, Backfi
     })
 }
 
+/// The queue a run's results come back on (distributed mode).
+pub fn results_queue_name(run_id: &str) -> String {
+    format!("results.{run_id}")
+}
+
+/// The embedded queue delivers each task once: `run_partition` already retried it.
+const EMBEDDED_DELIVERY_LIMIT: u32 = 1;
+
 /// Eight hex characters: short enough to type in `backfill rollback <run>`.
 pub fn new_run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
@@ -439,14 +461,20 @@ async fn run_embedded_workers(
     progress: &dyn Progress,
 ) -> Result<(), BackfillError> {
     let semaphore = Arc::new(InMemorySemaphore::new());
+    let contexts = Arc::new(FixedContext(ctx));
     let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let reports = Arc::new(reports);
+    // Embedded workers stop when the queue is drained, never on a signal.
+    let (_never_stop, stop) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         workers.push(tokio::spawn(consume(
-            ctx.clone(),
             queue.clone(),
             semaphore.clone(),
+            contexts.clone(),
             reports.clone(),
+            EMBEDDED_DELIVERY_LIMIT,
+            stop.clone(),
         )));
     }
     drop(reports);

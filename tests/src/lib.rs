@@ -11,6 +11,26 @@ use backfill_common::control::ControlStore;
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_one, get};
 
+/// The local Redis; override with BACKFILL_TEST_REDIS_URL.
+pub fn redis_url() -> String {
+    std::env::var("BACKFILL_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// The local RabbitMQ; override with BACKFILL_TEST_BROKER_URL.
+pub fn broker_url() -> String {
+    std::env::var("BACKFILL_TEST_BROKER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A name no other test run uses, for Redis key prefixes and queue names.
+pub fn unique_prefix(what: &str) -> String {
+    format!(
+        "bft-{what}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
 /// Admin URL of the local PostgreSQL; override with BACKFILL_TEST_PG_URL.
 pub fn pg_admin_url() -> String {
     std::env::var("BACKFILL_TEST_PG_URL")

@@ -1,11 +1,13 @@
 //! One partition, end to end: lease, transaction, claim, merge, checks, checkpoint; and the
 //! consume loop that feeds tasks from a queue through it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_common::control::{MergeCounts, PartitionState, PartitionTask};
 use backfill_common::dialect::Dialect;
+use backfill_common::envelope::{Rejection, TaskMessage};
 use backfill_common::queue::TaskQueue;
 use backfill_common::semaphore::Semaphore;
 use backfill_common::warehouse::{Bind, execute, fetch_one, get};
@@ -83,7 +85,9 @@ pub async fn run_partition<S: Semaphore>(
                 } else {
                     None
                 };
-                let state = if next.is_some() {
+                // Out of retries on a transient error, the task goes back to the queue (or to
+                // the dead-letter queue if this was its last delivery: `consume` decides).
+                let state = if retry == Retry::Transient {
                     PartitionState::Retrying
                 } else {
                     PartitionState::Failed
@@ -321,19 +325,114 @@ fn explain_constraint(error: BackfillError, task: &PartitionTask) -> BackfillErr
     error
 }
 
-/// Consumes tasks until the queue is closed and drained: run each, report it, then settle the
-/// delivery (ack once the checkpoint has committed or the task is settled for good; requeue
-/// when the outcome was a transient failure past the retry budget).
-pub async fn consume<Q: TaskQueue, S: Semaphore>(
-    ctx: Arc<PartitionContext>,
+/// Where a worker gets the context of a task's run: fixed in the embedded mode, loaded from
+/// the control store by spec hash in the distributed mode. A task that cannot be placed is
+/// rejected with a reason.
+pub trait ContextSource: Send + Sync + 'static {
+    fn context(
+        &self,
+        message: &TaskMessage,
+    ) -> impl Future<Output = Result<Arc<PartitionContext>, Rejection>> + Send;
+}
+
+/// Where a worker reports outcomes: the embedded barrier's channel, or the run's result queue.
+pub trait ReportSink: Send + Sync + 'static {
+    fn report(&self, report: PartitionReport) -> impl Future<Output = ()> + Send;
+}
+
+/// The embedded mode's context: one run, known up front.
+pub struct FixedContext(pub Arc<PartitionContext>);
+
+impl ContextSource for FixedContext {
+    async fn context(&self, message: &TaskMessage) -> Result<Arc<PartitionContext>, Rejection> {
+        if message.task.run_id == self.0.run_id && message.task.spec_hash == self.0.spec_hash {
+            Ok(self.0.clone())
+        } else {
+            Err(Rejection::UnknownRun(format!(
+                "task for run {} spec {} does not belong to run {}",
+                message.task.run_id, message.task.spec_hash, self.0.run_id
+            )))
+        }
+    }
+}
+
+impl ReportSink for tokio::sync::mpsc::UnboundedSender<PartitionReport> {
+    async fn report(&self, report: PartitionReport) {
+        let _ = self.send(report);
+    }
+}
+
+/// Consumes tasks until the queue is closed and drained or `stop` turns true (then the task
+/// in hand is finished first). Each delivery is settled after its outcome is durable:
+/// - done or stale: ack;
+/// - permanent failure: dead-letter with the database's message;
+/// - transient failure past the retry budget: back to the queue, or, on its last allowed
+///   delivery, dead-letter (the partition is then recorded as failed).
+pub async fn consume<Q: TaskQueue, S: Semaphore, C: ContextSource, R: ReportSink>(
     queue: Arc<Q>,
     semaphore: Arc<S>,
-    reports: tokio::sync::mpsc::UnboundedSender<PartitionReport>,
+    contexts: Arc<C>,
+    reports: Arc<R>,
+    delivery_limit: u32,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), BackfillError> {
-    while let Some(delivery) = queue.receive().await? {
-        let report = run_partition(&ctx, semaphore.as_ref(), delivery.task.clone()).await;
-        let _ = reports.send(report);
-        delivery.ack().await?;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let delivery = tokio::select! {
+            delivery = queue.receive() => delivery?,
+            _ = stop.changed() => continue,
+        };
+        let Some(delivery) = delivery else {
+            return Ok(());
+        };
+        let ctx = match contexts.context(&delivery.message).await {
+            Ok(ctx) => ctx,
+            Err(rejection) => {
+                tracing::warn!(reason = rejection.as_str(), %rejection, "task rejected");
+                delivery
+                    .dead_letter(rejection.as_str(), rejection.to_string())
+                    .await?;
+                continue;
+            }
+        };
+        let report = run_partition(&ctx, semaphore.as_ref(), delivery.message.task.clone()).await;
+        match &report.outcome {
+            PartitionOutcome::Done { .. } | PartitionOutcome::Stale => {
+                reports.report(report).await;
+                delivery.ack().await?;
+            }
+            PartitionOutcome::Failed {
+                error,
+                retry: Retry::Permanent,
+            } => {
+                let error = error.clone();
+                reports.report(report).await;
+                delivery.dead_letter("permanent_error", error).await?;
+            }
+            PartitionOutcome::Failed {
+                error,
+                retry: Retry::Transient,
+            } => {
+                if delivery.delivery_count >= delivery_limit {
+                    let error = format!(
+                        "gave up after {} deliveries: {error}",
+                        delivery.delivery_count
+                    );
+                    if let Err(record) = ctx
+                        .store
+                        .record_partition_error(&report.task, PartitionState::Failed, &error)
+                        .await
+                    {
+                        tracing::warn!(error = %record, "could not record the partition failure");
+                    }
+                    reports.report(report).await;
+                    delivery.dead_letter("retries_exhausted", error).await?;
+                } else {
+                    delivery.nack(true).await?;
+                }
+            }
+        }
     }
-    Ok(())
 }

@@ -11,4 +11,7 @@ pub mod context;
 pub mod execute;
 
 pub use context::PartitionContext;
-pub use execute::{PartitionOutcome, PartitionReport, consume, run_partition};
+pub use execute::{
+    ContextSource, FixedContext, PartitionOutcome, PartitionReport, ReportSink, consume,
+    run_partition,
+};
