@@ -3,6 +3,7 @@
 //! control store, and the capability traits (`TaskQueue`, `Semaphore`) with their in-memory
 //! implementations. Nothing here knows about the CLI.
 
+pub mod broker;
 pub mod control;
 pub mod dialect;
 pub mod envelope;
