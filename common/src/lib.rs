@@ -4,6 +4,7 @@
 //! implementations. Nothing here knows about the CLI.
 
 pub mod broker;
+pub mod config;
 pub mod control;
 pub mod dialect;
 pub mod envelope;

@@ -14,9 +14,12 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::demo;
+use crate::distributed::DistributedOptions;
 use crate::publish;
-use crate::runner::{Backfill, Progress, RunOutcome};
+use crate::runner::{Backfill, Executor, Progress, RunOutcome};
 use crate::status;
+use backfill_common::broker::Broker;
+use backfill_common::control::PartitionState;
 
 /// Exit codes scripts can act on.
 pub const EXIT_AUDIT_FAILED: i32 = 3;
@@ -64,6 +67,56 @@ pub struct Connection {
     pub control_schema: String,
 }
 
+/// Distributed execution: with a broker, partitions go to `backfill-worker` processes.
+#[derive(Args, Debug, Clone)]
+pub struct DistributedArgs {
+    /// RabbitMQ URL; when set, partitions run on backfill-worker processes instead of here
+    #[arg(long, env = "BACKFILL_BROKER_URL", hide_env_values = true)]
+    pub broker: Option<String>,
+    /// Prefix of queue names (one per deployment; the workers must use the same)
+    #[arg(long, env = "BACKFILL_QUEUE_PREFIX", default_value = "backfill")]
+    pub queue_prefix: String,
+    /// Deliveries of a task before the broker dead-letters it
+    #[arg(long, env = "BACKFILL_DELIVERY_LIMIT", default_value_t = backfill_common::queue::DEFAULT_DELIVERY_LIMIT)]
+    pub delivery_limit: u32,
+    /// The broker's consumer_timeout; tasks must finish well within it
+    #[arg(long, env = "BACKFILL_BROKER_CONSUMER_TIMEOUT", default_value = "30m")]
+    pub broker_consumer_timeout: String,
+}
+
+impl DistributedArgs {
+    fn executor(&self) -> Result<Executor> {
+        let Some(broker_url) = &self.broker else {
+            return Ok(Executor::Embedded);
+        };
+        let consumer_timeout = backfill_common::spec::parse_duration(&self.broker_consumer_timeout)
+            .ok_or_else(|| {
+                anyhow!(
+                    "--broker-consumer-timeout: `{}` is not a duration like 30m",
+                    self.broker_consumer_timeout
+                )
+            })?;
+        Ok(Executor::Distributed(DistributedOptions {
+            broker_url: broker_url.clone(),
+            queue_prefix: self.queue_prefix.clone(),
+            keyring: backfill_common::envelope::keyring_from_env().map_err(|e| anyhow!(e))?,
+            delivery_limit: self.delivery_limit,
+            consumer_timeout,
+            reconcile_every: Duration::from_secs(2),
+        }))
+    }
+
+    async fn broker(&self) -> Result<Option<Broker>> {
+        let Some(url) = &self.broker else {
+            return Ok(None);
+        };
+        let keyring = backfill_common::envelope::keyring_from_env().map_err(|e| anyhow!(e))?;
+        Ok(Some(
+            Broker::connect(url, &self.queue_prefix, keyring, self.delivery_limit).await?,
+        ))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate a spec against the warehouse and show partitions, SQL and spec hash; writes nothing
@@ -87,6 +140,39 @@ pub enum Command {
         no_progress: bool,
         #[command(flatten)]
         connection: Connection,
+        #[command(flatten)]
+        distributed: DistributedArgs,
+    },
+    /// Resume a run by its id (the spec is read back from the control store)
+    Resume {
+        run: String,
+        #[arg(long, env = "USER", default_value = "unknown")]
+        owner: String,
+        #[arg(long)]
+        no_progress: bool,
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        distributed: DistributedArgs,
+    },
+    /// Republish failed / dead-lettered partitions of a run (new attempt, new fencing token)
+    /// and carry the run on to audit and publish
+    Resubmit {
+        run: String,
+        /// Resubmit every partition that failed or was dead-lettered
+        #[arg(long, required_unless_present = "partition")]
+        dead_lettered: bool,
+        /// Resubmit these partitions only (refused for partitions already done)
+        #[arg(long, value_delimiter = ',')]
+        partition: Vec<String>,
+        #[arg(long, env = "USER", default_value = "unknown")]
+        owner: String,
+        #[arg(long)]
+        no_progress: bool,
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        distributed: DistributedArgs,
     },
     /// Show a run (partition grid, counts, audits), or list runs when no run is given
     Status {
@@ -95,6 +181,8 @@ pub enum Command {
         json: bool,
         #[command(flatten)]
         connection: Connection,
+        #[command(flatten)]
+        distributed: DistributedArgs,
     },
     /// Restore the table archived by a published run, verifying its checksum
     Rollback {
@@ -178,6 +266,26 @@ pub fn resolve_url(connection: &Connection, spec_warehouse: Option<&str>) -> Res
     bail!(
         "no warehouse given: pass --warehouse-url (or set BACKFILL_WAREHOUSE_URL), or --warehouse NAME with BACKFILL_WAREHOUSE_<NAME>_URL or a config file"
     )
+}
+
+/// Opens an existing run with the spec it is pinned to, read back from the control store.
+async fn open_run(connection: &Connection, run_id: &str) -> Result<(Backfill, String)> {
+    let store = open_store(connection).await?;
+    let run = store
+        .find_run(run_id)
+        .await?
+        .ok_or_else(|| anyhow!("no run `{run_id}` in this control store"))?;
+    let text = store.spec_source(&run.spec_hash).await?.ok_or_else(|| {
+        anyhow!(
+            "the spec {} of run {run_id} is missing from the control store",
+            run.spec_hash
+        )
+    })?;
+    let spec = Spec::parse(&text)
+        .map_err(anyhow::Error::new)
+        .context("the stored spec")?;
+    let url = resolve_url(connection, None)?;
+    Ok((Backfill::open(spec, text, &url).await?, url))
 }
 
 fn read_spec(path: &PathBuf) -> Result<(Spec, String)> {
@@ -335,13 +443,88 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             owner,
             no_progress,
             connection,
+            distributed,
         } => {
             let (spec, text) = read_spec(&spec)?;
             let url = resolve_url(&connection, Some(&spec.warehouse.name))?;
+            let executor = distributed.executor()?;
             let backfill = Backfill::open(spec, text, &url).await?;
             let bar =
                 Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            let outcome = backfill.run(&owner, &bar).await?;
+            let outcome = backfill.run_with(&owner, &bar, &executor).await?;
+            drop(bar);
+            Ok(report_outcome(&outcome, &url))
+        }
+        Command::Resume {
+            run,
+            owner,
+            no_progress,
+            connection,
+            distributed,
+        } => {
+            let executor = distributed.executor()?;
+            let (backfill, url) = open_run(&connection, &run).await?;
+            let bar =
+                Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            let outcome = backfill.run_with(&owner, &bar, &executor).await?;
+            drop(bar);
+            Ok(report_outcome(&outcome, &url))
+        }
+        Command::Resubmit {
+            run,
+            dead_lettered,
+            partition,
+            owner,
+            no_progress,
+            connection,
+            distributed,
+        } => {
+            let executor = distributed.executor()?;
+            let (backfill, url) = open_run(&connection, &run).await?;
+            let record = backfill
+                .store
+                .find_run(&run)
+                .await?
+                .ok_or_else(|| anyhow!("no run `{run}`"))?;
+            if !record.state.is_open() {
+                bail!(
+                    "run {run} is {}; there is nothing to resubmit",
+                    record.state.as_str()
+                );
+            }
+            let partitions = backfill.store.partitions(&run).await?;
+            for key in &partition {
+                let found = partitions
+                    .iter()
+                    .find(|p| &p.partition_key == key)
+                    .ok_or_else(|| anyhow!("run {run} has no partition `{key}`"))?;
+                if found.state == PartitionState::Done {
+                    bail!(
+                        "partition {key} of run {run} is done; resubmitting it would apply it again, so it is refused"
+                    );
+                }
+            }
+            let failed = partitions
+                .iter()
+                .filter(|p| p.state == PartitionState::Failed)
+                .count();
+            if dead_lettered && failed == 0 && partition.is_empty() {
+                println!("run {run} has no failed or dead-lettered partition; resuming it");
+            }
+            if let Some(broker) = distributed.broker().await? {
+                let purged = broker
+                    .purge_dead_letters(&backfill.spec.warehouse.name, &run)
+                    .await?;
+                if purged > 0 {
+                    println!(
+                        "removed {purged} dead letter(s) of run {run}; their partitions are republished with new tokens"
+                    );
+                }
+                broker.close().await;
+            }
+            let bar =
+                Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            let outcome = backfill.run_with(&owner, &bar, &executor).await?;
             drop(bar);
             Ok(report_outcome(&outcome, &url))
         }
@@ -349,11 +532,34 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             run,
             json,
             connection,
+            distributed,
         } => {
             let store = open_store(&connection).await?;
             match run {
                 Some(run) => {
-                    let status = status::load(&store, &run).await?;
+                    let mut status = status::load(&store, &run).await?;
+                    if let Some(broker) = distributed.broker().await? {
+                        let warehouse = store
+                            .spec_source(&status.run.spec_hash)
+                            .await?
+                            .and_then(|text| Spec::parse(&text).ok())
+                            .map(|spec| spec.warehouse.name)
+                            .ok_or_else(|| {
+                                anyhow!("the spec of run {run} is missing from the control store")
+                            })?;
+                        status.dead_letters = Some(
+                            broker
+                                .dead_letters(&warehouse, 10_000)
+                                .await?
+                                .into_iter()
+                                .filter(|d| {
+                                    d.message.as_ref().is_some_and(|m| m.task.run_id == run)
+                                })
+                                .map(status::DeadLetterView::from)
+                                .collect(),
+                        );
+                        broker.close().await;
+                    }
                     if json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
                     } else {

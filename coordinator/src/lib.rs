@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod cli;
 pub mod demo;
+pub mod distributed;
 pub mod publish;
 pub mod runner;
 pub mod shadow;

@@ -15,7 +15,7 @@ use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
 use backfill_common::spec::Spec;
 use backfill_common::warehouse::Warehouse;
-use backfill_common::{BackfillError, TOOL_VERSION, sql};
+use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume};
 
 use crate::audit::{self, FAIL};
@@ -71,6 +71,15 @@ impl RunOutcome {
     }
 }
 
+/// Who runs the partitions.
+pub enum Executor {
+    /// In this process: in-memory queue and semaphore, `concurrency` worker tasks.
+    Embedded,
+    /// `backfill-worker` processes, through RabbitMQ (the semaphore lives in Redis, on the
+    /// workers' side).
+    Distributed(crate::distributed::DistributedOptions),
+}
+
 /// Progress callbacks, so the CLI can draw a bar and tests can stay quiet.
 pub trait Progress: Send + Sync {
     fn phase(&self, _message: &str) {}
@@ -110,13 +119,7 @@ impl Backfill {
 
     /// The source query as the warehouse will run it (parameters as placeholders).
     fn partition_sql(&self) -> Result<String, BackfillError> {
-        let dialect = self.store.dialect();
-        let grain = self.spec.partition.grain;
-        sql::rewrite_parameters(&self.spec.source.query, |name| match name {
-            "partition_start" => dialect.partition_bound(grain, 1),
-            _ => dialect.partition_bound(grain, 2),
-        })
-        .map_err(BackfillError::Invalid)
+        backfill_worker::context::source_sql(&self.spec, self.store.dialect())
     }
 
     /// Checks the spec against the warehouse and describes what a run would do. Writes
@@ -206,6 +209,20 @@ impl Backfill {
         owner: &str,
         progress: &dyn Progress,
     ) -> Result<RunOutcome, BackfillError> {
+        self.run_with(owner, progress, &Executor::Embedded).await
+    }
+
+    /// Runs (or resumes) the backfill to publish, with partitions executed embedded or by
+    /// distributed workers. Everything but the partition phase is the same code.
+    pub async fn run_with(
+        &self,
+        owner: &str,
+        progress: &dyn Progress,
+        executor: &Executor,
+    ) -> Result<RunOutcome, BackfillError> {
+        if let Executor::Distributed(options) = executor {
+            options.check_timeouts(&self.spec)?;
+        }
         self.store.migrate().await?;
         let plan = self.plan().await?;
         let run = match self.find_or_create_run(&plan, owner, progress).await? {
@@ -232,19 +249,35 @@ impl Backfill {
                 tasks.len(),
                 run.shadow_table
             ));
-            // Retries happen inside the worker; a task out of retries is not redelivered.
-            let queue = Arc::new(InMemoryQueue::with_delivery_limit(EMBEDDED_DELIVERY_LIMIT));
-            for task in tasks {
-                queue.publish(self.task_message(task)).await?;
+            match executor {
+                Executor::Embedded => {
+                    // Retries happen inside the worker; a task out of retries is not redelivered.
+                    let queue =
+                        Arc::new(InMemoryQueue::with_delivery_limit(EMBEDDED_DELIVERY_LIMIT));
+                    for task in tasks {
+                        queue.publish(self.task_message(task)).await?;
+                    }
+                    queue.close();
+                    run_embedded_workers(
+                        ctx.clone(),
+                        queue,
+                        self.spec.warehouse.concurrency,
+                        progress,
+                    )
+                    .await?;
+                }
+                Executor::Distributed(options) => {
+                    let messages = tasks.into_iter().map(|t| self.task_message(t)).collect();
+                    crate::distributed::run_partitions(
+                        &self.store,
+                        &run,
+                        messages,
+                        options,
+                        progress,
+                    )
+                    .await?;
+                }
             }
-            queue.close();
-            run_embedded_workers(
-                ctx.clone(),
-                queue,
-                self.spec.warehouse.concurrency,
-                progress,
-            )
-            .await?;
             // The barrier: the control store, not the reports, decides whether all are done.
             let partitions = self.store.partitions(&run.run_id).await?;
             let failures: Vec<(String, String)> = partitions

@@ -13,6 +13,33 @@ pub struct RunStatus {
     pub rows: RowTotals,
     pub partitions: Vec<PartitionRecord>,
     pub audits: Vec<AuditRecord>,
+    /// The run's tasks in the dead-letter queue (when a broker was given).
+    pub dead_letters: Option<Vec<DeadLetterView>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetterView {
+    pub partition_key: String,
+    pub fencing_token: i64,
+    pub attempt: i64,
+    pub reason: String,
+    pub detail: String,
+}
+
+impl From<backfill_common::queue::DeadLetter> for DeadLetterView {
+    fn from(letter: backfill_common::queue::DeadLetter) -> Self {
+        let task = letter.message.map(|m| m.task);
+        DeadLetterView {
+            partition_key: task
+                .as_ref()
+                .map(|t| t.partition_key.clone())
+                .unwrap_or_default(),
+            fencing_token: task.as_ref().map_or(0, |t| t.fencing_token),
+            attempt: task.as_ref().map_or(0, |t| t.attempt),
+            reason: letter.reason,
+            detail: letter.detail,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -63,6 +90,7 @@ pub async fn load(store: &ControlStore, run_id: &str) -> Result<RunStatus, Backf
         rows,
         partitions,
         audits,
+        dead_letters: None,
     })
 }
 
@@ -137,6 +165,19 @@ pub fn render(status: &RunStatus) -> String {
                 p.attempt,
                 p.error.as_deref().unwrap_or("")
             ));
+        }
+    }
+    if let Some(letters) = &status.dead_letters {
+        if letters.is_empty() {
+            out.push_str("\ndead letters: none\n");
+        } else {
+            out.push_str(&format!("\ndead letters ({}; `backfill resubmit {} --dead-lettered` after fixing the cause):\n", letters.len(), run.run_id));
+            for letter in letters {
+                out.push_str(&format!(
+                    "  {} [token {}]: {}: {}\n",
+                    letter.partition_key, letter.fencing_token, letter.reason, letter.detail
+                ));
+            }
         }
     }
     if !status.audits.is_empty() {

@@ -3,6 +3,8 @@
 //! duplicates). Tests that need PostgreSQL fail loudly when it is not running; they never
 //! skip.
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -182,34 +184,39 @@ pub fn control_store(warehouse: &Warehouse) -> ControlStore {
     ControlStore::new(warehouse.clone(), Ident::new("backfill").expect("ident"))
 }
 
-/// The `backfill` binary, built on first use when the test runner did not build it.
-pub fn backfill_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>/backfill
-        let profile_dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target profile dir")
-            .to_path_buf();
-        let bin = profile_dir.join("backfill");
-        if !bin.exists() {
+/// A binary of this workspace (`backfill`, `backfill-worker`), built on first use when the
+/// test runner did not build it.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILD: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile dir")
+        .to_path_buf();
+    let bin = profile_dir.join(name);
+    if !bin.exists() {
+        BUILD.get_or_init(|| {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "--bin", "backfill"])
+                .args(["build", "--bins"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("run cargo build");
-            assert!(status.success(), "cargo build --bin backfill failed");
-        }
-        assert!(
-            bin.exists(),
-            "the backfill binary is missing at {}",
-            bin.display()
-        );
-        bin
-    })
-    .clone()
+            assert!(status.success(), "cargo build --bins failed");
+        });
+    }
+    assert!(
+        bin.exists(),
+        "the {name} binary is missing at {}",
+        bin.display()
+    );
+    bin
+}
+
+/// The `backfill` binary.
+pub fn backfill_bin() -> PathBuf {
+    workspace_bin("backfill")
 }
 
 /// The mini challenge spec with changes applied as (from, to) text replacements.

@@ -44,6 +44,17 @@ pub struct MergeSql {
     pub drop_source: Option<String>,
 }
 
+/// The source query as the warehouse runs it for one partition: `:partition_start` and
+/// `:partition_end` become bound, typed placeholders ($1 and $2).
+pub fn source_sql(spec: &Spec, dialect: Dialect) -> Result<String, BackfillError> {
+    let grain = spec.partition.grain;
+    sql::rewrite_parameters(&spec.source.query, |name| match name {
+        "partition_start" => dialect.partition_bound(grain, 1),
+        _ => dialect.partition_bound(grain, 2),
+    })
+    .map_err(BackfillError::Invalid)
+}
+
 impl PartitionContext {
     /// Builds the context for `run`. `source_columns` are the columns the source query
     /// returns (described at plan time); they must all exist in the shadow.
@@ -63,11 +74,7 @@ impl PartitionContext {
             })
             .collect::<Result<_, _>>()?;
         let grain = spec.partition.grain;
-        let source = sql::rewrite_parameters(&spec.source.query, |name| match name {
-            "partition_start" => dialect.partition_bound(grain, 1),
-            _ => dialect.partition_bound(grain, 2),
-        })
-        .map_err(BackfillError::Invalid)?;
+        let source = source_sql(spec, dialect)?;
         let column_list = columns
             .iter()
             .map(|c| c.quoted())

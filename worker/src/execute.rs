@@ -332,7 +332,16 @@ pub trait ContextSource: Send + Sync + 'static {
     fn context(
         &self,
         message: &TaskMessage,
-    ) -> impl Future<Output = Result<Arc<PartitionContext>, Rejection>> + Send;
+    ) -> impl Future<Output = Result<Arc<PartitionContext>, ContextError>> + Send;
+}
+
+/// Why a task has no context.
+#[derive(Debug)]
+pub enum ContextError {
+    /// The task can never run here (unknown run, spec mismatch, …): dead-letter it.
+    Reject(Rejection),
+    /// Not now (the warehouse is unreachable): hand the task back.
+    Unavailable(BackfillError),
 }
 
 /// Where a worker reports outcomes: the embedded barrier's channel, or the run's result queue.
@@ -344,14 +353,14 @@ pub trait ReportSink: Send + Sync + 'static {
 pub struct FixedContext(pub Arc<PartitionContext>);
 
 impl ContextSource for FixedContext {
-    async fn context(&self, message: &TaskMessage) -> Result<Arc<PartitionContext>, Rejection> {
+    async fn context(&self, message: &TaskMessage) -> Result<Arc<PartitionContext>, ContextError> {
         if message.task.run_id == self.0.run_id && message.task.spec_hash == self.0.spec_hash {
             Ok(self.0.clone())
         } else {
-            Err(Rejection::UnknownRun(format!(
+            Err(ContextError::Reject(Rejection::UnknownRun(format!(
                 "task for run {} spec {} does not belong to run {}",
                 message.task.run_id, message.task.spec_hash, self.0.run_id
-            )))
+            ))))
         }
     }
 }
@@ -389,11 +398,17 @@ pub async fn consume<Q: TaskQueue, S: Semaphore, C: ContextSource, R: ReportSink
         };
         let ctx = match contexts.context(&delivery.message).await {
             Ok(ctx) => ctx,
-            Err(rejection) => {
+            Err(ContextError::Reject(rejection)) => {
                 tracing::warn!(reason = rejection.as_str(), %rejection, "task rejected");
                 delivery
                     .dead_letter(rejection.as_str(), rejection.to_string())
                     .await?;
+                continue;
+            }
+            Err(ContextError::Unavailable(error)) => {
+                tracing::warn!(%error, "cannot reach the task's warehouse; handing the task back");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                delivery.nack(true).await?;
                 continue;
             }
         };

@@ -11,7 +11,9 @@ pub mod context;
 pub mod execute;
 
 pub use context::PartitionContext;
+pub mod distributed;
+
 pub use execute::{
-    ContextSource, FixedContext, PartitionOutcome, PartitionReport, ReportSink, consume,
-    run_partition,
+    ContextError, ContextSource, FixedContext, PartitionOutcome, PartitionReport, ReportSink,
+    consume, run_partition,
 };

@@ -1,0 +1,96 @@
+//! Where URLs and secrets come from, shared by both binaries: flags first, then environment
+//! variables, then an optional config file:
+//!
+//! ```toml
+//! [warehouses.demo]
+//! url = "postgres://backfill@db/analytics"
+//! ```
+
+use std::path::Path;
+
+/// `BACKFILL_WAREHOUSE_<NAME>_URL`, with the name upper-cased and anything but letters and
+/// digits turned into `_`.
+pub fn warehouse_env_var(name: &str) -> String {
+    format!(
+        "BACKFILL_WAREHOUSE_{}_URL",
+        name.chars()
+            .map(|c| if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            })
+            .collect::<String>()
+    )
+}
+
+/// The URL of a named warehouse from the environment or the config file; the error lists
+/// every way to provide it.
+pub fn warehouse_url(name: &str, config: Option<&Path>) -> Result<String, String> {
+    let variable = warehouse_env_var(name);
+    if let Ok(url) = std::env::var(&variable) {
+        return Ok(url);
+    }
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| format!("parsing config file {}: {e}", path.display()))?;
+        return table
+            .get("warehouses")
+            .and_then(|w| w.get(name))
+            .and_then(|w| w.get("url"))
+            .and_then(|u| u.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                format!(
+                    "config file {} has no [warehouses.{name}] url",
+                    path.display()
+                )
+            });
+    }
+    Err(format!(
+        "no URL for warehouse `{name}`: pass --warehouse-url, set {variable}, or give a config file with [warehouses.{name}] url = \"…\""
+    ))
+}
+
+/// Adds `application_name` to a PostgreSQL URL so that sessions show who they are in
+/// `pg_stat_activity`; other URLs are returned unchanged.
+pub fn with_application_name(url: &str, name: &str) -> String {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        || url.contains("application_name=")
+    {
+        return url.to_string();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let safe: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    format!("{url}{separator}application_name={safe}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_and_application_names() {
+        assert_eq!(
+            warehouse_env_var("demo-eu"),
+            "BACKFILL_WAREHOUSE_DEMO_EU_URL"
+        );
+        assert_eq!(
+            with_application_name("postgres://h/db", "w-1"),
+            "postgres://h/db?application_name=w-1"
+        );
+        assert_eq!(
+            with_application_name("postgres://h/db?sslmode=disable", "w 1"),
+            "postgres://h/db?sslmode=disable&application_name=w1"
+        );
+        assert_eq!(
+            with_application_name("sqlite:///x.db", "w"),
+            "sqlite:///x.db"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The coordinator's side of distributed execution: publish one task per partition to the
+//! warehouse's queue, then hold the barrier. Results arrive as messages, but the control store
+//! decides: every few seconds the coordinator reconciles from it, so a lost result never hangs
+//! the run, and a restarted coordinator picks up where the last one was. Dead letters of the
+//! run's current tasks count as failed partitions, so a task the broker gave up on does not
+//! hang the run either.
+
+use std::time::Duration;
+
+use backfill_common::BackfillError;
+use backfill_common::broker::Broker;
+use backfill_common::control::{ControlStore, PartitionState, RunRecord};
+use backfill_common::envelope::{Keyring, ResultKind, TaskMessage};
+use backfill_common::spec::Spec;
+use backfill_worker::{PartitionOutcome, PartitionReport};
+
+use crate::runner::Progress;
+
+/// RabbitMQ's default consumer timeout (30 minutes) on the broker this project targets.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Clone, Debug)]
+pub struct DistributedOptions {
+    pub broker_url: String,
+    pub queue_prefix: String,
+    pub keyring: Keyring,
+    pub delivery_limit: u32,
+    /// The broker's consumer timeout: a task held longer is taken back by the broker.
+    pub consumer_timeout: Duration,
+    /// How often the barrier reconciles from the control store.
+    pub reconcile_every: Duration,
+}
+
+impl DistributedOptions {
+    /// A worker holds a task unacked for at most its attempts and backoffs; that must stay
+    /// well under the broker's consumer timeout, or the broker redelivers tasks that are
+    /// still running.
+    pub fn check_timeouts(&self, spec: &Spec) -> Result<(), BackfillError> {
+        let execution = &spec.execution;
+        let attempts = execution.retries + 1;
+        let worst =
+            execution.partition_timeout * attempts + execution.backoff_max * execution.retries;
+        if worst * 10 > self.consumer_timeout * 9 {
+            return Err(BackfillError::Invalid(format!(
+                "a task may be held {:?} ({} attempts of execution.partition_timeout {:?} plus backoff), which is not safely under the broker's consumer timeout of {:?}; \
+                 lower execution.partition_timeout or execution.retries, or raise the broker's consumer_timeout and pass --broker-consumer-timeout",
+                worst, attempts, execution.partition_timeout, self.consumer_timeout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Publishes the tasks and waits until every partition of the run is done or has failed for
+/// good.
+pub async fn run_partitions(
+    store: &ControlStore,
+    run: &RunRecord,
+    tasks: Vec<TaskMessage>,
+    options: &DistributedOptions,
+    progress: &dyn Progress,
+) -> Result<(), BackfillError> {
+    let broker = Broker::connect(
+        &options.broker_url,
+        &options.queue_prefix,
+        options.keyring.clone(),
+        options.delivery_limit,
+    )
+    .await?;
+    let warehouse = match tasks.first() {
+        Some(task) => task.warehouse.clone(),
+        None => return Ok(()),
+    };
+    broker.declare_warehouse(&warehouse).await?;
+    let mut results = broker.results(&run.run_id).await?;
+    for task in &tasks {
+        broker.publish_task(task).await?;
+    }
+    progress.phase(&format!(
+        "published {} task(s) to {}; waiting for workers",
+        tasks.len(),
+        broker.topology.task_queue(&warehouse)
+    ));
+    let mut ticker = tokio::time::interval(options.reconcile_every);
+    loop {
+        tokio::select! {
+            result = results.next() => {
+                let result = result?;
+                if result.task.run_id != run.run_id {
+                    continue;
+                }
+                let outcome = match result.kind {
+                    ResultKind::Done => PartitionOutcome::Done { counts: Default::default(), rows_after: 0 },
+                    ResultKind::Stale => continue,
+                    ResultKind::Failed | ResultKind::DeadLettered => PartitionOutcome::Failed {
+                        error: result.error.unwrap_or_default(),
+                        retry: backfill_common::Retry::Permanent,
+                    },
+                };
+                progress.partition_finished(&PartitionReport { task: result.task, outcome });
+            }
+            _ = ticker.tick() => {}
+        }
+        if barrier_reached(store, &broker, run, &warehouse).await? {
+            break;
+        }
+    }
+    let _ = broker
+        .delete_queue(&broker.topology.results_queue(&run.run_id))
+        .await;
+    broker.close().await;
+    Ok(())
+}
+
+/// True once no partition can still change: each is done, or failed with its task
+/// dead-lettered (by a worker, or by the broker after too many deliveries).
+async fn barrier_reached(
+    store: &ControlStore,
+    broker: &Broker,
+    run: &RunRecord,
+    warehouse: &str,
+) -> Result<bool, BackfillError> {
+    let partitions = store.partitions(&run.run_id).await?;
+    if partitions.iter().all(|p| p.state == PartitionState::Done) {
+        return Ok(true);
+    }
+    // Which current tasks of this run sit in the dead-letter queue?
+    let dead = broker.dead_letters(warehouse, 10_000).await?;
+    let mut open = 0;
+    for partition in partitions
+        .iter()
+        .filter(|p| p.state != PartitionState::Done)
+    {
+        let letter = dead.iter().find(|d| {
+            d.message.as_ref().is_some_and(|m| {
+                m.task.run_id == run.run_id
+                    && m.task.partition_key == partition.partition_key
+                    && m.task.fencing_token == partition.fencing_token
+            })
+        });
+        match letter {
+            Some(letter) if partition.state != PartitionState::Failed => {
+                // The broker parked it (e.g. delivery limit after worker crashes): record why.
+                let task = &letter.message.as_ref().expect("matched a message").task;
+                let error = format!("dead-lettered ({}): {}", letter.reason, letter.detail);
+                store
+                    .record_partition_error(task, PartitionState::Failed, &error)
+                    .await?;
+            }
+            Some(_) => {}
+            None => open += 1,
+        }
+    }
+    Ok(open == 0)
+}

@@ -1,0 +1,343 @@
+//! Distributed execution with real processes: a `backfill run --broker …` coordinator and
+//! `backfill-worker` processes over the real RabbitMQ, Redis and PostgreSQL.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use backfill_common::control::PartitionState;
+use backfill_common::control::PartitionTask;
+use backfill_common::envelope::{Message, TaskMessage};
+use backfill_coordinator::demo;
+use backfill_tests::cluster::Cluster;
+use backfill_tests::*;
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The mini challenge through a coordinator and 3 workers: the published table equals the
+/// embedded run's result (the expected table), every partition applied once; workers stop
+/// cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mini_challenge_with_three_workers() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    for _ in 0..3 {
+        cluster.start_worker(&[]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("fix.toml");
+    std::fs::write(&spec, demo::MINI_CHALLENGE_SPEC).unwrap();
+    let output = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    let shown = text(&output);
+    assert!(
+        output.status.success(),
+        "{shown}\n{}",
+        cluster.worker_log(0)
+    );
+    assert!(shown.contains("published"), "{shown}");
+
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+    assert_eq!(
+        duplicate_keys(&warehouse, "fact_order_items", "order_id, item_id").await,
+        0
+    );
+    let store = control_store(&warehouse);
+    let run = store.all_runs().await.unwrap().remove(0);
+    let partitions = store.partitions(&run.run_id).await.unwrap();
+    assert!(
+        partitions
+            .iter()
+            .all(|p| p.state == PartitionState::Done && p.times_applied == 1),
+        "{partitions:?}"
+    );
+    // The work was spread: partitions were checkpointed by worker processes, not the coordinator.
+    let logs: String = (0..3).map(|i| cluster.worker_log(i)).collect();
+    assert!(logs.contains("worker ready"), "{logs}");
+
+    for index in 0..3 {
+        assert_eq!(
+            cluster.terminate(index, Duration::from_secs(10)),
+            Some(0),
+            "SIGTERM: clean exit\n{}",
+            cluster.worker_log(index)
+        );
+    }
+    let broker = cluster.broker().await;
+    assert_eq!(
+        broker
+            .queue_depth(&broker.topology.task_queue("demo"))
+            .await
+            .unwrap(),
+        0,
+        "no message left behind"
+    );
+    broker.close().await;
+}
+
+/// With a limit of 2 and 5 workers, at no moment do more than 2 partitions run against the
+/// warehouse: sampled from pg_stat_activity while partitions sleep inside their transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_limit_holds_across_workers() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    for _ in 0..5 {
+        cluster.start_worker(&[]);
+    }
+    let spec_text = mini_challenge_spec(&[
+        (
+            "FROM staging_order_items\n",
+            "FROM staging_order_items CROSS JOIN (SELECT pg_sleep(0.4)) AS slow\n",
+        ),
+        (
+            "first = \"2024-03-03\"\nlast = \"2024-03-06\"",
+            "first = \"2024-03-01\"\nlast = \"2024-03-10\"",
+        ),
+        (
+            "[[audit]]\n# the fix halves",
+            "[[audit]]\nseverity = \"warn\"\n# the fix halves",
+        ),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slow.toml");
+    std::fs::write(&spec, spec_text).unwrap();
+    let mut coordinator = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut peak = 0;
+    let mut samples = 0;
+    let sample = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{}-worker-%' AND state = 'active' AND query LIKE '%pg_sleep%'",
+        cluster.prefix
+    );
+    while coordinator.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the run did not finish"
+        );
+        peak = peak.max(count(&warehouse, &sample).await);
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let output = coordinator.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(samples > 20, "sampled during the run ({samples})");
+    assert_eq!(peak, 2, "the limit is reached and never exceeded");
+    let broker_peak = backfill_common::redis_semaphore::RedisSemaphore::connect(
+        &redis_url(),
+        &cluster.prefix,
+        Duration::from_secs(3),
+        "probe",
+    )
+    .await
+    .unwrap()
+    .peak_holders("demo")
+    .await
+    .unwrap();
+    assert!(
+        broker_peak <= 2,
+        "Redis never granted more than 2 leases ({broker_peak})"
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+}
+
+/// A correctly signed task for a run nobody knows, and a forged one, are dead-lettered with
+/// their reasons; the worker keeps running and completes the real run afterwards. `status
+/// --broker` shows the run's dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_survives_bad_tasks_and_reports_reasons() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    control_store(&warehouse).migrate().await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    let broker = cluster.broker().await;
+    broker.declare_warehouse("demo").await.unwrap();
+    let ghost = TaskMessage {
+        task: PartitionTask {
+            run_id: "ghost001".into(),
+            spec_hash: "0".repeat(64),
+            partition_key: "2024-03-04".into(),
+            range_start: "2024-03-04".into(),
+            range_end: "2024-03-05".into(),
+            attempt: 1,
+            fencing_token: 1,
+        },
+        warehouse: "demo".into(),
+        control_schema: "backfill".into(),
+        reply_to: "nowhere".into(),
+    };
+    broker.publish_task(&ghost).await.unwrap();
+    let forged = backfill_common::envelope::Keyring::new(
+        backfill_common::envelope::SigningKey::new("k1", b"a forger's own key!!".to_vec()).unwrap(),
+    );
+    let (body, key_id, signature) = forged.seal(&Message::Task(ghost.clone()));
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-bf-key-id".into(),
+        lapin::types::AMQPValue::LongString(key_id.into_bytes().into()),
+    );
+    headers.insert(
+        "x-bf-signature".into(),
+        lapin::types::AMQPValue::LongString(signature.into_bytes().into()),
+    );
+    broker
+        .publish_unchecked("demo", &body, headers)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("fix.toml");
+    std::fs::write(&spec, demo::MINI_CHALLENGE_SPEC).unwrap();
+    let output = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(&output),
+        cluster.worker_log(0)
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+
+    let dead = broker.dead_letters("demo", 100).await.unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(reasons, vec!["unknown_run", "bad_signature"], "{dead:?}");
+    assert!(dead[0].detail.contains("ghost001"), "{}", dead[0].detail);
+    assert!(
+        cluster.workers[0].try_wait().unwrap().is_none(),
+        "the worker is still running"
+    );
+    broker.close().await;
+}
+
+/// A partition whose SQL fails permanently is dead-lettered with the database's message;
+/// `status --broker` lists it; after the cause is fixed, `resubmit --dead-lettered`
+/// republishes it with a new token and the run publishes. Resubmitting a done partition is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_partition_is_resubmitted_after_the_fix() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    cluster.start_worker(&[]);
+    // The source reads a lookup table that is broken for one day: a permanent error there.
+    exec(
+        &warehouse,
+        "CREATE TABLE divisor (order_date date PRIMARY KEY, d integer NOT NULL)",
+    )
+    .await;
+    exec(&warehouse, "INSERT INTO divisor SELECT DATE '2024-03-01' + g, CASE WHEN g = 4 THEN 0 ELSE 1 END FROM generate_series(0, 9) g").await;
+    let spec_text = mini_challenge_spec(&[(
+        "SELECT order_id, item_id, order_date, sku, quantity, unit_price, updated_at\nFROM staging_order_items\n",
+        "SELECT order_id, item_id, order_date, sku, quantity / (SELECT d FROM divisor v WHERE v.order_date = s.order_date) AS quantity, unit_price, updated_at\nFROM staging_order_items s\n",
+    )]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("broken.toml");
+    std::fs::write(&spec, spec_text).unwrap();
+    let output = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    let shown = text(&output);
+    assert_eq!(output.status.code(), Some(4), "partitions failed: {shown}");
+    assert!(
+        shown.contains("2024-03-05") && shown.contains("division by zero"),
+        "{shown}"
+    );
+    let store = control_store(&warehouse);
+    let run_id = store.all_runs().await.unwrap().remove(0).run_id;
+
+    let output = cluster
+        .backfill(&["status", &run_id, "--warehouse", "demo"])
+        .output()
+        .unwrap();
+    let shown = text(&output);
+    assert!(
+        shown.contains("dead letters (1;")
+            && shown.contains("2024-03-05")
+            && shown.contains("permanent_error"),
+        "{shown}"
+    );
+
+    let refused = cluster
+        .backfill(&[
+            "resubmit",
+            &run_id,
+            "--partition",
+            "2024-03-03",
+            "--warehouse",
+            "demo",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("is done; resubmitting it would apply it again"),
+        "{}",
+        text(&refused)
+    );
+
+    exec(&warehouse, "UPDATE divisor SET d = 1").await;
+    let output = cluster
+        .backfill(&[
+            "resubmit",
+            &run_id,
+            "--dead-lettered",
+            "--no-progress",
+            "--warehouse",
+            "demo",
+        ])
+        .output()
+        .unwrap();
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    assert!(
+        shown.contains("removed 1 dead letter(s)")
+            && shown.contains(&format!("published run {run_id}")),
+        "{shown}"
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+    let partitions = store.partitions(&run_id).await.unwrap();
+    assert!(
+        partitions.iter().all(|p| p.times_applied == 1),
+        "each partition applied exactly once: {partitions:?}"
+    );
+    let broker = cluster.broker().await;
+    assert!(
+        broker.dead_letters("demo", 100).await.unwrap().is_empty(),
+        "the dead letter was consumed by the resubmit"
+    );
+    broker.close().await;
+}

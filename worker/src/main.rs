@@ -1,0 +1,194 @@
+//! `backfill-worker`: a stateless worker. Consumes partition tasks of the given warehouses
+//! from RabbitMQ, takes a Redis semaphore lease per attempt, runs the partition in the
+//! warehouse, reports the result. Scale it horizontally; kill it at any time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use backfill_common::broker::Broker;
+use backfill_common::envelope::keyring_from_env;
+use backfill_common::queue::DEFAULT_DELIVERY_LIMIT;
+use backfill_common::redis_semaphore::RedisSemaphore;
+use backfill_common::spec::parse_duration;
+use backfill_common::warehouse::redact_secrets;
+use backfill_worker::consume;
+use backfill_worker::distributed::{ResultPublisher, StoreContexts};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "backfill-worker",
+    version,
+    about = "Stateless backfill worker: runs partition tasks from RabbitMQ under a Redis concurrency limit",
+    after_help = "Every setting can come from the environment. Warehouse URLs come from\n\
+    BACKFILL_WAREHOUSE_<NAME>_URL or the config file; the message signing key from\n\
+    BACKFILL_HMAC_KEY or BACKFILL_HMAC_KEY_FILE (the same as the coordinator's).\n\
+    SIGTERM or SIGINT: stop taking tasks, finish the ones in hand, exit 0."
+)]
+struct Args {
+    /// RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f
+    #[arg(long, env = "BACKFILL_BROKER_URL", hide_env_values = true)]
+    broker: String,
+    /// Redis URL for the per-warehouse semaphore, e.g. redis://host:6379
+    #[arg(long, env = "BACKFILL_REDIS_URL", hide_env_values = true)]
+    redis: String,
+    /// Warehouses whose tasks this worker runs (repeat, or comma-separated)
+    #[arg(
+        long = "warehouse",
+        env = "BACKFILL_WORKER_WAREHOUSES",
+        value_delimiter = ',',
+        required = true
+    )]
+    warehouses: Vec<String>,
+    /// Partitions this worker runs at once, per warehouse
+    #[arg(long, env = "BACKFILL_WORKER_SLOTS", default_value_t = 1)]
+    slots: u16,
+    /// Prefix of queue names and Redis keys (one per deployment)
+    #[arg(long, env = "BACKFILL_QUEUE_PREFIX", default_value = "backfill")]
+    queue_prefix: String,
+    /// Deliveries of a task before it is dead-lettered
+    #[arg(long, env = "BACKFILL_DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT)]
+    delivery_limit: u32,
+    /// How long a semaphore lease outlives a silent (dead) worker
+    #[arg(long, env = "BACKFILL_LEASE_TTL", default_value = "30s")]
+    lease_ttl: String,
+    /// Name in logs, results and pg_stat_activity (default: backfill-worker-<pid>)
+    #[arg(long, env = "BACKFILL_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Config file with [warehouses.<name>] url = "…"
+    #[arg(long, env = "BACKFILL_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKFILL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("error: {}", redact_secrets(&format!("{e:#}")));
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let worker_id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("backfill-worker-{}", std::process::id()));
+    let keyring = keyring_from_env().map_err(|e| anyhow!(e))?;
+    let lease_ttl = parse_duration(&args.lease_ttl).ok_or_else(|| {
+        anyhow!(
+            "--lease-ttl: `{}` is not a duration like 30s",
+            args.lease_ttl
+        )
+    })?;
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_shutdown_signal().await;
+        tracing::info!("shutdown requested: finishing the tasks in hand");
+        let _ = stop_sender.send(true);
+    });
+
+    let broker = Arc::new(
+        Broker::connect(
+            &args.broker,
+            &args.queue_prefix,
+            keyring,
+            args.delivery_limit,
+        )
+        .await
+        .context("connecting to RabbitMQ")?,
+    );
+    let semaphore = Arc::new(
+        RedisSemaphore::connect(&args.redis, &args.queue_prefix, lease_ttl, &worker_id)
+            .await
+            .context("connecting to Redis")?,
+    );
+    let contexts = Arc::new(StoreContexts::new(
+        args.config.clone(),
+        &worker_id,
+        u32::from(args.slots) + 2,
+    ));
+    let reports = Arc::new(ResultPublisher {
+        broker: broker.clone(),
+        worker: worker_id.clone(),
+    });
+
+    let mut consumers = Vec::new();
+    let mut queues = Vec::new();
+    for warehouse in &args.warehouses {
+        broker
+            .declare_warehouse(warehouse)
+            .await
+            .with_context(|| format!("declaring the queues of warehouse `{warehouse}`"))?;
+        for slot in 0..args.slots {
+            // One channel per slot with prefetch 1: a worker never holds more tasks than it runs.
+            let queue = Arc::new(
+                broker
+                    .task_queue(warehouse, 1, &format!("{worker_id}-{warehouse}-{slot}"))
+                    .await?,
+            );
+            queues.push(queue.clone());
+            consumers.push(tokio::spawn(consume(
+                queue,
+                semaphore.clone(),
+                contexts.clone(),
+                reports.clone(),
+                args.delivery_limit,
+                stop.clone(),
+            )));
+        }
+    }
+    tracing::info!(worker = %worker_id, warehouses = ?args.warehouses, slots = args.slots, "worker ready");
+    let mut failure = None;
+    for consumer in consumers {
+        match consumer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(anyhow!(e)),
+            Err(e) => failure = Some(anyhow!("a consumer crashed: {e}")),
+        }
+    }
+    for queue in queues {
+        queue.close().await;
+    }
+    // let lease releases spawned on drop reach Redis
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    broker.close().await;
+    match failure {
+        Some(error) => Err(error),
+        None => {
+            tracing::info!("worker stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
