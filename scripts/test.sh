@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: make sure PostgreSQL is up, check formatting and lints,
+# The whole test suite, as CI runs it: make sure PostgreSQL, Redis and RabbitMQ are up, check formatting and lints,
 # build every target (the integration tests drive the real `backfill` binary), run all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-if ! port_open 5432; then
-  echo "PostgreSQL is not answering on 127.0.0.1:5432; starting it" >&2
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
-  for _ in $(seq 1 30); do port_open 5432 && break; sleep 1; done
-  port_open 5432 || { echo "PostgreSQL did not start" >&2; exit 1; }
-fi
+# start_service PORT NAME COMMAND...: start a local service whose port is closed, then wait.
+start_service() {
+  local port=$1 name=$2; shift 2
+  port_open "$port" && return 0
+  echo "$name is not answering on 127.0.0.1:$port; starting it" >&2
+  "$@" || true
+  for _ in $(seq 1 60); do port_open "$port" && return 0; sleep 1; done
+  echo "$name did not start on port $port" >&2
+  exit 1
+}
+
+start_service 5432 PostgreSQL pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+start_service 6379 Redis redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+  --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+start_service 5672 RabbitMQ rabbitmq-server -detached
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
