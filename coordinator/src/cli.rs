@@ -448,6 +448,10 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             let (spec, text) = read_spec(&spec)?;
             let url = resolve_url(&connection, Some(&spec.warehouse.name))?;
             let executor = distributed.executor()?;
+            // Before any connection: a spec that cannot run distributed is refused up front.
+            if let Executor::Distributed(options) = &executor {
+                options.check_timeouts(&spec)?;
+            }
             let backfill = Backfill::open(spec, text, &url).await?;
             let bar =
                 Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));

@@ -341,3 +341,195 @@ async fn dead_lettered_partition_is_resubmitted_after_the_fix() {
     );
     broker.close().await;
 }
+
+/// The whole 10-day window, each partition sleeping inside its transaction, so processes can
+/// be killed mid-run.
+fn slow_spec(seconds: f64, concurrency: u32) -> String {
+    mini_challenge_spec(&[
+        (
+            "FROM staging_order_items\n",
+            &format!("FROM staging_order_items CROSS JOIN (SELECT pg_sleep({seconds})) AS slow\n"),
+        ),
+        (
+            "first = \"2024-03-03\"\nlast = \"2024-03-06\"",
+            "first = \"2024-03-01\"\nlast = \"2024-03-10\"",
+        ),
+        (
+            "[[audit]]\n# the fix halves",
+            "[[audit]]\nseverity = \"warn\"\n# the fix halves",
+        ),
+        ("concurrency = 2", &format!("concurrency = {concurrency}")),
+    ])
+}
+
+async fn assert_applied_once_and_correct(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    run_id: &str,
+) {
+    let store = control_store(warehouse);
+    let partitions = store.partitions(run_id).await.unwrap();
+    assert_eq!(partitions.len(), 10);
+    for p in &partitions {
+        assert_eq!(
+            (p.state, p.times_applied),
+            (PartitionState::Done, 1),
+            "partition {} applied once",
+            p.partition_key
+        );
+    }
+    assert_eq!(
+        checksum(warehouse, "fact_order_items", None).await,
+        checksum(warehouse, "expected_order_items", None).await
+    );
+    assert_eq!(
+        duplicate_keys(warehouse, "fact_order_items", "order_id, item_id").await,
+        0
+    );
+    let archives = store.archives().await.unwrap();
+    assert_eq!(archives.len(), 1, "published exactly once: {archives:?}");
+}
+
+/// SIGKILL a worker in the middle of a partition: its task is redelivered to the other worker,
+/// which gets the slot once the dead worker's lease expires (limit 1); every partition is
+/// applied once and the data is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_mid_partition() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slow.toml");
+    std::fs::write(&spec, slow_spec(0.6, 1)).unwrap();
+    let mut coordinator = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until worker 0 is inside a partition, then kill it.
+    let busy = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%pg_sleep%'",
+        cluster.prefix
+    );
+    let started = Instant::now();
+    while count(&warehouse, &busy).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "worker 0 never started a partition\n{}",
+            cluster.worker_log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill(0);
+    let killed_at = Instant::now();
+    cluster.start_worker(&[]);
+    let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(&output),
+        cluster.worker_log(1)
+    );
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(3),
+        "the survivor had to wait for the dead worker's 3 s lease"
+    );
+    let run_id = control_store(&warehouse)
+        .all_runs()
+        .await
+        .unwrap()
+        .remove(0)
+        .run_id;
+    assert_applied_once_and_correct(&warehouse, &run_id).await;
+}
+
+/// SIGKILL the coordinator mid-run and resume it: the run completes and publishes once;
+/// tasks of the first coordinator still queued are stale and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_coordinator_completes_the_run_once() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    cluster.start_worker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slow.toml");
+    std::fs::write(&spec, slow_spec(0.3, 2)).unwrap();
+    let mut first = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = control_store(&warehouse);
+    let started = Instant::now();
+    let run_id = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no partition finished"
+        );
+        if let Some(run) = store.all_runs().await.unwrap_or_default().first() {
+            let done = store
+                .partitions(&run.run_id)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|p| p.state == PartitionState::Done)
+                .count();
+            if done >= 2 {
+                break run.run_id.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let output = cluster
+        .backfill(&["resume", &run_id, "--no-progress", "--warehouse", "demo"])
+        .output()
+        .unwrap();
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("published run {run_id}")),
+        "{shown}"
+    );
+    assert_applied_once_and_correct(&warehouse, &run_id).await;
+    // Leftover tasks of the first coordinator drain as no-ops.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_applied_once_and_correct(&warehouse, &run_id).await;
+}
+
+/// A spec whose tasks could be held longer than the broker's consumer timeout is refused
+/// before anything is written (not even a connection: the warehouse here does not exist),
+/// with the numbers.
+#[test]
+fn consumer_timeout_is_checked_at_start() {
+    let cluster = Cluster::new(
+        "demo",
+        "postgres://postgres@127.0.0.1:5432/no_such_database",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("long.toml");
+    std::fs::write(
+        &spec,
+        mini_challenge_spec(&[("partition_timeout = \"5m\"", "partition_timeout = \"20m\"")]),
+    )
+    .unwrap();
+    let output = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    let shown = text(&output);
+    assert!(!output.status.success());
+    assert!(
+        shown.contains("consumer timeout") && shown.contains("execution.partition_timeout"),
+        "{shown}"
+    );
+}
