@@ -402,7 +402,7 @@ async fn killed_worker_mid_partition() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("slow.toml");
     std::fs::write(&spec, slow_spec(0.6, 1)).unwrap();
-    let mut coordinator = cluster
+    let coordinator = cluster
         .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
