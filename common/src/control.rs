@@ -25,54 +25,79 @@ fn migrations(
     let bigint = dialect.bigint();
     let double = dialect.double();
     let serial = dialect.serial_primary_key();
-    vec![(
-        1,
-        "runs, specs, partitions, audits, archives, events",
-        vec![
-            format!(
-                "CREATE TABLE {} (spec_hash text PRIMARY KEY, canonical text NOT NULL, source_text text NOT NULL, created_at text NOT NULL)",
-                t("specs")
-            ),
-            format!(
-                "CREATE TABLE {} (run_id text PRIMARY KEY, spec_hash text NOT NULL, spec_name text NOT NULL, target text NOT NULL, \
+    vec![
+        (
+            1,
+            "runs, specs, partitions, audits, archives, events",
+            vec![
+                format!(
+                    "CREATE TABLE {} (spec_hash text PRIMARY KEY, canonical text NOT NULL, source_text text NOT NULL, created_at text NOT NULL)",
+                    t("specs")
+                ),
+                format!(
+                    "CREATE TABLE {} (run_id text PRIMARY KEY, spec_hash text NOT NULL, spec_name text NOT NULL, target text NOT NULL, \
                  state text NOT NULL, tool_version text NOT NULL, owner text NOT NULL, shadow_table text NOT NULL, \
                  archive_table text, error text, created_at text NOT NULL, updated_at text NOT NULL, published_at text)",
-                t("runs")
-            ),
-            format!(
-                "CREATE INDEX {} ON {} (target, state)",
-                Ident::new("runs_target_state")
-                    .map(|i| i.quoted())
-                    .unwrap_or_default(),
-                t("runs")
-            ),
-            format!(
-                "CREATE TABLE {} (run_id text NOT NULL, partition_key text NOT NULL, range_start text NOT NULL, range_end text NOT NULL, \
+                    t("runs")
+                ),
+                format!(
+                    "CREATE INDEX {} ON {} (target, state)",
+                    Ident::new("runs_target_state")
+                        .map(|i| i.quoted())
+                        .unwrap_or_default(),
+                    t("runs")
+                ),
+                format!(
+                    "CREATE TABLE {} (run_id text NOT NULL, partition_key text NOT NULL, range_start text NOT NULL, range_end text NOT NULL, \
                  state text NOT NULL, attempt {bigint} NOT NULL DEFAULT 0, fencing_token {bigint} NOT NULL DEFAULT 1, \
                  times_applied {bigint} NOT NULL DEFAULT 0, inserted {bigint}, updated {bigint}, deleted {bigint}, unchanged {bigint}, \
                  rows_after {bigint}, checksum text, seconds {double}, error text, started_at text, finished_at text, \
                  PRIMARY KEY (run_id, partition_key))",
-                t("partitions")
-            ),
-            format!(
-                "CREATE TABLE {} (run_id text NOT NULL, audit_name text NOT NULL, partition_key text NOT NULL, severity text NOT NULL, \
+                    t("partitions")
+                ),
+                format!(
+                    "CREATE TABLE {} (run_id text NOT NULL, audit_name text NOT NULL, partition_key text NOT NULL, severity text NOT NULL, \
                  verdict text NOT NULL, observed text NOT NULL, allowed text NOT NULL, checked_at text NOT NULL, \
                  PRIMARY KEY (run_id, audit_name, partition_key))",
-                t("audits")
-            ),
-            format!(
-                "CREATE TABLE {} (archive_table text PRIMARY KEY, run_id text NOT NULL, source_table text NOT NULL, kind text NOT NULL, \
+                    t("audits")
+                ),
+                format!(
+                    "CREATE TABLE {} (archive_table text PRIMARY KEY, run_id text NOT NULL, source_table text NOT NULL, kind text NOT NULL, \
                  row_count {bigint} NOT NULL, checksum text NOT NULL, created_at text NOT NULL, expires_at text NOT NULL, \
                  restored_at text, dropped_at text)",
-                t("archives")
-            ),
-            format!(
-                "CREATE TABLE {} (id {serial}, run_id text NOT NULL, partition_key text, kind text NOT NULL, detail text, at text NOT NULL)",
-                t("events")
-            ),
-        ],
-    )]
+                    t("archives")
+                ),
+                format!(
+                    "CREATE TABLE {} (id {serial}, run_id text NOT NULL, partition_key text, kind text NOT NULL, detail text, at text NOT NULL)",
+                    t("events")
+                ),
+            ],
+        ),
+        (
+            2,
+            "one open run per target; checksum of the rows outside the window at shadow build",
+            vec![
+                format!(
+                    "CREATE UNIQUE INDEX {} ON {} (target) WHERE state IN ('planned', 'running', 'failed', 'auditing', 'audit_failed')",
+                    Ident::new("runs_one_open_per_target")
+                        .map(|i| i.quoted())
+                        .unwrap_or_default(),
+                    t("runs")
+                ),
+                format!("ALTER TABLE {} ADD COLUMN outside_checksum text", t("runs")),
+            ],
+        ),
+    ]
 }
+
+/// States in which a run still owns its target (see `RunState::is_open`).
+pub const OPEN_STATES: [RunState; 5] = [
+    RunState::Planned,
+    RunState::Running,
+    RunState::Failed,
+    RunState::Auditing,
+    RunState::AuditFailed,
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -124,14 +149,7 @@ impl RunState {
 
     /// States in which the run still owns its target: a run of another spec must not start.
     pub fn is_open(self) -> bool {
-        matches!(
-            self,
-            RunState::Planned
-                | RunState::Running
-                | RunState::Failed
-                | RunState::Auditing
-                | RunState::AuditFailed
-        )
+        OPEN_STATES.contains(&self)
     }
 }
 
@@ -486,32 +504,59 @@ impl ControlStore {
         .await
     }
 
+    /// Moves a run to `to`, but only from one of the states in `from`: a compare-and-set, so
+    /// a second process driving the same run (a stale coordinator waking from a backoff, an
+    /// `abandon` racing a `run`) cannot overwrite a newer state. Refused transitions say
+    /// what the state is now.
     pub async fn set_run_state(
         &self,
         conn: &mut AnyConnection,
         run_id: &str,
-        state: RunState,
+        from: &[RunState],
+        to: RunState,
         error: Option<&str>,
     ) -> Result<(), BackfillError> {
-        execute(
+        let allowed = from
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let updated = execute(
             conn,
             &format!(
-                "UPDATE {} SET state = $2, error = $3, updated_at = $4 WHERE run_id = $1",
+                "UPDATE {} SET state = $2, error = $3, updated_at = $4 WHERE run_id = $1 AND state IN ({allowed})",
                 self.table("runs")
             ),
             &[
                 run_id.into(),
-                state.as_str().into(),
+                to.as_str().into(),
                 error.map(str::to_string).into(),
                 now_text().into(),
             ],
         )
         .await?;
+        if updated != 1 {
+            let row = fetch_optional(
+                conn,
+                &format!("SELECT state FROM {} WHERE run_id = $1", self.table("runs")),
+                &[run_id.into()],
+            )
+            .await?;
+            let now: Option<String> = row.as_ref().map(|r| get(r, 0)).transpose()?;
+            return Err(BackfillError::Conflict(format!(
+                "run {run_id} is {} now, not {}: another backfill process is driving it, so this one stops here",
+                now.as_deref().unwrap_or("gone"),
+                from.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )));
+        }
         self.record_event(
             conn,
             run_id,
             None,
-            &format!("run_{}", state.as_str()),
+            &format!("run_{}", to.as_str()),
             error.unwrap_or(""),
         )
         .await
@@ -520,11 +565,12 @@ impl ControlStore {
     pub async fn set_run_state_now(
         &self,
         run_id: &str,
-        state: RunState,
+        from: &[RunState],
+        to: RunState,
         error: Option<&str>,
     ) -> Result<(), BackfillError> {
         let mut tx = self.warehouse.pool.begin().await?;
-        self.set_run_state(&mut tx, run_id, state, error).await?;
+        self.set_run_state(&mut tx, run_id, from, to, error).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -878,6 +924,43 @@ impl ControlStore {
         )
         .await?;
         Ok(())
+    }
+
+    pub async fn set_outside_checksum(
+        &self,
+        conn: &mut AnyConnection,
+        run_id: &str,
+        checksum: &str,
+    ) -> Result<(), BackfillError> {
+        execute(
+            conn,
+            &format!(
+                "UPDATE {} SET outside_checksum = $2 WHERE run_id = $1",
+                self.table("runs")
+            ),
+            &[run_id.into(), checksum.into()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Checksum of the target's rows outside the window when the run's shadow was built.
+    pub async fn outside_checksum(&self, run_id: &str) -> Result<Option<String>, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let row = fetch_optional(
+            &mut conn,
+            &format!(
+                "SELECT outside_checksum FROM {} WHERE run_id = $1",
+                self.table("runs")
+            ),
+            &[run_id.into()],
+        )
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(|r| get::<Option<String>>(r, 0))
+            .transpose()?
+            .flatten())
     }
 
     pub async fn spec_source(&self, spec_hash: &str) -> Result<Option<String>, BackfillError> {

@@ -8,7 +8,7 @@
 
 use backfill_common::BackfillError;
 use backfill_common::control::{
-    ArchiveMark, ArchiveRecord, ControlStore, RunRecord, RunState, now_text,
+    ArchiveMark, ArchiveRecord, ControlStore, OPEN_STATES, RunRecord, RunState, now_text,
 };
 use backfill_common::dialect::Dialect;
 use backfill_common::ident::TableName;
@@ -29,6 +29,14 @@ pub fn undone_name(target: &TableName, run_id: &str) -> Result<TableName, Backfi
     target
         .with_suffix(&format!("__bf_undone_{run_id}"))
         .map_err(|e| BackfillError::Invalid(e.to_string()))
+}
+
+/// The checksum of the target's rows outside the window recorded when the shadow was built,
+/// with the condition that selects them: publish refuses if they changed since.
+pub struct OutsideGuard {
+    pub filter: String,
+    pub binds: Vec<backfill_common::warehouse::Bind>,
+    pub expected: String,
 }
 
 /// What must follow the target across a rename in PostgreSQL.
@@ -237,6 +245,7 @@ pub async fn swap_table(
     target: &TableName,
     shadow: &TableName,
     retention_days: u32,
+    outside: Option<OutsideGuard>,
 ) -> Result<ArchiveRecord, BackfillError> {
     let warehouse = &store.warehouse;
     let archive = archive_name(target, &run.run_id)?;
@@ -255,11 +264,26 @@ pub async fn swap_table(
             )
             .await?;
         }
+        if dialect == Dialect::Postgres {
+            // Block writers but not readers while checksumming; the exclusive lock for the
+            // renames comes after, in read_dependents.
+            execute(&mut tx, &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()), &[]).await?;
+        }
+        if let Some(guard) = &outside {
+            let now = warehouse.checksum(&mut tx, target, Some(&guard.filter), &guard.binds).await?;
+            if now.to_string() != guard.expected {
+                return Err(BackfillError::Conflict(format!(
+                    "{target} changed outside the window since the shadow was built ({} then, {now} now): publishing would discard those writes. \
+                     Nothing was published; pause the writers (or backfill their partitions too), abandon this run and run again",
+                    guard.expected
+                )));
+            }
+        }
+        let old = warehouse.checksum(&mut tx, target, None, &[]).await?;
         let dependents = match dialect {
             Dialect::Postgres => Some(read_dependents(&mut tx, target).await?),
             Dialect::Sqlite => None,
         };
-        let old = warehouse.checksum(&mut tx, target, None, &[]).await?;
         rename(&mut tx, target, &archive).await?;
         rename(&mut tx, shadow, target).await?;
         if let Some(dependents) = &dependents {
@@ -294,7 +318,7 @@ pub async fn swap_table(
         )
         .await?;
         store
-            .set_run_state(&mut tx, &run.run_id, RunState::Published, None)
+            .set_run_state(&mut tx, &run.run_id, &[RunState::Auditing, RunState::AuditFailed], RunState::Published, None)
             .await?;
         tx.commit().await?;
         Ok::<_, BackfillError>(record)
@@ -330,9 +354,18 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
     }
     let target =
         TableName::parse(&run.target).map_err(|e| BackfillError::Invalid(e.to_string()))?;
-    let later = store
-        .runs_for_target(&run.target)
-        .await?
+    let runs = store.runs_for_target(&run.target).await?;
+    if let Some(open) = runs.iter().find(|r| r.state.is_open()) {
+        return Err(BackfillError::Conflict(format!(
+            "run {} on {} is {} and its shadow was built from the current table; rolling back now would be undone when it publishes. \
+             Abandon it first (`backfill abandon {}`), then roll back",
+            open.run_id,
+            run.target,
+            open.state.as_str(),
+            open.run_id
+        )));
+    }
+    let later = runs
         .into_iter()
         .find(|r| r.state == RunState::Published && r.published_at > run.published_at);
     if let Some(later) = later {
@@ -411,7 +444,7 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
                 },
             )
             .await?;
-        store.set_run_state(&mut tx, &run.run_id, RunState::RolledBack, None).await?;
+        store.set_run_state(&mut tx, &run.run_id, &[RunState::Published], RunState::RolledBack, None).await?;
         tx.commit().await?;
         Ok(RollbackReport {
             run_id: run.run_id.clone(),
@@ -495,7 +528,13 @@ pub async fn drop_shadow(store: &ControlStore, run: &RunRecord) -> Result<(), Ba
     )
     .await?;
     store
-        .set_run_state(&mut tx, &run.run_id, RunState::Abandoned, None)
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &OPEN_STATES,
+            RunState::Abandoned,
+            None,
+        )
         .await?;
     tx.commit().await?;
     Ok(())

@@ -239,7 +239,7 @@ impl Backfill {
         if matches!(run.state, RunState::Running | RunState::Failed) {
             if run.state == RunState::Failed {
                 self.store
-                    .set_run_state_now(&run.run_id, RunState::Running, None)
+                    .set_run_state_now(&run.run_id, &[RunState::Failed], RunState::Running, None)
                     .await?;
             }
             let tasks = self.store.reissue_unfinished(&run).await?;
@@ -298,7 +298,12 @@ impl Backfill {
                     failures.len()
                 );
                 self.store
-                    .set_run_state_now(&run.run_id, RunState::Failed, Some(&message))
+                    .set_run_state_now(
+                        &run.run_id,
+                        &[RunState::Running],
+                        RunState::Failed,
+                        Some(&message),
+                    )
                     .await?;
                 return Ok(RunOutcome::PartitionsFailed {
                     run_id: run.run_id,
@@ -306,7 +311,7 @@ impl Backfill {
                 });
             }
             self.store
-                .set_run_state_now(&run.run_id, RunState::Auditing, None)
+                .set_run_state_now(&run.run_id, &[RunState::Running], RunState::Auditing, None)
                 .await?;
         }
 
@@ -340,7 +345,13 @@ impl Backfill {
                 run.shadow_table
             );
             self.store
-                .set_run_state(&mut tx, &run.run_id, RunState::AuditFailed, Some(&message))
+                .set_run_state(
+                    &mut tx,
+                    &run.run_id,
+                    &[RunState::Auditing, RunState::AuditFailed],
+                    RunState::AuditFailed,
+                    Some(&message),
+                )
                 .await?;
             tx.commit().await?;
             return Ok(RunOutcome::AuditFailed {
@@ -354,12 +365,25 @@ impl Backfill {
             "publishing: swapping {} into {}",
             run.shadow_table, self.target
         ));
+        let outside = match self.store.outside_checksum(&run.run_id).await? {
+            Some(expected) => {
+                let (filter, binds) =
+                    shadow::outside_window(self.store.dialect(), &self.spec, &plan.partitions);
+                Some(publish::OutsideGuard {
+                    filter,
+                    binds,
+                    expected,
+                })
+            }
+            None => None,
+        };
         let archive = publish::swap_table(
             &self.store,
             &run,
             &self.target,
             &shadow,
             self.spec.publish.archive_retention_days,
+            outside,
         )
         .await?;
         Ok(RunOutcome::Published {
@@ -450,8 +474,18 @@ impl Backfill {
                 &plan.partitions,
                 self.spec.partition.grain,
             )
-            .await?;
-        shadow::build_shadow(
+            .await
+            .map_err(|e| match &e {
+                // The partial unique index on open runs: another process started one first.
+                BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "2067" => {
+                    BackfillError::Conflict(format!(
+                        "another backfill of {} started at the same moment; only one run per target may be open. See `backfill status`",
+                        self.target
+                    ))
+                }
+                _ => e,
+            })?;
+        let outside = shadow::build_shadow(
             &self.store.warehouse,
             &mut tx,
             &self.spec,
@@ -460,6 +494,9 @@ impl Backfill {
             &plan.partitions,
         )
         .await?;
+        self.store
+            .set_outside_checksum(&mut tx, &run.run_id, &outside.to_string())
+            .await?;
         tx.commit().await?;
         Ok(Ok(run))
     }

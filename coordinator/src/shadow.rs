@@ -7,7 +7,7 @@ use backfill_common::dialect::Dialect;
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
 use backfill_common::spec::Spec;
-use backfill_common::warehouse::{Warehouse, execute, fetch_all, fetch_one, get};
+use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_all, fetch_one, get};
 use sqlx::AnyConnection;
 
 use crate::window::window_condition;
@@ -19,7 +19,7 @@ pub async fn build_shadow(
     target: &TableName,
     shadow: &TableName,
     partitions: &[Partition],
-) -> Result<(), BackfillError> {
+) -> Result<Checksum, BackfillError> {
     let target_columns = warehouse.table_columns(conn, target).await?;
     match warehouse.dialect {
         Dialect::Postgres => {
@@ -111,7 +111,29 @@ pub async fn build_shadow(
         }
     })?;
     execute(conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
-    Ok(())
+    // What the copy was taken from: publish compares this with the target again, so that
+    // writes to the target after this point are never silently discarded by the swap.
+    let (outside, binds) = outside_window(warehouse.dialect, spec, partitions);
+    warehouse
+        .checksum(conn, target, Some(&outside), &binds)
+        .await
+}
+
+/// The rows outside the window (alias `t`), as a condition with its binds.
+pub fn outside_window(
+    dialect: backfill_common::dialect::Dialect,
+    spec: &Spec,
+    partitions: &[Partition],
+) -> (String, Vec<backfill_common::warehouse::Bind>) {
+    let (window, binds) = window_condition(
+        dialect,
+        spec.partition.grain,
+        &spec.partition.column,
+        "t",
+        partitions,
+        1,
+    );
+    (format!("NOT coalesce({window}, false)"), binds)
 }
 
 /// Quotes a column name read from the catalog (not validated as an `Ident`: the target may
