@@ -18,6 +18,9 @@ pub const MIN_RETENTION_DAYS: u32 = 14;
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 /// Plans larger than this need `partition.max_partitions` raised explicitly.
 pub const DEFAULT_MAX_PARTITIONS: usize = 20_000;
+/// Default per-partition timeout. With the default 3 retries and 60 s maximum backoff a task
+/// is held at most 23 minutes, inside RabbitMQ's default 30-minute consumer timeout.
+pub const DEFAULT_PARTITION_TIMEOUT: &str = "5m";
 /// Longest target name whose `__bf_undone_<run>` sibling still fits PostgreSQL's 63.
 pub const MAX_TARGET_NAME_LEN: usize = 42;
 
@@ -470,7 +473,10 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
     let execution = Execution {
         partition_timeout: duration(
             "execution.partition_timeout",
-            raw.execution.partition_timeout.as_deref().unwrap_or("30m"),
+            raw.execution
+                .partition_timeout
+                .as_deref()
+                .unwrap_or(DEFAULT_PARTITION_TIMEOUT),
         )?,
         retries: raw.execution.retries.unwrap_or(3),
         backoff_initial: duration(
