@@ -45,6 +45,17 @@ impl Dialect {
         }
     }
 
+    /// The partition column as compared with partition bounds. SQLite keeps timestamps as
+    /// text in either `2024-03-01 05:00:00` or `2024-03-01T05:00:00` form, which do not sort
+    /// together (`T` > ` `); `datetime()` brings both to the form the bounds use. Day bounds
+    /// (`2024-03-01`) compare correctly with either form as they are.
+    pub fn partition_column(self, column: &str, grain: Grain) -> String {
+        match (self, grain) {
+            (Dialect::Sqlite, Grain::Hour) => format!("datetime({column})"),
+            _ => column.to_string(),
+        }
+    }
+
     /// `a` and `b` differ, treating NULL as a value.
     pub fn distinct(self, a: &str, b: &str) -> String {
         match self {

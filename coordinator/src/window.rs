@@ -22,10 +22,8 @@ pub fn window_condition(
         binds.push(Bind::Text(plan::bound_value(grain, start)));
         let hi = dialect.partition_bound(grain, first_placeholder + binds.len());
         binds.push(Bind::Text(plan::bound_value(grain, end)));
-        parts.push(format!(
-            "({alias}.{col} >= {lo} AND {alias}.{col} < {hi})",
-            col = column.quoted()
-        ));
+        let col = dialect.partition_column(&format!("{alias}.{}", column.quoted()), grain);
+        parts.push(format!("({col} >= {lo} AND {col} < {hi})"));
     }
     if parts.is_empty() {
         return ("1 = 0".to_string(), binds);

@@ -225,3 +225,103 @@ async fn hourly_partitions_on_sqlite() {
 async fn hourly_partitions_on_postgres() {
     hourly_partitions(TestDatabase::postgres().await).await;
 }
+
+/// SQLite keeps timestamps as text, often ISO-8601 with a `T`, which does not sort with the
+/// space-separated bounds. Hour partitions must still select exactly their hour: the rows of
+/// other hours and days stay untouched, and a source that compares raw text is caught by the
+/// partition check instead of publishing wrong data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_hour_partitions_with_iso_t_timestamps() {
+    let db = TestDatabase::sqlite();
+    let warehouse = db.warehouse().await;
+    for table in ["hourly_readings", "staging_readings"] {
+        exec(&warehouse, &format!("CREATE TABLE {table} (reading_hour TEXT NOT NULL, sensor_id integer NOT NULL, reading REAL NOT NULL, PRIMARY KEY (reading_hour, sensor_id))")).await;
+    }
+    // every 15 minutes for two days, 'T'-separated
+    let mut rows = Vec::new();
+    for day in 1..=2 {
+        for quarter in 0..96 {
+            rows.push(format!(
+                "('2024-05-0{day}T{:02}:{:02}:00', 1, {})",
+                quarter / 4,
+                (quarter % 4) * 15,
+                quarter + 1
+            ));
+        }
+    }
+    exec(
+        &warehouse,
+        &format!("INSERT INTO hourly_readings VALUES {}", rows.join(", ")),
+    )
+    .await;
+    exec(&warehouse, "INSERT INTO staging_readings SELECT reading_hour, sensor_id, reading * 10 FROM hourly_readings").await;
+    let spec = |source_filter: &str| {
+        hourly_spec()
+            .replace(
+                "first = \"2024-05-01T00\"\nlast = \"2024-05-01T23\"",
+                "first = \"2024-05-01T05\"\nlast = \"2024-05-01T06\"",
+            )
+            .replace(
+                "WHERE reading_hour >= :partition_start AND reading_hour < :partition_end",
+                source_filter,
+            )
+            .replace(
+                "min_ratio = 0.99\nmax_ratio = 1.12",
+                "min_ratio = 9.9\nmax_ratio = 10.1",
+            )
+    };
+
+    // A source comparing raw text selects no rows for these hours: the audits refuse it and
+    // nothing is published.
+    let naive = spec("WHERE reading_hour >= :partition_start AND reading_hour < :partition_end");
+    let outcome = Backfill::open(Spec::parse(&naive).unwrap(), naive, &db.url)
+        .await
+        .unwrap()
+        .run("test", &Quiet)
+        .await
+        .unwrap();
+    let RunOutcome::AuditFailed { run_id, failures } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.audit_name == "rowcount_delta" && f.observed == "4 -> 0 rows (-4, 100.00%)"),
+        "{failures:?}"
+    );
+    let store = control_store(&warehouse);
+    let run = store.find_run(&run_id).await.unwrap().unwrap();
+    backfill_coordinator::publish::drop_shadow(&store, &run)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM hourly_readings").await,
+        192
+    );
+
+    // Normalised on both sides: exactly the 8 readings of hours 05 and 06 change.
+    let right = spec(
+        "WHERE datetime(reading_hour) >= :partition_start AND datetime(reading_hour) < :partition_end",
+    );
+    let outcome = Backfill::open(Spec::parse(&right).unwrap(), right, &db.url)
+        .await
+        .unwrap()
+        .run("test", &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM hourly_readings").await,
+        192,
+        "no row lost"
+    );
+    let changed = count(&warehouse, "SELECT count(*) FROM hourly_readings h JOIN staging_readings s USING (reading_hour, sensor_id) WHERE h.reading = s.reading").await;
+    assert_eq!(
+        changed, 8,
+        "only hours 05 and 06 of May 1st were recomputed"
+    );
+    assert_eq!(count(&warehouse, "SELECT count(*) FROM hourly_readings WHERE reading_hour >= '2024-05-01T05' AND reading_hour < '2024-05-01T07' AND reading >= 200").await, 8);
+}

@@ -96,8 +96,10 @@ impl PartitionContext {
         let part = spec.partition.column.quoted();
         let lo = dialect.partition_bound(grain, 1);
         let hi = dialect.partition_bound(grain, 2);
-        let in_partition =
-            |alias: &str| format!("{alias}.{part} >= {lo} AND {alias}.{part} < {hi}");
+        let in_partition = |alias: &str| {
+            let col = dialect.partition_column(&format!("{alias}.{part}"), grain);
+            format!("{col} >= {lo} AND {col} < {hi}")
+        };
         let any_key_null = |alias: &str| {
             spec.target
                 .key
