@@ -600,6 +600,16 @@ impl ControlStore {
     ) -> Result<Vec<PartitionTask>, BackfillError> {
         let mut tx = self.warehouse.pool.begin().await?;
         let partitions = self.table("partitions");
+        if self.dialect() == Dialect::Postgres {
+            // A partition row stays locked while a statement of a killed process still runs:
+            // give up quickly (transient) rather than hang silently; the caller retries.
+            execute(
+                &mut tx,
+                "SELECT set_config('lock_timeout', '5s', true)",
+                &[],
+            )
+            .await?;
+        }
         execute(
             &mut tx,
             &format!("UPDATE {partitions} SET fencing_token = fencing_token + 1, state = 'pending', error = NULL WHERE run_id = $1 AND state <> 'done'"),

@@ -363,21 +363,60 @@ pub fn redact_secrets(text: &str) -> String {
     while let Some(pos) = rest.find("://") {
         let (head, tail) = rest.split_at(pos + 3);
         out.push_str(head);
-        let authority_end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || c == '?')
+        // The URL runs to the next whitespace or quote; a password may contain `/` or `@`.
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '<' | '>' | '`'))
             .unwrap_or(tail.len());
-        let authority = &tail[..authority_end];
-        match (authority.rfind('@'), authority.find(':')) {
-            (Some(at), Some(colon)) if colon < at => {
-                out.push_str(&authority[..colon]);
-                out.push_str(":***");
-                out.push_str(&authority[at..]);
-            }
-            _ => out.push_str(authority),
-        }
-        rest = &tail[authority_end..];
+        out.push_str(&redact_url_token(&tail[..end]));
+        rest = &tail[end..];
     }
     out.push_str(rest);
+    out
+}
+
+/// Redacts one URL without its scheme: the password of `user:password@host`, and query
+/// parameters that carry secrets (`password=`, `sslpassword=`, …).
+fn redact_url_token(token: &str) -> String {
+    let (authority_and_path, query) = match token.find('?') {
+        // A `?` inside the userinfo would be unusual; only treat it as the query start when
+        // it comes after the last `@`.
+        Some(q) if token.rfind('@').is_none_or(|at| at < q) => (&token[..q], Some(&token[q + 1..])),
+        _ => (token, None),
+    };
+    let mut out = match authority_and_path.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority_and_path[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}:***{}", &userinfo[..colon], &authority_and_path[at..]),
+                None => authority_and_path.to_string(),
+            }
+        }
+        None => authority_and_path.to_string(),
+    };
+    if let Some(query) = query {
+        const SECRET_PARAMETERS: &[&str] = &[
+            "password",
+            "sslpassword",
+            "pass",
+            "pwd",
+            "secret",
+            "token",
+            "sslkey",
+        ];
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _))
+                    if SECRET_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) =>
+                {
+                    format!("{name}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&parameters.join("&"));
+    }
     out
 }
 

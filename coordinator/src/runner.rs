@@ -242,7 +242,7 @@ impl Backfill {
                     .set_run_state_now(&run.run_id, &[RunState::Failed], RunState::Running, None)
                     .await?;
             }
-            let tasks = self.store.reissue_unfinished(&run).await?;
+            let tasks = self.reissue_unfinished(&run, progress).await?;
             progress.partitions(plan.partitions.len(), plan.partitions.len() - tasks.len());
             progress.phase(&format!(
                 "writing {} partition(s) into {}",
@@ -391,6 +391,37 @@ impl Backfill {
             archive: archive.archive_table,
             partitions: plan.partitions.len(),
         })
+    }
+
+    /// Reissues unfinished partitions. A statement of a killed process may still hold a
+    /// partition row (PostgreSQL runs it to its end or its statement timeout): wait for it,
+    /// saying so, up to the partition timeout.
+    async fn reissue_unfinished(
+        &self,
+        run: &RunRecord,
+        progress: &dyn Progress,
+    ) -> Result<Vec<PartitionTask>, BackfillError> {
+        let started = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            match self.store.reissue_unfinished(run).await {
+                Ok(tasks) => return Ok(tasks),
+                Err(error)
+                    if error.is_transient()
+                        && started.elapsed() < self.spec.execution.partition_timeout =>
+                {
+                    if !told {
+                        progress.phase(&format!(
+                            "waiting for a statement of an earlier process on run {} to end (it holds a partition; up to execution.partition_timeout = {:?})",
+                            run.run_id, self.spec.execution.partition_timeout
+                        ));
+                        told = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// A task as the queue carries it: where its warehouse and control store are, and where

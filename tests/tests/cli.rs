@@ -158,6 +158,16 @@ fn passwords_never_appear_in_errors() {
     assert!(!output.status.success());
     assert!(!shown.contains("hunter2secret"), "password leaked: {shown}");
     assert!(shown.contains("bob:***@127.0.0.1:5432"), "{shown}");
+    // a password as a query parameter, or with a `/` in it, is hidden too
+    for url in [
+        "postgres://bob@127.0.0.1:5432/nowhere?password=hunter2secret&sslmode=disable",
+        "postgres://bob:hunter2/secret@127.0.0.1:5432/nowhere",
+    ] {
+        let output = backfill(&["status", "--warehouse-url", url], None);
+        let shown = text(&output);
+        assert!(!output.status.success());
+        assert!(!shown.contains("hunter2"), "password leaked: {shown}");
+    }
 }
 
 #[test]

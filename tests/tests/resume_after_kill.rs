@@ -173,3 +173,61 @@ async fn sigkill_and_resume_on_sqlite() {
     )
     .await;
 }
+
+/// Killed in the middle of a partition whose statement keeps running on the server: the rerun
+/// says it is waiting for that statement instead of hanging silently, then completes with
+/// every partition applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_waits_for_a_statement_of_the_killed_process() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec_path = dir.path().join("spec.toml");
+    // One partition that outlasts the 5 s lock timeout of the rerun's first try.
+    let one_day = spec("(SELECT pg_sleep(7)) AS slow")
+        .replace("last = \"2024-03-10\"", "last = \"2024-03-01\"");
+    std::fs::write(&spec_path, one_day).unwrap();
+    let run = || {
+        let mut command = Command::new(backfill_bin());
+        command
+            .args(["run", spec_path.to_str().unwrap(), "--no-progress"])
+            .env("BACKFILL_WAREHOUSE_KILLTEST_URL", &db.url)
+            .env_remove("BACKFILL_WAREHOUSE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let mut child = run().spawn().unwrap();
+    let busy = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep(7)%' AND query NOT LIKE '%pg_stat_activity%'";
+    let started = Instant::now();
+    while count(&warehouse, busy).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no partition started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let output = run().output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("waiting for a statement of an earlier process"),
+        "{stderr}"
+    );
+    let store = control_store(&warehouse);
+    let run_id = store.all_runs().await.unwrap()[0].run_id.clone();
+    let partitions = store.partitions(&run_id).await.unwrap();
+    assert_eq!(partitions.len(), 1);
+    assert!(
+        partitions
+            .iter()
+            .all(|p| p.times_applied == 1 && p.state == PartitionState::Done)
+    );
+    assert_eq!(
+        duplicate_keys(&warehouse, "fact_order_items", "order_id, item_id").await,
+        0
+    );
+}

@@ -67,7 +67,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BACKFILL_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,sqlx=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
