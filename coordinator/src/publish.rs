@@ -41,6 +41,8 @@ pub struct OutsideGuard {
 
 /// What must follow the target across a rename in PostgreSQL.
 struct Dependents {
+    /// The old table's owner when it is not the role running the backfill.
+    owner: Option<String>,
     views: Vec<ViewDefinition>,
     grants: Vec<(String, String)>,
     comment: Option<String>,
@@ -136,7 +138,15 @@ async fn read_dependents(
     )
     .await?;
     let comment: Option<String> = get(&row, 0)?;
+    let row = fetch_one(
+        conn,
+        "SELECT CAST(pg_get_userbyid(relowner) AS text), CAST(current_user AS text) FROM pg_class WHERE oid = CAST($1 AS regclass)",
+        &[target_text.as_str().into()],
+    )
+    .await?;
+    let (owner, me): (String, String) = (get(&row, 0)?, get(&row, 1)?);
     Ok(Dependents {
+        owner: (owner != me).then_some(owner),
         views: definitions,
         grants,
         comment,
@@ -152,6 +162,19 @@ async fn restore_dependents(
     with_grants: bool,
 ) -> Result<(), BackfillError> {
     if with_grants {
+        if let Some(owner) = &dependents.owner {
+            execute(
+                conn,
+                &format!(
+                    "ALTER TABLE {} OWNER TO {}",
+                    target.quoted(),
+                    quote_catalog_name(owner)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| e.context(format!("giving {target} back to its owner {owner}")))?;
+        }
         for (grantee, privilege) in &dependents.grants {
             let grantee = if grantee == "PUBLIC" {
                 "PUBLIC".to_string()

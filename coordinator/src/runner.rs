@@ -133,6 +133,7 @@ impl Backfill {
                 self.target
             )));
         }
+        shadow::check_target_shape(warehouse, &mut conn, &self.target).await?;
         let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
         let has_control_store = warehouse
             .table_exists(&mut conn, &self.store.table_name("runs"))

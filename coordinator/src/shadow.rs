@@ -245,3 +245,100 @@ pub async fn has_unique_index_on(
     };
     Ok(found.contains(&wanted))
 }
+
+/// Refuses targets whose swap would silently lose something the shadow cannot carry over
+/// (checked by `plan`, before anything is written). Lists every problem at once.
+pub async fn check_target_shape(
+    warehouse: &Warehouse,
+    conn: &mut AnyConnection,
+    target: &TableName,
+) -> Result<(), BackfillError> {
+    let mut problems: Vec<String> = Vec::new();
+    match warehouse.dialect {
+        Dialect::Postgres => {
+            let name = target.quoted();
+            let checks: [(&str, &str); 7] = [
+                (
+                    "SELECT CASE WHEN relrowsecurity OR relforcerowsecurity THEN 'row-level security is enabled' END FROM pg_class WHERE oid = CAST($1 AS regclass) \
+                     UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = CAST($1 AS regclass)",
+                    "row-level security and policies are not carried to the new table",
+                ),
+                (
+                    "SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = CAST($1 AS regclass) AND NOT tgisinternal",
+                    "triggers are not carried to the new table",
+                ),
+                (
+                    "SELECT 'foreign key ' || conname || ' to ' || CAST(CAST(confrelid AS regclass) AS text) FROM pg_constraint WHERE conrelid = CAST($1 AS regclass) AND contype = 'f'",
+                    "foreign keys of the target are not carried to the new table",
+                ),
+                (
+                    "SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f'",
+                    "foreign keys referencing the target would keep pointing at the archive",
+                ),
+                (
+                    "SELECT 'identity column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attidentity <> '' \
+                     UNION ALL SELECT 'generated column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
+                    "identity and generated columns cannot be copied as they are",
+                ),
+                (
+                    "SELECT 'column ' || a.attname || ' defaults to ' || pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+                     WHERE d.adrelid = CAST($1 AS regclass) AND pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%'",
+                    "a sequence owned by the target would stay with the archive (and block gc)",
+                ),
+                (
+                    "SELECT DISTINCT 'materialized view ' || CAST(CAST(v.oid AS regclass) AS text) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid \
+                     JOIN pg_class v ON v.oid = r.ev_class WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = CAST($1 AS regclass) AND v.relkind = 'm'",
+                    "materialized views would keep reading the archive",
+                ),
+            ];
+            for (sql, why) in checks {
+                let rows = fetch_all(conn, sql, &[name.as_str().into()]).await?;
+                let found: Vec<String> = rows
+                    .iter()
+                    .filter_map(|r| get::<Option<String>>(r, 0).ok().flatten())
+                    .collect();
+                if !found.is_empty() {
+                    problems.push(format!("{} ({why})", found.join(", ")));
+                }
+            }
+        }
+        Dialect::Sqlite => {
+            let table = target.name.as_str();
+            let triggers = fetch_all(conn, "SELECT 'trigger ' || name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = $1", &[table.into()]).await?;
+            let found: Vec<String> = triggers
+                .iter()
+                .filter_map(|r| get::<String>(r, 0).ok())
+                .collect();
+            if !found.is_empty() {
+                problems.push(format!(
+                    "{} (triggers would stay with the archive)",
+                    found.join(", ")
+                ));
+            }
+            let children = fetch_all(
+                conn,
+                "SELECT DISTINCT 'foreign key on ' || m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
+                 WHERE m.type = 'table' AND f.\"table\" = $1 AND m.name <> $1",
+                &[table.into()],
+            )
+            .await?;
+            let found: Vec<String> = children
+                .iter()
+                .filter_map(|r| get::<String>(r, 0).ok())
+                .collect();
+            if !found.is_empty() {
+                problems.push(format!(
+                    "{} (foreign keys referencing the target would follow it to the archive)",
+                    found.join(", ")
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(BackfillError::Invalid(format!(
+        "{target} cannot be published with swap_table without losing something: {}. Nothing was written",
+        problems.join("; ")
+    )))
+}
