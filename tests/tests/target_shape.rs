@@ -15,17 +15,11 @@ async fn plan_error(db: &TestDatabase) -> String {
     )
     .await
     .unwrap();
-    let error = backfill
-        .plan()
-        .await
-        .err()
-        .expect("plan refuses")
-        .to_string();
+    let error = backfill.plan().await.expect_err("plan refuses").to_string();
     let run = backfill
         .run("test", &Quiet)
         .await
-        .err()
-        .expect("run refuses")
+        .expect_err("run refuses")
         .to_string();
     assert_eq!(error, run);
     let tables = count(
