@@ -115,7 +115,7 @@ async fn sqlite_refuses_triggers_and_referencing_foreign_keys() {
         )
         .await
         .unwrap();
-        let error = backfill.plan().await.err().expect("refused").to_string();
+        let error = backfill.plan().await.expect_err("refused").to_string();
         assert!(error.contains(expected), "{error}");
     }
 }
