@@ -319,3 +319,60 @@ async fn lock_timeout_is_retried_with_backoff() {
         "a successful attempt clears the error"
     );
 }
+
+/// A key that moved from another partition into this one is a collision: the partition fails
+/// with a message that says so, and the row in the other partition is left alone (the merge
+/// never moves rows across partitions).
+async fn key_moved_across_partitions_is_a_collision(db: TestDatabase) {
+    let (warehouse, store, ctx, run_id) = open_run_with_complete_shadow(&db, &[]).await;
+    let shadow = ctx.shadow.quoted();
+    let (from, to) = (
+        day_literal(&db, "2024-03-02"),
+        day_literal(&db, "2024-03-03"),
+    );
+    let before = checksum(&warehouse, &ctx.shadow.to_string(), None).await;
+    let items = count(
+        &warehouse,
+        &format!("SELECT count(*) FROM {shadow} WHERE order_id = 151 AND order_date = {from}"),
+    )
+    .await;
+    assert!(items > 0);
+    exec(
+        &warehouse,
+        &format!("UPDATE staging_order_items SET order_date = {to} WHERE order_id = 151"),
+    )
+    .await;
+    let task = reissue(&warehouse, &store, &run_id, "2024-03-03").await;
+    let report = run_partition(&ctx, &InMemorySemaphore::new(), task).await;
+    let PartitionOutcome::Failed { error, retry } = report.outcome else {
+        panic!("{:?}", report.outcome)
+    };
+    assert_eq!(retry, backfill_common::Retry::Permanent);
+    assert!(
+        error.contains("another partition") || error.contains("collides with a row outside it"),
+        "{error}"
+    );
+    assert_eq!(
+        checksum(&warehouse, &ctx.shadow.to_string(), None).await,
+        before,
+        "nothing changed"
+    );
+    assert_eq!(
+        count(
+            &warehouse,
+            &format!("SELECT count(*) FROM {shadow} WHERE order_id = 151 AND order_date = {from}")
+        )
+        .await,
+        items
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_moved_across_partitions_on_sqlite() {
+    key_moved_across_partitions_is_a_collision(TestDatabase::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_moved_across_partitions_on_postgres() {
+    key_moved_across_partitions_is_a_collision(TestDatabase::postgres().await).await;
+}

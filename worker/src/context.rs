@@ -161,9 +161,12 @@ impl PartitionContext {
             in_partition("s"),
             any_key_null("s")
         );
+        // Matching is confined to this partition: a key that exists in another partition is a
+        // collision (an error), never a silent move of that row into this one.
         let count_new = format!(
-            "SELECT count(*) FROM {source_table} AS s WHERE NOT EXISTS (SELECT 1 FROM {shadow_q} AS t WHERE {})",
-            key_match("t", "s")
+            "SELECT count(*) FROM {source_table} AS s WHERE NOT EXISTS (SELECT 1 FROM {shadow_q} AS t WHERE {} AND {})",
+            key_match("t", "s"),
+            in_partition("t")
         );
         let merge = match dialect {
             Dialect::Postgres => {
@@ -181,8 +184,9 @@ impl PartitionContext {
                     )
                 };
                 format!(
-                    "MERGE INTO {shadow_q} AS t USING {source_table} AS s ON {} {set}WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({})",
+                    "MERGE INTO {shadow_q} AS t USING {source_table} AS s ON {} AND {} {set}WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({})",
                     key_match("t", "s"),
+                    in_partition("t"),
                     columns
                         .iter()
                         .map(|c| format!("s.{}", c.quoted()))
@@ -191,17 +195,20 @@ impl PartitionContext {
                 )
             }
             Dialect::Sqlite => {
+                // A conflict with a row of another partition updates nothing; the row count
+                // check after the merge then reports the collision.
                 let action = if non_key.is_empty() {
                     "DO NOTHING".to_string()
                 } else {
                     format!(
-                        "DO UPDATE SET {} WHERE {}",
+                        "DO UPDATE SET {} WHERE ({}) AND {}",
                         non_key
                             .iter()
                             .map(|c| format!("{c} = excluded.{c}", c = c.quoted()))
                             .collect::<Vec<_>>()
                             .join(", "),
-                        changed(&shadow.name.quoted(), "excluded")
+                        changed(&shadow.name.quoted(), "excluded"),
+                        in_partition(&shadow.name.quoted())
                     )
                 };
                 format!(

@@ -268,9 +268,9 @@ async fn merge(
             format!("{null_keys} source row(s) have a NULL key column"),
         ));
     }
-    let row = fetch_one(tx, &sql.count_new, &[]).await?;
+    let row = fetch_one(tx, &sql.count_new, bounds).await?;
     let inserted: i64 = get(&row, 0)?;
-    let affected = execute(tx, &sql.merge, &[]).await.map_err(|e| {
+    let affected = execute(tx, &sql.merge, bounds).await.map_err(|e| {
         explain_constraint(e, task).context(format!("merging partition {}", task.partition_key))
     })? as i64;
     let deleted = execute(tx, &sql.delete_vanished, bounds).await? as i64;
@@ -318,7 +318,9 @@ fn explain_constraint(error: BackfillError, task: &PartitionTask) -> BackfillErr
         return check_failed(
             task,
             format!(
-                "the source returned duplicate keys ({message}); set source.dedupe_order_by to keep one row per key"
+                "a key of this partition already exists in the shadow ({message}): either the source returned the same key twice \
+                 (set source.dedupe_order_by to keep one row per key) or the key belongs to a row of another partition \
+                 (a row moved between partitions: include both partitions in the window)"
             ),
         );
     }
