@@ -815,24 +815,36 @@ impl ControlStore {
         )
         .await?;
         let checked_at = now_text();
-        for audit in audits {
-            execute(
-                conn,
-                &format!(
-                    "INSERT INTO {table} (run_id, audit_name, partition_key, severity, verdict, observed, allowed, checked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                ),
-                &[
-                    run_id.into(),
+        // Multi-row inserts: 10,000 partitions times a few audits stay a few round trips.
+        for chunk in audits.chunks(200) {
+            let mut sql = format!(
+                "INSERT INTO {table} (run_id, audit_name, partition_key, severity, verdict, observed, allowed, checked_at) VALUES "
+            );
+            let mut binds: Vec<Bind> = vec![run_id.into(), checked_at.as_str().into()];
+            for (i, audit) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                let n = binds.len();
+                sql.push_str(&format!(
+                    "($1, ${}, ${}, ${}, ${}, ${}, ${}, $2)",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6
+                ));
+                binds.extend([
                     audit.audit_name.as_str().into(),
                     audit.partition_key.as_str().into(),
                     audit.severity.as_str().into(),
                     audit.verdict.as_str().into(),
                     audit.observed.as_str().into(),
                     audit.allowed.as_str().into(),
-                    checked_at.as_str().into(),
-                ],
-            )
-            .await?;
+                ]);
+            }
+            execute(conn, &sql, &binds).await?;
         }
         Ok(())
     }

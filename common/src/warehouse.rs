@@ -319,17 +319,20 @@ impl Warehouse {
                     .collect::<Vec<_>>()
                     .join(" || '|' || ");
                 let sql = format!("SELECT {row_text} FROM {} AS t{filter}", table.quoted());
-                let rows = fetch_all(conn, &sql, binds).await?;
+                // Streamed: memory stays flat whatever the table's size.
+                let mut rows = query_with(&sql, binds).fetch(&mut *conn);
                 let mut sum: u128 = 0;
-                for row in &rows {
-                    let text: String = get(row, 0)?;
+                let mut count: i64 = 0;
+                while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+                    let text: String = get(&row, 0)?;
                     let digest = Sha256::digest(text.as_bytes());
                     let mut first = [0u8; 8];
                     first.copy_from_slice(&digest[..8]);
                     sum = sum.wrapping_add(u64::from_be_bytes(first) as u128);
+                    count += 1;
                 }
                 Ok(Checksum {
-                    rows: rows.len() as i64,
+                    rows: count,
                     digest: format!("{sum:x}"),
                 })
             }

@@ -57,8 +57,12 @@ pub async fn build_shadow(
         .map_err(|e| e.context(format!("adding column {} to the shadow", column.name)))?;
     }
     if !has_unique_index_on(warehouse, conn, shadow, &spec.target.key).await? {
-        let index = Ident::new(&format!("{}_bf_key", shadow.name))
-            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        // Short and unique per run, whatever the length of the target name.
+        let index = Ident::new(&format!(
+            "bf_key_{}",
+            shadow.name.as_str().rsplit('_').next().unwrap_or("run")
+        ))
+        .map_err(|e| BackfillError::Invalid(e.to_string()))?;
         let keys = spec
             .target
             .key
