@@ -101,15 +101,16 @@ impl Broker {
         keyring: Keyring,
         delivery_limit: u32,
     ) -> Result<Broker, BackfillError> {
-        let connection = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .map_err(|e| {
-                BackfillError::Queue(format!(
-                    "connecting to {}: {}",
-                    redact_secrets(url),
-                    redact_secrets(&e.to_string())
-                ))
-            })?;
+        // Named after the deployment prefix, so operators (and tests) can tell connections apart.
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("backfill {prefix}").into_bytes()));
+        let connection = Connection::connect(url, properties).await.map_err(|e| {
+            BackfillError::Queue(format!(
+                "connecting to {}: {}",
+                redact_secrets(url),
+                redact_secrets(&e.to_string())
+            ))
+        })?;
         let publisher = connection.create_channel().await.map_err(broker_error)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())

@@ -82,27 +82,57 @@ pub async fn run_partitions(
         broker.topology.task_queue(&warehouse)
     ));
     let mut ticker = tokio::time::interval(options.reconcile_every);
+    let mut broker = broker;
+    let mut reconnect_delay = Duration::from_secs(1);
     loop {
-        tokio::select! {
-            result = results.next() => {
-                let result = result?;
-                if result.task.run_id != run.run_id {
-                    continue;
+        let step: Result<bool, BackfillError> = async {
+            tokio::select! {
+                result = results.next() => {
+                    let result = result?;
+                    if result.task.run_id == run.run_id {
+                        let outcome = match result.kind {
+                            ResultKind::Done => Some(PartitionOutcome::Done { counts: Default::default(), rows_after: 0 }),
+                            ResultKind::Stale => None,
+                            ResultKind::Failed | ResultKind::DeadLettered => Some(PartitionOutcome::Failed {
+                                error: result.error.unwrap_or_default(),
+                                retry: backfill_common::Retry::Permanent,
+                            }),
+                        };
+                        if let Some(outcome) = outcome {
+                            progress.partition_finished(&PartitionReport { task: result.task, outcome });
+                        }
+                    }
                 }
-                let outcome = match result.kind {
-                    ResultKind::Done => PartitionOutcome::Done { counts: Default::default(), rows_after: 0 },
-                    ResultKind::Stale => continue,
-                    ResultKind::Failed | ResultKind::DeadLettered => PartitionOutcome::Failed {
-                        error: result.error.unwrap_or_default(),
-                        retry: backfill_common::Retry::Permanent,
-                    },
-                };
-                progress.partition_finished(&PartitionReport { task: result.task, outcome });
+                _ = ticker.tick() => {}
             }
-            _ = ticker.tick() => {}
+            barrier_reached(store, &broker, run, &warehouse).await
         }
-        if barrier_reached(store, &broker, run, &warehouse).await? {
-            break;
+        .await;
+        match step {
+            Ok(true) => break,
+            Ok(false) => reconnect_delay = Duration::from_secs(1),
+            // The broker went away (restart, dropped connection): the control store still
+            // knows everything; reconnect and carry on.
+            Err(BackfillError::Queue(error)) => {
+                progress.phase(&format!(
+                    "lost the broker ({error}); reconnecting in {reconnect_delay:?}"
+                ));
+                tokio::time::sleep(reconnect_delay).await;
+                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(30));
+                if let Ok(fresh) = Broker::connect(
+                    &options.broker_url,
+                    &options.queue_prefix,
+                    options.keyring.clone(),
+                    options.delivery_limit,
+                )
+                .await
+                    && let Ok(stream) = fresh.results(&run.run_id).await
+                {
+                    broker = fresh;
+                    results = stream;
+                }
+            }
+            Err(error) => return Err(error),
         }
     }
     let _ = broker

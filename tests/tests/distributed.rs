@@ -638,3 +638,100 @@ async fn reference_workload_distributed_equals_embedded() {
     assert_eq!(partitions.len(), 90);
     assert!(partitions.iter().all(|p| p.times_applied == 1));
 }
+
+/// Closes every broker connection of this cluster (the coordinator's and the workers'), as a
+/// broker restart would.
+fn close_cluster_connections(prefix: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let mut closed = 0;
+    for line in text
+        .lines()
+        .filter(|l| l.contains(&format!("backfill {prefix}")))
+    {
+        let pid = line.split_whitespace().next().unwrap_or_default();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test: simulated broker failure"])
+            .status()
+            .expect("rabbitmqctl");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Every broker connection drops mid-run: workers and the coordinator reconnect by themselves,
+/// the run completes, and every partition is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_dropped_mid_run() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    cluster.start_worker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slow.toml");
+    std::fs::write(&spec, slow_spec(0.3, 2)).unwrap();
+    let coordinator = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = control_store(&warehouse);
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no partition finished"
+        );
+        if let Some(run) = store.all_runs().await.unwrap_or_default().first()
+            && store
+                .partitions(&run.run_id)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|p| p.state == PartitionState::Done)
+                .count()
+                >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let closed = close_cluster_connections(&cluster.prefix);
+    assert!(
+        closed >= 3,
+        "closed the coordinator's and both workers' connections ({closed})"
+    );
+    let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let shown = text(&output);
+    assert!(
+        output.status.success(),
+        "{shown}\n{}\n{}",
+        cluster.worker_log(0),
+        cluster.worker_log(1)
+    );
+    assert!(
+        shown.contains("lost the broker"),
+        "the coordinator noticed and reconnected: {shown}"
+    );
+    let run_id = store.all_runs().await.unwrap().remove(0).run_id;
+    assert_applied_once_and_correct(&warehouse, &run_id).await;
+    let logs = format!("{}{}", cluster.worker_log(0), cluster.worker_log(1));
+    assert!(logs.contains("reconnecting"), "workers reconnected: {logs}");
+    for index in 0..2 {
+        assert!(
+            cluster.workers[index].try_wait().unwrap().is_none(),
+            "worker {index} is still running"
+        );
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use backfill_common::broker::Broker;
-use backfill_common::envelope::keyring_from_env;
+use backfill_common::envelope::{Keyring, keyring_from_env};
 use backfill_common::queue::DEFAULT_DELIVERY_LIMIT;
 use backfill_common::redis_semaphore::RedisSemaphore;
 use backfill_common::spec::parse_duration;
@@ -103,16 +103,6 @@ async fn run(args: Args) -> Result<()> {
         let _ = stop_sender.send(true);
     });
 
-    let broker = Arc::new(
-        Broker::connect(
-            &args.broker,
-            &args.queue_prefix,
-            keyring,
-            args.delivery_limit,
-        )
-        .await
-        .context("connecting to RabbitMQ")?,
-    );
     let semaphore = Arc::new(
         RedisSemaphore::connect(&args.redis, &args.queue_prefix, lease_ttl, &worker_id)
             .await
@@ -123,11 +113,68 @@ async fn run(args: Args) -> Result<()> {
         &worker_id,
         u32::from(args.slots) + 2,
     ));
+    // The broker may restart or drop connections: reconnect with backoff until told to stop.
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let connected_at = std::time::Instant::now();
+        match serve(
+            &args,
+            &worker_id,
+            &keyring,
+            &semaphore,
+            &contexts,
+            stop.clone(),
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::info!("worker stopped cleanly");
+                return Ok(());
+            }
+            Err(error) if *stop.borrow() => {
+                tracing::warn!(error = %redact_secrets(&format!("{error:#}")), "stopping after an error during shutdown");
+                return Ok(());
+            }
+            Err(error) => {
+                if connected_at.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_secs(1);
+                }
+                tracing::warn!(error = %redact_secrets(&format!("{error:#}")), retry_in = ?delay, "lost the broker; reconnecting");
+                let mut stop = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// One connection's worth of work: declare the topology, consume until stopped (Ok) or until
+/// the broker goes away (Err).
+async fn serve(
+    args: &Args,
+    worker_id: &str,
+    keyring: &Keyring,
+    semaphore: &Arc<RedisSemaphore>,
+    contexts: &Arc<StoreContexts>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let broker = Arc::new(
+        Broker::connect(
+            &args.broker,
+            &args.queue_prefix,
+            keyring.clone(),
+            args.delivery_limit,
+        )
+        .await
+        .context("connecting to RabbitMQ")?,
+    );
     let reports = Arc::new(ResultPublisher {
         broker: broker.clone(),
-        worker: worker_id.clone(),
+        worker: worker_id.to_string(),
     });
-
     let mut consumers = Vec::new();
     let mut queues = Vec::new();
     for warehouse in &args.warehouses {
@@ -170,10 +217,7 @@ async fn run(args: Args) -> Result<()> {
     broker.close().await;
     match failure {
         Some(error) => Err(error),
-        None => {
-            tracing::info!("worker stopped cleanly");
-            Ok(())
-        }
+        None => Ok(()),
     }
 }
 
