@@ -4,6 +4,10 @@
 //! ```toml
 //! [warehouses.demo]
 //! url = "postgres://backfill@db/analytics"
+//! [broker]
+//! url = "amqp://backfill@rabbitmq:5672/%2f"
+//! [redis]
+//! url = "redis://redis:6379"
 //! ```
 
 use std::path::Path;
@@ -52,6 +56,21 @@ pub fn warehouse_url(name: &str, config: Option<&Path>) -> Result<String, String
     Err(format!(
         "no URL for warehouse `{name}`: pass --warehouse-url, set {variable}, or give a config file with [warehouses.{name}] url = \"…\""
     ))
+}
+
+/// A URL from the config file's `[<section>] url = "…"`, when a config file is given.
+pub fn section_url(section: &str, config: Option<&Path>) -> Result<Option<String>, String> {
+    let Some(path) = config else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("parsing config file {}: {e}", path.display()))?;
+    Ok(table
+        .get(section)
+        .and_then(|s| s.get("url"))
+        .and_then(|u| u.as_str())
+        .map(str::to_string))
 }
 
 /// Adds `application_name` to a PostgreSQL URL so that sessions show who they are in

@@ -85,10 +85,20 @@ pub struct DistributedArgs {
 }
 
 impl DistributedArgs {
-    fn executor(&self) -> Result<Executor> {
-        let Some(broker_url) = &self.broker else {
+    /// The broker URL from the flag or variable, else from the config file's `[broker] url`.
+    fn broker_url(&self, connection: &Connection) -> Result<Option<String>> {
+        if self.broker.is_some() {
+            return Ok(self.broker.clone());
+        }
+        backfill_common::config::section_url("broker", connection.config.as_deref())
+            .map_err(|e| anyhow!(e))
+    }
+
+    fn executor(&self, connection: &Connection) -> Result<Executor> {
+        let Some(broker_url) = self.broker_url(connection)? else {
             return Ok(Executor::Embedded);
         };
+        let broker_url = &broker_url;
         let consumer_timeout = backfill_common::spec::parse_duration(&self.broker_consumer_timeout)
             .ok_or_else(|| {
                 anyhow!(
@@ -106,10 +116,11 @@ impl DistributedArgs {
         }))
     }
 
-    async fn broker(&self) -> Result<Option<Broker>> {
-        let Some(url) = &self.broker else {
+    async fn broker(&self, connection: &Connection) -> Result<Option<Broker>> {
+        let Some(url) = self.broker_url(connection)? else {
             return Ok(None);
         };
+        let url = &url;
         let keyring = backfill_common::envelope::keyring_from_env().map_err(|e| anyhow!(e))?;
         Ok(Some(
             Broker::connect(url, &self.queue_prefix, keyring, self.delivery_limit).await?,
@@ -447,7 +458,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
         } => {
             let (spec, text) = read_spec(&spec)?;
             let url = resolve_url(&connection, Some(&spec.warehouse.name))?;
-            let executor = distributed.executor()?;
+            let executor = distributed.executor(&connection)?;
             // Before any connection: a spec that cannot run distributed is refused up front.
             if let Executor::Distributed(options) = &executor {
                 options.check_timeouts(&spec)?;
@@ -466,7 +477,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             connection,
             distributed,
         } => {
-            let executor = distributed.executor()?;
+            let executor = distributed.executor(&connection)?;
             let (backfill, url) = open_run(&connection, &run).await?;
             let bar =
                 Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -483,7 +494,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             connection,
             distributed,
         } => {
-            let executor = distributed.executor()?;
+            let executor = distributed.executor(&connection)?;
             let (backfill, url) = open_run(&connection, &run).await?;
             let record = backfill
                 .store
@@ -515,7 +526,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             if dead_lettered && failed == 0 && partition.is_empty() {
                 println!("run {run} has no failed or dead-lettered partition; resuming it");
             }
-            if let Some(broker) = distributed.broker().await? {
+            if let Some(broker) = distributed.broker(&connection).await? {
                 let purged = broker
                     .purge_dead_letters(&backfill.spec.warehouse.name, &run)
                     .await?;
@@ -542,7 +553,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             match run {
                 Some(run) => {
                     let mut status = status::load(&store, &run).await?;
-                    if let Some(broker) = distributed.broker().await? {
+                    if let Some(broker) = distributed.broker(&connection).await? {
                         let warehouse = store
                             .spec_source(&status.run.spec_hash)
                             .await?

@@ -735,3 +735,68 @@ async fn broker_connections_dropped_mid_run() {
         );
     }
 }
+
+/// Everything but the signing key can come from a config file: a worker started with only
+/// `--config` (no URL variables) and a coordinator reading the same file complete a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_from_a_file() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let cluster = Cluster::new("demo", &db.url);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("backfill.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n[warehouses.demo]\nurl = \"{}\"\n",
+            broker_url(),
+            redis_url(),
+            db.url
+        ),
+    )
+    .unwrap();
+    let strip = |command: &mut std::process::Command| {
+        command
+            .env_remove("BACKFILL_BROKER_URL")
+            .env_remove("BACKFILL_REDIS_URL")
+            .env_remove(backfill_common::config::warehouse_env_var("demo"))
+            .env("BACKFILL_CONFIG", &config);
+    };
+    let mut worker = std::process::Command::new(workspace_bin("backfill-worker"));
+    cluster.env(&mut worker);
+    strip(&mut worker);
+    let mut worker = worker
+        .env("BACKFILL_WORKER_WAREHOUSES", "demo")
+        .env(
+            "BACKFILL_WORKER_ID",
+            format!("{}-worker-file", cluster.prefix),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let spec = dir.path().join("fix.toml");
+    std::fs::write(&spec, demo::MINI_CHALLENGE_SPEC).unwrap();
+    let mut coordinator = cluster.backfill(&["run", spec.to_str().unwrap(), "--no-progress"]);
+    strip(&mut coordinator);
+    let output = coordinator.output().unwrap();
+    let _ = worker.kill();
+    let worker_output = worker.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(&output),
+        String::from_utf8_lossy(&worker_output.stderr)
+    );
+    assert!(
+        text(&output).contains("published 4 task(s)"),
+        "the coordinator ran distributed: {}",
+        text(&output)
+    );
+    assert!(String::from_utf8_lossy(&worker_output.stderr).contains("worker ready"));
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+}

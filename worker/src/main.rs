@@ -30,10 +30,10 @@ use clap::Parser;
 struct Args {
     /// RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f
     #[arg(long, env = "BACKFILL_BROKER_URL", hide_env_values = true)]
-    broker: String,
+    broker: Option<String>,
     /// Redis URL for the per-warehouse semaphore, e.g. redis://host:6379
     #[arg(long, env = "BACKFILL_REDIS_URL", hide_env_values = true)]
-    redis: String,
+    redis: Option<String>,
     /// Warehouses whose tasks this worker runs (repeat, or comma-separated)
     #[arg(
         long = "warehouse",
@@ -84,7 +84,34 @@ fn main() {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+/// A URL from its flag (or variable), else from the config file's `[<section>] url`.
+fn required_url(
+    flag: &Option<String>,
+    section: &str,
+    variable: &str,
+    config: Option<&std::path::Path>,
+) -> Result<String> {
+    if let Some(url) = flag {
+        return Ok(url.clone());
+    }
+    backfill_common::config::section_url(section, config)
+        .map_err(|e| anyhow!(e))?
+        .ok_or_else(|| anyhow!("no {section} URL: pass --{section}, set {variable}, or give a config file with [{section}] url = \"…\""))
+}
+
+async fn run(mut args: Args) -> Result<()> {
+    args.broker = Some(required_url(
+        &args.broker,
+        "broker",
+        "BACKFILL_BROKER_URL",
+        args.config.as_deref(),
+    )?);
+    args.redis = Some(required_url(
+        &args.redis,
+        "redis",
+        "BACKFILL_REDIS_URL",
+        args.config.as_deref(),
+    )?);
     let worker_id = args
         .worker_id
         .clone()
@@ -104,9 +131,14 @@ async fn run(args: Args) -> Result<()> {
     });
 
     let semaphore = Arc::new(
-        RedisSemaphore::connect(&args.redis, &args.queue_prefix, lease_ttl, &worker_id)
-            .await
-            .context("connecting to Redis")?,
+        RedisSemaphore::connect(
+            args.redis.as_deref().unwrap_or_default(),
+            &args.queue_prefix,
+            lease_ttl,
+            &worker_id,
+        )
+        .await
+        .context("connecting to Redis")?,
     );
     let contexts = Arc::new(StoreContexts::new(
         args.config.clone(),
@@ -163,7 +195,7 @@ async fn serve(
 ) -> Result<()> {
     let broker = Arc::new(
         Broker::connect(
-            &args.broker,
+            args.broker.as_deref().unwrap_or_default(),
             &args.queue_prefix,
             keyring.clone(),
             args.delivery_limit,
