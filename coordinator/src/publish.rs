@@ -292,17 +292,22 @@ pub async fn swap_table(
             // renames comes after, in read_dependents.
             execute(&mut tx, &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()), &[]).await?;
         }
-        if let Some(guard) = &outside {
-            let now = warehouse.checksum(&mut tx, target, Some(&guard.filter), &guard.binds).await?;
-            if now.to_string() != guard.expected {
+        // One scan: the whole table for the archive record, and its rows outside the window
+        // to compare with what the shadow was built from.
+        let old = match &outside {
+            Some(guard) => {
+                let (old, now) = warehouse.checksum_with_subset(&mut tx, target, &guard.filter, &guard.binds).await?;
+                if now.to_string() != guard.expected {
                 return Err(BackfillError::Conflict(format!(
                     "{target} changed outside the window since the shadow was built ({} then, {now} now): publishing would discard those writes. \
                      Nothing was published; pause the writers (or backfill their partitions too), abandon this run and run again",
                     guard.expected
                 )));
+                }
+                old
             }
-        }
-        let old = warehouse.checksum(&mut tx, target, None, &[]).await?;
+            None => warehouse.checksum(&mut tx, target, None, &[]).await?,
+        };
         let dependents = match dialect {
             Dialect::Postgres => Some(read_dependents(&mut tx, target).await?),
             Dialect::Sqlite => None,

@@ -647,21 +647,28 @@ fn close_cluster_connections(prefix: &str) -> usize {
         .output()
         .expect("rabbitmqctl");
     let text = String::from_utf8_lossy(&listing.stdout);
-    let mut closed = 0;
-    for line in text
+    // rabbitmqctl takes about a second per call: close them all at once.
+    let closing: Vec<_> = text
         .lines()
         .filter(|l| l.contains(&format!("backfill {prefix}")))
-    {
-        let pid = line.split_whitespace().next().unwrap_or_default();
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "test: simulated broker failure"])
-            .status()
-            .expect("rabbitmqctl");
-        if status.success() {
-            closed += 1;
-        }
-    }
-    closed
+        .map(|line| {
+            let pid = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", &pid, "test: simulated broker failure"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("rabbitmqctl")
+        })
+        .collect();
+    closing
+        .into_iter()
+        .filter_map(|mut child| child.wait().ok())
+        .filter(|status| status.success())
+        .count()
 }
 
 /// Every broker connection drops mid-run: workers and the coordinator reconnect by themselves,
@@ -676,7 +683,8 @@ async fn broker_connections_dropped_mid_run() {
     cluster.start_worker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("slow.toml");
-    std::fs::write(&spec, slow_spec(0.3, 2)).unwrap();
+    // 10 partitions of 1.5 s on 2 workers: the run outlasts rabbitmqctl's own slowness.
+    std::fs::write(&spec, slow_spec(1.5, 2)).unwrap();
     let coordinator = cluster
         .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
         .stdout(Stdio::piped())
