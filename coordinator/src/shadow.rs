@@ -226,7 +226,7 @@ pub async fn has_unique_index_on(
                 conn,
                 "SELECT (SELECT string_agg(CAST(a.attname AS text), ',' ORDER BY a.attname) FROM pg_catalog.pg_attribute a \
                  WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) \
-                 FROM pg_catalog.pg_index i WHERE i.indrelid = CAST($1 AS regclass) AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+                 FROM pg_catalog.pg_index i WHERE i.indrelid = CAST($1 AS regclass) AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL",
                 &[table.quoted().into()],
             )
             .await?;

@@ -24,7 +24,9 @@ pub struct PartitionContext {
     pub retries: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// `INSERT INTO shadow (cols) <deduplicated source>`; $1/$2 are the partition bounds.
+    /// `INSERT INTO shadow (cols) <deduplicated source>`; $1/$2 are the partition bounds. On
+    /// PostgreSQL it also returns (rows, rows outside the partition, NULL keys, checksum) of
+    /// what it inserted.
     pub fast_insert_sql: String,
     /// Rows of the shadow in the partition, and how many have a NULL key column.
     pub partition_rows_sql: String,
@@ -117,7 +119,19 @@ impl PartitionContext {
                 .join(" AND ")
         };
         let shadow_q = shadow.quoted();
-        let fast_insert_sql = format!("INSERT INTO {shadow_q} ({column_list}) {deduped}");
+        let fast_insert_sql = match dialect {
+            // One statement inserts, checks every inserted row and checksums them: no second
+            // read of the partition.
+            Dialect::Postgres => format!(
+                "WITH ins AS (INSERT INTO {shadow_q} ({column_list}) {deduped} RETURNING *) \
+                 SELECT count(*), coalesce(sum(CASE WHEN ins.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
+                 coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0), \
+                 CAST(coalesce(sum(hashtextextended(CAST(ins AS text), 0)), 0) AS text) FROM ins",
+                in_partition("ins"),
+                any_key_null("ins")
+            ),
+            Dialect::Sqlite => format!("INSERT INTO {shadow_q} ({column_list}) {deduped}"),
+        };
         let partition_rows_sql = format!(
             "SELECT count(*), coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {shadow_q} AS t WHERE {}",
             any_key_null("t"),

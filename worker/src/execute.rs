@@ -156,29 +156,75 @@ async fn attempt(
         Bind::Text(task.range_start.clone()),
         Bind::Text(task.range_end.clone()),
     ];
-    let (counts, rows_after) = if times_applied == 0 {
-        fast_insert(ctx, &mut tx, task, &bounds).await?
-    } else {
-        merge(ctx, &mut tx, task, &bounds).await?
-    };
-    let checksum = ctx
-        .store
-        .warehouse
-        .checksum(&mut tx, &ctx.shadow, Some(&ctx.partition_filter), &bounds)
-        .await
-        .map_err(|e| e.context(format!("checksumming partition {}", task.partition_key)))?;
+    let (counts, rows_after, checksum) =
+        if times_applied == 0 && ctx.store.dialect() == Dialect::Postgres {
+            fast_insert_checked(ctx, &mut tx, task, &bounds).await?
+        } else {
+            let (counts, rows_after) = if times_applied == 0 {
+                fast_insert(ctx, &mut tx, task, &bounds).await?
+            } else {
+                merge(ctx, &mut tx, task, &bounds).await?
+            };
+            let checksum = ctx
+                .store
+                .warehouse
+                .checksum(&mut tx, &ctx.shadow, Some(&ctx.partition_filter), &bounds)
+                .await
+                .map_err(|e| e.context(format!("checksumming partition {}", task.partition_key)))?;
+            (counts, rows_after, checksum.to_string())
+        };
     ctx.store
         .checkpoint_partition(
             &mut tx,
             task,
             counts,
             rows_after,
-            &checksum.to_string(),
+            &checksum,
             started.elapsed().as_secs_f64(),
         )
         .await?;
     tx.commit().await?;
     Ok(PartitionOutcome::Done { counts, rows_after })
+}
+
+/// First application on PostgreSQL: one statement inserts the deduplicated source and reports
+/// on exactly the rows it inserted (how many, how many outside the partition, how many with a
+/// NULL key, their checksum). The partition is known to be empty: the shadow was built
+/// without the window, and the fenced claim says it was never applied.
+async fn fast_insert_checked(
+    ctx: &PartitionContext,
+    tx: &mut AnyConnection,
+    task: &PartitionTask,
+    bounds: &[Bind],
+) -> Result<(MergeCounts, i64, String), BackfillError> {
+    let row = fetch_one(tx, &ctx.fast_insert_sql, bounds)
+        .await
+        .map_err(|e| {
+            explain_constraint(e, task)
+                .context(format!("inserting partition {}", task.partition_key))
+        })?;
+    let (inserted, outside, null_keys, digest): (i64, i64, i64, String) =
+        (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?, get(&row, 3)?);
+    if outside > 0 {
+        return Err(check_failed(
+            task,
+            format!(
+                "the source query returned {outside} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
+                task.range_start, task.range_end
+            ),
+        ));
+    }
+    if null_keys > 0 {
+        return Err(check_failed(
+            task,
+            format!("{null_keys} source row(s) have a NULL key column"),
+        ));
+    }
+    let counts = MergeCounts {
+        inserted,
+        ..MergeCounts::default()
+    };
+    Ok((counts, inserted, format!("{inserted}:{digest}")))
 }
 
 /// First application: the shadow was built without the window's partitions, so this one is
