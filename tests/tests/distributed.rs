@@ -87,7 +87,7 @@ async fn mini_challenge_with_three_workers() {
     broker.close().await;
 }
 
-/// With a limit of 2 and 5 workers, at no moment do more than 2 partitions run against the
+/// With a limit of 2 and 6 workers, at no moment do more than 2 partitions run against the
 /// warehouse: sampled from pg_stat_activity while partitions sleep inside their transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semaphore_limit_holds_across_workers() {
@@ -95,7 +95,7 @@ async fn semaphore_limit_holds_across_workers() {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     let mut cluster = Cluster::new("demo", &db.url);
-    for _ in 0..5 {
+    for _ in 0..6 {
         cluster.start_worker(&[]);
     }
     let spec_text = mini_challenge_spec(&[
