@@ -379,6 +379,19 @@ impl Broker {
             .await
     }
 
+    /// The task a parked message carries, if it verifies (forged ones carry nothing usable).
+    fn verified_task(&self, delivery: &lapin::message::Delivery) -> Option<TaskMessage> {
+        let headers = delivery.properties.headers().as_ref();
+        match self.keyring.open(
+            &delivery.data,
+            header_text(headers, HEADER_KEY_ID).as_deref(),
+            header_text(headers, HEADER_SIGNATURE).as_deref(),
+        ) {
+            Ok(Message::Task(task)) => Some(task),
+            _ => None,
+        }
+    }
+
     /// Reads the dead-letter queue of a warehouse without consuming it (messages go back).
     /// Messages the broker dead-lettered itself carry `x-death` instead of our reason.
     pub async fn dead_letters(
@@ -409,18 +422,7 @@ impl Broker {
             let reason =
                 header_text(headers, HEADER_REASON).unwrap_or_else(|| broker_death_reason(headers));
             let detail = header_text(headers, HEADER_DETAIL).unwrap_or_default();
-            let message = self
-                .keyring
-                .open(
-                    &delivery.data,
-                    header_text(headers, HEADER_KEY_ID).as_deref(),
-                    header_text(headers, HEADER_SIGNATURE).as_deref(),
-                )
-                .ok()
-                .and_then(|m| match m {
-                    Message::Task(task) => Some(task),
-                    Message::Result(_) => None,
-                });
+            let message = self.verified_task(&delivery);
             letters.push(DeadLetter {
                 message,
                 reason,
@@ -469,15 +471,9 @@ impl Broker {
                 break;
             };
             let delivery = got.delivery;
-            let headers = delivery.properties.headers().as_ref();
             let of_run = self
-                .keyring
-                .open(
-                    &delivery.data,
-                    header_text(headers, HEADER_KEY_ID).as_deref(),
-                    header_text(headers, HEADER_SIGNATURE).as_deref(),
-                )
-                .is_ok_and(|m| matches!(m, Message::Task(t) if t.task.run_id == run_id));
+                .verified_task(&delivery)
+                .is_some_and(|t| t.task.run_id == run_id);
             if of_run {
                 delivery
                     .acker

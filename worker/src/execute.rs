@@ -205,21 +205,7 @@ async fn fast_insert_checked(
         })?;
     let (inserted, outside, null_keys, digest): (i64, i64, i64, String) =
         (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?, get(&row, 3)?);
-    if outside > 0 {
-        return Err(check_failed(
-            task,
-            format!(
-                "the source query returned {outside} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
-                task.range_start, task.range_end
-            ),
-        ));
-    }
-    if null_keys > 0 {
-        return Err(check_failed(
-            task,
-            format!("{null_keys} source row(s) have a NULL key column"),
-        ));
-    }
+    check_source_rows(task, outside, null_keys)?;
     let counts = MergeCounts {
         inserted,
         ..MergeCounts::default()
@@ -245,17 +231,7 @@ async fn fast_insert(
         })? as i64;
     let row = fetch_one(tx, &ctx.partition_rows_sql, bounds).await?;
     let (rows, null_keys): (i64, i64) = (get(&row, 0)?, get(&row, 1)?);
-    if rows < inserted {
-        return Err(check_failed(
-            task,
-            format!(
-                "the source query returned {} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
-                inserted - rows,
-                task.range_start,
-                task.range_end
-            ),
-        ));
-    }
+    check_source_rows(task, (inserted - rows).max(0), 0)?;
     if rows > inserted {
         return Err(check_failed(
             task,
@@ -265,12 +241,7 @@ async fn fast_insert(
             ),
         ));
     }
-    if null_keys > 0 {
-        return Err(check_failed(
-            task,
-            format!("{null_keys} source row(s) have a NULL key column"),
-        ));
-    }
+    check_source_rows(task, 0, null_keys)?;
     Ok((
         MergeCounts {
             inserted,
@@ -299,21 +270,7 @@ async fn merge(
     let row = fetch_one(tx, &sql.source_checks, bounds).await?;
     let (source_rows, outside, null_keys): (i64, i64, i64) =
         (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
-    if outside > 0 {
-        return Err(check_failed(
-            task,
-            format!(
-                "the source query returned {outside} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
-                task.range_start, task.range_end
-            ),
-        ));
-    }
-    if null_keys > 0 {
-        return Err(check_failed(
-            task,
-            format!("{null_keys} source row(s) have a NULL key column"),
-        ));
-    }
+    check_source_rows(task, outside, null_keys)?;
     let row = fetch_one(tx, &sql.count_new, bounds).await?;
     let inserted: i64 = get(&row, 0)?;
     let affected = execute(tx, &sql.merge, bounds).await.map_err(|e| {
@@ -342,6 +299,31 @@ async fn merge(
         },
         rows_after,
     ))
+}
+
+/// The partition checks on what the source produced: every row inside the partition, no
+/// NULL key column.
+fn check_source_rows(
+    task: &PartitionTask,
+    outside: i64,
+    null_keys: i64,
+) -> Result<(), BackfillError> {
+    if outside > 0 {
+        return Err(check_failed(
+            task,
+            format!(
+                "the source query returned {outside} row(s) outside [{}, {}); it must filter on :partition_start and :partition_end",
+                task.range_start, task.range_end
+            ),
+        ));
+    }
+    if null_keys > 0 {
+        return Err(check_failed(
+            task,
+            format!("{null_keys} source row(s) have a NULL key column"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_failed(task: &PartitionTask, message: String) -> BackfillError {
