@@ -464,11 +464,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 options.check_timeouts(&spec)?;
             }
             let backfill = Backfill::open(spec, text, &url).await?;
-            let bar =
-                Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            let outcome = backfill.run_with(&owner, &bar, &executor).await?;
-            drop(bar);
-            Ok(report_outcome(&outcome, &url))
+            carry_on(&backfill, &url, &owner, no_progress, &executor).await
         }
         Command::Resume {
             run,
@@ -479,11 +475,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
         } => {
             let executor = distributed.executor(&connection)?;
             let (backfill, url) = open_run(&connection, &run).await?;
-            let bar =
-                Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            let outcome = backfill.run_with(&owner, &bar, &executor).await?;
-            drop(bar);
-            Ok(report_outcome(&outcome, &url))
+            carry_on(&backfill, &url, &owner, no_progress, &executor).await
         }
         Command::Resubmit {
             run,
@@ -537,11 +529,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 }
                 broker.close().await;
             }
-            let bar =
-                Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            let outcome = backfill.run_with(&owner, &bar, &executor).await?;
-            drop(bar);
-            Ok(report_outcome(&outcome, &url))
+            carry_on(&backfill, &url, &owner, no_progress, &executor).await
         }
         Command::Status {
             run,
@@ -691,6 +679,20 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             Ok(code)
         }
     }
+}
+
+/// Runs (or resumes) a backfill with a progress bar, prints the outcome, returns the exit code.
+async fn carry_on(
+    backfill: &Backfill,
+    url: &str,
+    owner: &str,
+    no_progress: bool,
+    executor: &Executor,
+) -> Result<i32> {
+    let bar = Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let outcome = backfill.run_with(owner, &bar, executor).await?;
+    drop(bar);
+    Ok(report_outcome(&outcome, url))
 }
 
 fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
