@@ -125,7 +125,10 @@ async fn semaphore_limit_holds_across_workers() {
     let mut peak = 0;
     let mut samples = 0;
     let sample = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{}-worker-%' AND state = 'active' AND query LIKE '%pg_sleep%'",
+        // Only partition writes: a worker describing the source query (no lease needed) shows
+        // the same text while it prepares it.
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{}-worker-%' AND state = 'active' \
+         AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'",
         cluster.prefix
     );
     while coordinator.try_wait().unwrap().is_none() {
@@ -410,7 +413,7 @@ async fn killed_worker_mid_partition() {
         .unwrap();
     // Wait until worker 0 is inside a partition, then kill it.
     let busy = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%pg_sleep%'",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'",
         cluster.prefix
     );
     let started = Instant::now();
