@@ -125,7 +125,7 @@ pub async fn run_audits(
         ));
     }
 
-    // Row audits: one grouped scan of the shadow's window.
+    // Row audits: conditions counted per partition in the shadow scan below.
     let row_audits: Vec<(&Audit, String, Vec<Bind>, u64)> = spec
         .audits
         .iter()
@@ -171,50 +171,7 @@ pub async fn run_audits(
             _ => None,
         })
         .collect();
-    if !row_audits.is_empty() {
-        let mut binds = window_binds.clone();
-        let mut selects = Vec::new();
-        for (_, condition, audit_binds, _) in &row_audits {
-            // Renumber this audit's {i} placeholders after the binds already taken.
-            let mut condition = condition.clone();
-            for (i, bind) in audit_binds.iter().enumerate() {
-                binds.push(bind.clone());
-                let cast = dialect.as_float(&dialect.placeholder(binds.len()));
-                condition = condition.replace(&format!("{{{i}}}"), &cast);
-            }
-            selects.push(format!(
-                "coalesce(sum(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
-            ));
-        }
-        let sql = format!(
-            "SELECT {label} AS p, {} FROM {} AS t WHERE {window} GROUP BY {group}",
-            selects.join(", "),
-            shadow.quoted()
-        );
-        let rows = fetch_all(conn, &sql, &binds).await?;
-        let mut failing: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        for row in &rows {
-            let p: Option<String> = get(row, 0)?;
-            let counts = (0..row_audits.len())
-                .map(|i| get::<i64>(row, i + 1))
-                .collect::<Result<Vec<_>, _>>()?;
-            failing.insert(p.unwrap_or_else(|| "NULL".into()), counts);
-        }
-        for (i, (audit, _, _, allowed)) in row_audits.iter().enumerate() {
-            for partition in partitions {
-                let observed = failing.get(&partition.key).map_or(0, |c| c[i]);
-                records.push(record(
-                    audit,
-                    &partition.key,
-                    observed as u64 <= *allowed,
-                    format!("{observed} failing row(s)"),
-                    format!("at most {allowed}"),
-                ));
-            }
-        }
-    }
-
-    // Per-partition comparisons against the current table: one grouped scan of each.
+    // Per-partition comparisons against the current table.
     let comparisons: Vec<&Audit> = spec
         .audits
         .iter()
@@ -225,31 +182,64 @@ pub async fn run_audits(
             )
         })
         .collect();
-    if !comparisons.is_empty() {
-        // Aggregates over the shadow, and the same over the current table, where a column
-        // the backfill adds reads as NULL.
-        let mut on_shadow = Vec::new();
-        let mut on_current = Vec::new();
-        for audit in &comparisons {
-            if let AuditCheck::Aggregate {
-                function, column, ..
-            } = &audit.check
-            {
-                let expr = aggregate_sql(
-                    dialect,
-                    *function,
-                    column.as_ref().map(|c| format!("t.{}", c.quoted())),
-                )?;
-                let absent = column.as_ref().is_some_and(|c| is_added_column(spec, c));
-                on_current.push(if absent {
-                    dialect.as_float("NULL")
-                } else {
-                    expr.clone()
-                });
-                on_shadow.push(expr);
-            }
+    // Aggregates over the shadow, and the same over the current table, where a column the
+    // backfill adds reads as NULL.
+    let mut on_shadow = Vec::new();
+    let mut on_current = Vec::new();
+    for audit in &comparisons {
+        if let AuditCheck::Aggregate {
+            function, column, ..
+        } = &audit.check
+        {
+            let expr = aggregate_sql(
+                dialect,
+                *function,
+                column.as_ref().map(|c| format!("t.{}", c.quoted())),
+            )?;
+            let absent = column.as_ref().is_some_and(|c| is_added_column(spec, c));
+            on_current.push(if absent {
+                dialect.as_float("NULL")
+            } else {
+                expr.clone()
+            });
+            on_shadow.push(expr);
         }
-        let current = partition_stats(
+    }
+    let aggregate_count = on_shadow.len();
+
+    // The shadow is scanned once for everything: row count, aggregates and the failing rows
+    // of every row audit, grouped per partition.
+    let mut shadow_binds = window_binds.clone();
+    let mut shadow_extras = on_shadow;
+    for (_, condition, audit_binds, _) in &row_audits {
+        // Renumber this audit's {i} placeholders after the binds already taken.
+        let mut condition = condition.clone();
+        for (i, bind) in audit_binds.iter().enumerate() {
+            shadow_binds.push(bind.clone());
+            let cast = dialect.as_float(&dialect.placeholder(shadow_binds.len()));
+            condition = condition.replace(&format!("{{{i}}}"), &cast);
+        }
+        shadow_extras.push(dialect.as_float(&format!(
+            "coalesce(sum(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
+        )));
+    }
+    if row_audits.is_empty() && comparisons.is_empty() {
+        return Ok(records);
+    }
+    let proposed = partition_stats(
+        conn,
+        shadow,
+        &label,
+        &group,
+        &window,
+        &shadow_binds,
+        &shadow_extras,
+    )
+    .await?;
+    let current = if comparisons.is_empty() {
+        Stats::new()
+    } else {
+        partition_stats(
             conn,
             target,
             &label,
@@ -258,52 +248,58 @@ pub async fn run_audits(
             &window_binds,
             &on_current,
         )
-        .await?;
-        let proposed = partition_stats(
-            conn,
-            shadow,
-            &label,
-            &group,
-            &window,
-            &window_binds,
-            &on_shadow,
-        )
-        .await?;
-        let aggregates = on_shadow;
+        .await?
+    };
+
+    for (i, (audit, _, _, allowed)) in row_audits.iter().enumerate() {
         for partition in partitions {
-            let empty = (0i64, vec![None; aggregates.len()]);
-            let (current_rows, current_values) = current
+            let observed = proposed
                 .get(&partition.key)
-                .cloned()
-                .unwrap_or_else(|| empty.clone());
-            let (shadow_rows, shadow_values) =
-                proposed.get(&partition.key).cloned().unwrap_or(empty);
-            let mut aggregate_index = 0;
-            for audit in &comparisons {
-                match &audit.check {
-                    AuditCheck::RowcountDelta {
-                        max_change_pct,
-                        max_change_rows,
-                    } => {
-                        let (ok, observed, allowed) = rowcount_verdict(
-                            current_rows,
-                            shadow_rows,
-                            *max_change_pct,
-                            *max_change_rows,
-                        );
-                        records.push(record(audit, &partition.key, ok, observed, allowed));
-                    }
-                    AuditCheck::Aggregate { bounds, .. } => {
-                        let (ok, observed, allowed) = aggregate_verdict(
-                            current_values[aggregate_index],
-                            shadow_values[aggregate_index],
-                            bounds,
-                        );
-                        aggregate_index += 1;
-                        records.push(record(audit, &partition.key, ok, observed, allowed));
-                    }
-                    _ => {}
+                .and_then(|(_, values)| values[aggregate_count + i])
+                .map_or(0, |v| v as i64);
+            records.push(record(
+                audit,
+                &partition.key,
+                observed as u64 <= *allowed,
+                format!("{observed} failing row(s)"),
+                format!("at most {allowed}"),
+            ));
+        }
+    }
+    for partition in partitions {
+        let (current_rows, current_values) = current
+            .get(&partition.key)
+            .cloned()
+            .unwrap_or_else(|| (0, vec![None; aggregate_count]));
+        let (shadow_rows, shadow_values) = proposed
+            .get(&partition.key)
+            .cloned()
+            .unwrap_or_else(|| (0, vec![None; shadow_extras.len()]));
+        let mut aggregate_index = 0;
+        for audit in &comparisons {
+            match &audit.check {
+                AuditCheck::RowcountDelta {
+                    max_change_pct,
+                    max_change_rows,
+                } => {
+                    let (ok, observed, allowed) = rowcount_verdict(
+                        current_rows,
+                        shadow_rows,
+                        *max_change_pct,
+                        *max_change_rows,
+                    );
+                    records.push(record(audit, &partition.key, ok, observed, allowed));
                 }
+                AuditCheck::Aggregate { bounds, .. } => {
+                    let (ok, observed, allowed) = aggregate_verdict(
+                        current_values[aggregate_index],
+                        shadow_values[aggregate_index],
+                        bounds,
+                    );
+                    aggregate_index += 1;
+                    records.push(record(audit, &partition.key, ok, observed, allowed));
+                }
+                _ => {}
             }
         }
     }
