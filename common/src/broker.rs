@@ -371,9 +371,15 @@ impl Broker {
     ) -> Result<(), BackfillError> {
         let mut headers = headers.cloned().unwrap_or_default();
         headers.insert(HEADER_REASON.into(), text(reason));
+        // Details travel to operators: never let a secret ride along.
         headers.insert(
             HEADER_DETAIL.into(),
-            text(&detail.chars().take(2000).collect::<String>()),
+            text(
+                &redact_secrets(detail)
+                    .chars()
+                    .take(2000)
+                    .collect::<String>(),
+            ),
         );
         self.publish_raw(&self.topology.dead_exchange(), warehouse, body, headers)
             .await
@@ -620,27 +626,34 @@ struct RabbitSettle {
     headers: Option<FieldTable>,
 }
 
+/// lapin answers `Ok(false)` when the channel is already closed: the broker will requeue
+/// the message, and the caller must know the settlement did not happen.
+fn settled(result: Result<bool, lapin::Error>) -> Result<(), BackfillError> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BackfillError::Queue(
+            "the channel closed before the delivery was settled; the broker will redeliver it"
+                .into(),
+        )),
+        Err(error) => Err(broker_error(error)),
+    }
+}
+
 impl Settle for RabbitSettle {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>> {
-        Box::pin(async move {
-            self.acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(broker_error)?;
-            Ok(())
-        })
+        Box::pin(async move { settled(self.acker.ack(BasicAckOptions::default()).await) })
     }
 
     fn nack(self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>> {
         Box::pin(async move {
-            self.acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue,
-                })
-                .await
-                .map_err(broker_error)?;
-            Ok(())
+            settled(
+                self.acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue,
+                    })
+                    .await,
+            )
         })
     }
 
@@ -661,12 +674,7 @@ impl Settle for RabbitSettle {
                 )
                 .await
             {
-                Ok(()) => self
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(broker_error)
-                    .map(|_| ()),
+                Ok(()) => settled(self.acker.ack(BasicAckOptions::default()).await),
                 // Could not park it: hand it back rather than lose it.
                 Err(error) => {
                     self.acker

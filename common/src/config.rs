@@ -37,9 +37,7 @@ pub fn warehouse_url(name: &str, config: Option<&Path>) -> Result<String, String
     if let Some(path) = config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e| format!("parsing config file {}: {e}", path.display()))?;
+        let table = parse_config(&text, path)?;
         return table
             .get("warehouses")
             .and_then(|w| w.get(name))
@@ -63,14 +61,34 @@ pub fn section_url(section: &str, config: Option<&Path>) -> Result<Option<String
     let Some(path) = config else { return Ok(None) };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| format!("parsing config file {}: {e}", path.display()))?;
+    let table = parse_config(&text, path)?;
     Ok(table
         .get(section)
         .and_then(|s| s.get("url"))
         .and_then(|u| u.as_str())
         .map(str::to_string))
+}
+
+/// Parses a config file. The error names the line but never quotes it: config files hold
+/// URLs with passwords, and this message can travel to logs and dead-letter queues.
+fn parse_config(text: &str, path: &Path) -> Result<toml::Table, String> {
+    toml::from_str::<toml::Table>(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        match line {
+            Some(line) => format!(
+                "config file {} is not valid TOML at line {line}: {}",
+                path.display(),
+                e.message()
+            ),
+            None => format!(
+                "config file {} is not valid TOML: {}",
+                path.display(),
+                e.message()
+            ),
+        }
+    })
 }
 
 /// Adds `application_name` to a PostgreSQL URL so that sessions show who they are in
@@ -92,6 +110,22 @@ pub fn with_application_name(url: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_errors_never_quote_the_file() {
+        let dir = std::env::temp_dir().join(format!("bf-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("backfill.toml");
+        std::fs::write(
+            &path,
+            "[warehouses.demo]\nurl = \"postgres://app:S3cretPw@db/wh\" extra\n",
+        )
+        .unwrap();
+        let error = warehouse_url("demo", Some(&path)).unwrap_err();
+        assert!(!error.contains("S3cretPw"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn env_names_and_application_names() {

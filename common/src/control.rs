@@ -724,6 +724,7 @@ impl ControlStore {
         state: PartitionState,
         error: &str,
     ) -> Result<(), BackfillError> {
+        let error = &crate::warehouse::redact_secrets(error);
         let mut tx = self.warehouse.pool.begin().await?;
         let updated = execute(
             &mut tx,

@@ -238,41 +238,8 @@ pub fn resolve_url(connection: &Connection, spec_warehouse: Option<&str>) -> Res
     }
     let name = connection.warehouse.as_deref().or(spec_warehouse);
     if let Some(name) = name {
-        let variable = format!(
-            "BACKFILL_WAREHOUSE_{}_URL",
-            name.chars()
-                .map(|c| if c.is_ascii_alphanumeric() {
-                    c.to_ascii_uppercase()
-                } else {
-                    '_'
-                })
-                .collect::<String>()
-        );
-        if let Ok(url) = std::env::var(&variable) {
-            return Ok(url);
-        }
-        if let Some(path) = &connection.config {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
-            let config: toml::Table = text
-                .parse()
-                .with_context(|| format!("parsing config file {}", path.display()))?;
-            if let Some(url) = config
-                .get("warehouses")
-                .and_then(|w| w.get(name))
-                .and_then(|w| w.get("url"))
-                .and_then(|u| u.as_str())
-            {
-                return Ok(url.to_string());
-            }
-            bail!(
-                "config file {} has no [warehouses.{name}] url",
-                path.display()
-            );
-        }
-        bail!(
-            "no URL for warehouse `{name}`: pass --warehouse-url, set {variable}, or give a config file with [warehouses.{name}] url = \"…\""
-        );
+        return backfill_common::config::warehouse_url(name, connection.config.as_deref())
+            .map_err(|e| anyhow!(e));
     }
     bail!(
         "no warehouse given: pass --warehouse-url (or set BACKFILL_WAREHOUSE_URL), or --warehouse NAME with BACKFILL_WAREHOUSE_<NAME>_URL or a config file"
