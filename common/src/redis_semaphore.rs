@@ -228,8 +228,10 @@ impl Semaphore for RedisSemaphore {
         let semaphore = self.clone();
         let beat_key = key.clone();
         let beat_holder = holder.clone();
+        let (lost_sender, lost) = tokio::sync::watch::channel(false);
         let heartbeat = tokio::spawn(async move {
             let period = semaphore.ttl / 3;
+            let mut renewed = std::time::Instant::now();
             loop {
                 tokio::time::sleep(period).await;
                 let mut connection = semaphore.connection.clone();
@@ -242,20 +244,30 @@ impl Semaphore for RedisSemaphore {
                     .invoke_async(&mut connection)
                     .await;
                 match alive {
-                    Ok(1) => {}
+                    Ok(1) => renewed = std::time::Instant::now(),
                     Ok(_) => {
-                        tracing::warn!(holder = %beat_holder, "semaphore lease expired before its heartbeat; the limit may be exceeded until this task ends");
+                        tracing::warn!(holder = %beat_holder, "semaphore lease expired before its heartbeat; stopping the work it guards");
+                        let _ = lost_sender.send(true);
+                        return;
+                    }
+                    // Unreachable for longer than the TTL: others may already hold our slot.
+                    Err(error) if renewed.elapsed() > semaphore.ttl => {
+                        tracing::warn!(%error, "semaphore unreachable for longer than the lease; stopping the work it guards");
+                        let _ = lost_sender.send(true);
                         return;
                     }
                     Err(error) => tracing::warn!(%error, "semaphore heartbeat failed; retrying"),
                 }
             }
         });
-        Ok(Lease::new(RedisLease {
-            heartbeat,
-            semaphore: self.clone(),
-            key,
-            holder,
-        }))
+        Ok(Lease::with_loss_signal(
+            RedisLease {
+                heartbeat,
+                semaphore: self.clone(),
+                key,
+                holder,
+            },
+            lost,
+        ))
     }
 }

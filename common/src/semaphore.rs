@@ -12,12 +12,41 @@ use crate::error::BackfillError;
 /// One held slot of a semaphore. Dropping it releases the slot.
 pub struct Lease {
     _inner: Box<dyn Send + Sync>,
+    lost: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Lease {
     pub fn new(inner: impl Send + Sync + 'static) -> Lease {
         Lease {
             _inner: Box::new(inner),
+            lost: None,
+        }
+    }
+
+    /// A lease that can be lost before it is dropped (e.g. it expired in Redis): `lost` turns
+    /// true then, and whoever holds the lease must stop the work it guards.
+    pub fn with_loss_signal(
+        inner: impl Send + Sync + 'static,
+        lost: tokio::sync::watch::Receiver<bool>,
+    ) -> Lease {
+        Lease {
+            _inner: Box::new(inner),
+            lost: Some(lost),
+        }
+    }
+
+    /// Resolves when the lease is lost; never, for leases that cannot be lost.
+    pub async fn lost(&self) {
+        match &self.lost {
+            Some(lost) => {
+                let mut lost = lost.clone();
+                let _ = lost.wait_for(|lost| *lost).await;
+                if !*lost.borrow() {
+                    // the sender is gone without reporting a loss: the lease ended normally
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
         }
     }
 }

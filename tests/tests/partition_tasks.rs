@@ -376,3 +376,71 @@ async fn key_moved_across_partitions_on_sqlite() {
 async fn key_moved_across_partitions_on_postgres() {
     key_moved_across_partitions_is_a_collision(TestDatabase::postgres().await).await;
 }
+
+/// The Redis lease disappears while a partition runs (Redis restarted or flushed): the attempt
+/// is stopped and rolled back, its statement cancelled on the server, and the partition is
+/// retried under a new lease and applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_stops_the_attempt() {
+    let db = TestDatabase::postgres().await;
+    let (warehouse, store, ctx, run_id) = open_run_with_complete_shadow(
+        &db,
+        &[
+            (
+                "FROM staging_order_items\n",
+                "FROM staging_order_items CROSS JOIN (SELECT pg_sleep(1.5)) AS slow\n",
+            ),
+            ("backoff_initial = \"200ms\"", "backoff_initial = \"100ms\""),
+        ],
+    )
+    .await;
+    let semaphore = backfill_common::redis_semaphore::RedisSemaphore::connect(
+        &redis_url(),
+        &unique_prefix("lease"),
+        Duration::from_millis(900),
+        "test",
+    )
+    .await
+    .unwrap();
+    let task = reissue(&warehouse, &store, &run_id, "2024-03-04").await;
+    let before = checksum(&warehouse, &ctx.shadow.to_string(), None).await;
+    let running = {
+        let (ctx, semaphore, task) = (ctx.clone(), semaphore.clone(), task.clone());
+        tokio::spawn(async move { run_partition(&ctx, &semaphore, task).await })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    semaphore.clear("demo").await.unwrap(); // the lease vanishes under the running attempt
+    let report = running.await.unwrap();
+    assert!(
+        matches!(report.outcome, PartitionOutcome::Done { .. }),
+        "{:?}",
+        report.outcome
+    );
+    assert!(report.task.attempt > task.attempt, "a second attempt ran");
+    let lost = count(
+        &warehouse,
+        &format!(
+            "SELECT count(*) FROM {} WHERE run_id = '{run_id}' AND partition_key = '2024-03-04' AND kind = 'partition_retrying' AND detail LIKE '%lease%'",
+            store.table("events")
+        ),
+    )
+    .await;
+    assert_eq!(lost, 1, "the lost lease was recorded");
+    let record = store
+        .partitions(&run_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.partition_key == "2024-03-04")
+        .unwrap();
+    assert_eq!(
+        record.times_applied, 2,
+        "applied by the first run and once by this task"
+    );
+    assert_eq!(
+        checksum(&warehouse, &ctx.shadow.to_string(), None).await,
+        before,
+        "re-applying the same data changed nothing"
+    );
+    semaphore.clear("demo").await.unwrap();
+}

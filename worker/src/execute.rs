@@ -71,7 +71,7 @@ pub async fn run_partition<S: Semaphore>(
                 .acquire(&ctx.warehouse_name, ctx.concurrency)
                 .await
             {
-                Ok(_lease) => attempt_with_timeout(ctx, &task).await,
+                Ok(lease) => attempt_with_timeout(ctx, &task, &lease).await,
                 Err(e) => Err(e),
             }
         };
@@ -125,15 +125,42 @@ pub async fn run_partition<S: Semaphore>(
 async fn attempt_with_timeout(
     ctx: &PartitionContext,
     task: &PartitionTask,
+    lease: &backfill_common::semaphore::Lease,
 ) -> Result<PartitionOutcome, BackfillError> {
     let client_timeout = ctx.timeout + Duration::from_secs(2);
-    match tokio::time::timeout(client_timeout, attempt(ctx, task)).await {
-        Ok(result) => result,
-        Err(_) => Err(BackfillError::Timeout {
+    let backend = std::sync::atomic::AtomicI64::new(0);
+    let work = attempt(ctx, task, &backend);
+    tokio::pin!(work);
+    let abandoned = tokio::select! {
+        result = &mut work => return result,
+        _ = tokio::time::sleep(client_timeout) => BackfillError::Timeout {
             partition: task.partition_key.clone(),
             seconds: client_timeout.as_secs_f64(),
-        }),
+        },
+        // Losing the lease mid-attempt (it expired in Redis) stops the attempt: its
+        // transaction rolls back and the task is retried under a new lease, so the limit
+        // holds.
+        _ = lease.lost() => BackfillError::Semaphore(format!(
+            "the semaphore lease for warehouse {} was lost during partition {}; the attempt was rolled back",
+            ctx.warehouse_name, task.partition_key
+        )),
+    };
+    // The abandoned statement would otherwise keep running on the server (and keep the
+    // warehouse busy) until its statement timeout: cancel it while this attempt still holds
+    // its connection, so the cancel cannot hit a later user of that connection.
+    let pid = backend.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0
+        && let Ok(mut conn) = ctx.store.warehouse.acquire().await
+    {
+        let _ = execute(
+            &mut conn,
+            "SELECT CAST(pg_cancel_backend(CAST($1 AS integer)) AS text)",
+            &[Bind::Int(pid)],
+        )
+        .await;
     }
+    // `work` (and with it the transaction, rolled back) is dropped on return, after the cancel.
+    Err(abandoned)
 }
 
 /// One attempt in one transaction. Dropping the transaction on any error rolls it back, so
@@ -141,6 +168,7 @@ async fn attempt_with_timeout(
 async fn attempt(
     ctx: &PartitionContext,
     task: &PartitionTask,
+    backend: &std::sync::atomic::AtomicI64,
 ) -> Result<PartitionOutcome, BackfillError> {
     let started = Instant::now();
     let mut tx = ctx.store.warehouse.pool.begin().await?;
@@ -150,7 +178,13 @@ async fn attempt(
     };
     if ctx.store.dialect() == Dialect::Postgres {
         let millis = ctx.timeout.as_millis().to_string();
-        execute(&mut tx, "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)", &[millis.into()]).await?;
+        let row = fetch_one(
+            &mut tx,
+            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true), CAST(pg_backend_pid() AS bigint)",
+            &[millis.into()],
+        )
+        .await?;
+        backend.store(get::<i64>(&row, 2)?, std::sync::atomic::Ordering::SeqCst);
     }
     let bounds = [
         Bind::Text(task.range_start.clone()),
