@@ -207,7 +207,18 @@ async fn serve(
         broker: broker.clone(),
         worker: worker_id.to_string(),
     });
-    let mut consumers = Vec::new();
+    // Consumers of this connection stop together: on shutdown, or as soon as one of them
+    // fails (a closed channel would otherwise leave this worker a slot short, silently).
+    let (local_stop_sender, local_stop) = tokio::sync::watch::channel(false);
+    let local_stop_sender = Arc::new(local_stop_sender);
+    let forward_stop = {
+        let (mut stop, sender) = (stop.clone(), local_stop_sender.clone());
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+            let _ = sender.send(true);
+        })
+    };
+    let mut consumers = tokio::task::JoinSet::new();
     let mut queues = Vec::new();
     for warehouse in &args.warehouses {
         broker
@@ -222,25 +233,29 @@ async fn serve(
                     .await?,
             );
             queues.push(queue.clone());
-            consumers.push(tokio::spawn(consume(
+            consumers.spawn(consume(
                 queue,
                 semaphore.clone(),
                 contexts.clone(),
                 reports.clone(),
                 args.delivery_limit,
-                stop.clone(),
-            )));
+                local_stop.clone(),
+            ));
         }
     }
     tracing::info!(worker = %worker_id, warehouses = ?args.warehouses, slots = args.slots, "worker ready");
     let mut failure = None;
-    for consumer in consumers {
-        match consumer.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = Some(anyhow!(e)),
-            Err(e) => failure = Some(anyhow!("a consumer crashed: {e}")),
-        }
+    while let Some(finished) = consumers.join_next().await {
+        let error = match finished {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => anyhow!(e),
+            Err(e) => anyhow!("a consumer crashed: {e}"),
+        };
+        // The others finish the task in hand, then the worker reconnects.
+        let _ = local_stop_sender.send(true);
+        failure.get_or_insert(error);
     }
+    forward_stop.abort();
     for queue in queues {
         queue.close().await;
     }
