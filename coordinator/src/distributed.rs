@@ -69,7 +69,15 @@ pub async fn run_partitions(
     .await?;
     let warehouse = match tasks.first() {
         Some(task) => task.warehouse.clone(),
-        None => return Ok(()),
+        None => {
+            // Everything was done before this coordinator came: only the result queue a
+            // previous coordinator may have left behind remains to clean up.
+            let _ = broker
+                .delete_queue(&broker.topology.results_queue(&run.run_id))
+                .await;
+            broker.close().await;
+            return Ok(());
+        }
     };
     broker.declare_warehouse(&warehouse).await?;
     let mut results = broker.results(&run.run_id).await?;

@@ -71,22 +71,43 @@ macro_rules! semaphore_conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn limit_holds_under_contention() {
                 let (semaphore, resource) = $make.await;
-                super::limit_holds_under_contention(semaphore, &resource).await;
+                super::limit_holds_under_contention(semaphore.clone(), &resource).await;
+                semaphore.cleanup(&resource).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn released_slots_are_reused() {
                 let (semaphore, resource) = $make.await;
-                super::released_slots_are_reused(semaphore, &resource).await;
+                super::released_slots_are_reused(semaphore.clone(), &resource).await;
+                semaphore.cleanup(&resource).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn resources_are_independent() {
                 let (semaphore, resource) = $make.await;
-                super::resources_are_independent(semaphore, &resource).await;
+                super::resources_are_independent(semaphore.clone(), &resource).await;
+                semaphore.cleanup(&resource).await;
             }
         }
     };
+}
+
+/// Removes what a test left in the semaphore's store.
+trait Cleanup {
+    async fn cleanup(&self, resource: &str);
+}
+
+impl Cleanup for InMemorySemaphore {
+    async fn cleanup(&self, _resource: &str) {}
+}
+
+impl Cleanup for RedisSemaphore {
+    async fn cleanup(&self, resource: &str) {
+        // leases are released on drop, asynchronously
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.clear(resource).await.unwrap();
+        self.clear(&format!("{resource}-other")).await.unwrap();
+    }
 }
 
 async fn in_memory() -> (InMemorySemaphore, String) {
