@@ -150,8 +150,9 @@ pub async fn run_partitions(
     Ok(())
 }
 
-/// True once no partition can still change: each is done, or failed with its task
-/// dead-lettered (by a worker, or by the broker after too many deliveries).
+/// True once no partition can still change: each is done, or failed (recorded by a worker
+/// that dead-lettered its task, or found here in the dead-letter queue when the broker
+/// dead-lettered it after too many deliveries).
 async fn barrier_reached(
     store: &ControlStore,
     broker: &Broker,
@@ -159,16 +160,20 @@ async fn barrier_reached(
     warehouse: &str,
 ) -> Result<bool, BackfillError> {
     let partitions = store.partitions(&run.run_id).await?;
-    if partitions.iter().all(|p| p.state == PartitionState::Done) {
+    // Workers record a partition as failed before they dead-letter its task, so the control
+    // store alone settles done and failed partitions.
+    let unsettled: Vec<_> = partitions
+        .iter()
+        .filter(|p| !matches!(p.state, PartitionState::Done | PartitionState::Failed))
+        .collect();
+    if unsettled.is_empty() {
         return Ok(true);
     }
-    // Which current tasks of this run sit in the dead-letter queue?
+    // Only the broker's own dead-lettering (e.g. delivery limit after worker crashes) is not
+    // in the store: look for the unsettled partitions' current tasks in the dead-letter queue.
     let dead = broker.dead_letters(warehouse, 10_000).await?;
     let mut open = 0;
-    for partition in partitions
-        .iter()
-        .filter(|p| p.state != PartitionState::Done)
-    {
+    for partition in unsettled {
         let letter = dead.iter().find(|d| {
             d.message.as_ref().is_some_and(|m| {
                 m.task.run_id == run.run_id
@@ -176,16 +181,13 @@ async fn barrier_reached(
                     && m.task.fencing_token == partition.fencing_token
             })
         });
-        match letter {
-            Some(letter) if partition.state != PartitionState::Failed => {
-                // The broker parked it (e.g. delivery limit after worker crashes): record why.
-                let task = &letter.message.as_ref().expect("matched a message").task;
+        match letter.and_then(|l| l.message.as_ref().map(|m| (l, m))) {
+            Some((letter, message)) => {
                 let error = format!("dead-lettered ({}): {}", letter.reason, letter.detail);
                 store
-                    .record_partition_error(task, PartitionState::Failed, &error)
+                    .record_partition_error(&message.task, PartitionState::Failed, &error)
                     .await?;
             }
-            Some(_) => {}
             None => open += 1,
         }
     }
