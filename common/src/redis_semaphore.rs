@@ -220,7 +220,19 @@ impl Semaphore for RedisSemaphore {
                     failures += 1;
                     tracing::warn!(%error, "semaphore acquire failed; retrying");
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    // The script may have run and only its reply been lost: give back whatever
+                    // this holder may hold (best effort; otherwise the lease expires).
+                    let mut connection = self.connection.clone();
+                    let _: Result<i64, _> = self
+                        .scripts
+                        .release
+                        .key(self.key(resource))
+                        .arg(&holder)
+                        .invoke_async(&mut connection)
+                        .await;
+                    return Err(error);
+                }
             }
             tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(1))).await;
         }
