@@ -405,14 +405,43 @@ impl Broker {
         warehouse: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BackfillError> {
+        let swept = self.sweep_dead_letters(warehouse, limit, |_| false).await?;
+        Ok(swept.into_iter().map(|(letter, _)| letter).collect())
+    }
+
+    /// Removes dead letters of the given run (after a resubmit republished them).
+    pub async fn purge_dead_letters(
+        &self,
+        warehouse: &str,
+        run_id: &str,
+    ) -> Result<usize, BackfillError> {
+        let swept = self
+            .sweep_dead_letters(warehouse, usize::MAX, |letter| {
+                letter
+                    .message
+                    .as_ref()
+                    .is_some_and(|m| m.task.run_id == run_id)
+            })
+            .await?;
+        Ok(swept.iter().filter(|(_, removed)| *removed).count())
+    }
+
+    /// Takes up to `limit` messages of a warehouse's dead-letter queue, acks (removes) those
+    /// `remove` picks and puts the others back; returns each letter with whether it was removed.
+    async fn sweep_dead_letters(
+        &self,
+        warehouse: &str,
+        limit: usize,
+        remove: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<Vec<(DeadLetter, bool)>, BackfillError> {
         let channel = self
             .connection
             .create_channel()
             .await
             .map_err(broker_error)?;
-        let mut letters = Vec::new();
-        let mut tags = Vec::new();
-        while letters.len() < limit {
+        let mut swept = Vec::new();
+        let mut last_kept = None;
+        while swept.len() < limit {
             let Some(got) = channel
                 .basic_get(
                     self.topology.dead_queue(warehouse).into(),
@@ -425,21 +454,26 @@ impl Broker {
             };
             let delivery = got.delivery;
             let headers = delivery.properties.headers().as_ref();
-            let reason =
-                header_text(headers, HEADER_REASON).unwrap_or_else(|| broker_death_reason(headers));
-            let detail = header_text(headers, HEADER_DETAIL).unwrap_or_default();
-            let message = self.verified_task(&delivery);
-            letters.push(DeadLetter {
-                message,
-                reason,
-                detail,
-            });
-            tags.push(delivery.delivery_tag);
+            let letter = DeadLetter {
+                message: self.verified_task(&delivery),
+                reason: header_text(headers, HEADER_REASON)
+                    .unwrap_or_else(|| broker_death_reason(headers)),
+                detail: header_text(headers, HEADER_DETAIL).unwrap_or_default(),
+            };
+            let removed = remove(&letter);
+            if removed {
+                settled(delivery.acker.ack(BasicAckOptions::default()).await)?;
+            } else {
+                last_kept = Some(delivery.delivery_tag);
+            }
+            swept.push((letter, removed));
         }
-        if let Some(last) = tags.last() {
+        // One multiple nack of the last kept tag puts back every message taken and not removed
+        // (the removed ones are already acked).
+        if let Some(last) = last_kept {
             channel
                 .basic_nack(
-                    *last,
+                    last,
                     BasicNackOptions {
                         multiple: true,
                         requeue: true,
@@ -449,62 +483,7 @@ impl Broker {
                 .map_err(broker_error)?;
         }
         let _ = channel.close(200, "done".into()).await;
-        Ok(letters)
-    }
-
-    /// Removes dead letters of the given run (after a resubmit republished them).
-    pub async fn purge_dead_letters(
-        &self,
-        warehouse: &str,
-        run_id: &str,
-    ) -> Result<usize, BackfillError> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(broker_error)?;
-        let mut purged = 0;
-        let mut keep = Vec::new();
-        loop {
-            let Some(got) = channel
-                .basic_get(
-                    self.topology.dead_queue(warehouse).into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(broker_error)?
-            else {
-                break;
-            };
-            let delivery = got.delivery;
-            let of_run = self
-                .verified_task(&delivery)
-                .is_some_and(|t| t.task.run_id == run_id);
-            if of_run {
-                delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(broker_error)?;
-                purged += 1;
-            } else {
-                keep.push(delivery.delivery_tag);
-            }
-        }
-        for tag in keep {
-            channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await
-                .map_err(broker_error)?;
-        }
-        let _ = channel.close(200, "done".into()).await;
-        Ok(purged)
+        Ok(swept)
     }
 
     /// A consumer of a warehouse's task queue on its own channel, `prefetch` messages at most
