@@ -312,12 +312,7 @@ impl Warehouse {
                 })
             }
             Dialect::Sqlite => {
-                let columns = self.table_columns(conn, table).await?;
-                let row_text = columns
-                    .iter()
-                    .map(|c| format!("quote(t.\"{}\")", c.replace('"', "\"\"")))
-                    .collect::<Vec<_>>()
-                    .join(" || '|' || ");
+                let row_text = self.sqlite_row_text(conn, table).await?;
                 let sql = format!("SELECT {row_text} FROM {} AS t{filter}", table.quoted());
                 // Streamed: memory stays flat whatever the table's size.
                 let mut rows = query_with(&sql, binds).fetch(&mut *conn);
@@ -364,12 +359,7 @@ impl Warehouse {
                 ))
             }
             Dialect::Sqlite => {
-                let columns = self.table_columns(conn, table).await?;
-                let row_text = columns
-                    .iter()
-                    .map(|c| format!("quote(t.\"{}\")", c.replace('"', "\"\"")))
-                    .collect::<Vec<_>>()
-                    .join(" || '|' || ");
+                let row_text = self.sqlite_row_text(conn, table).await?;
                 let sql = format!(
                     "SELECT {row_text}, CASE WHEN coalesce(({subset}), 0) THEN 1 ELSE 0 END FROM {} AS t",
                     table.quoted()
@@ -397,6 +387,22 @@ impl Warehouse {
                 ))
             }
         }
+    }
+}
+
+impl Warehouse {
+    /// SQLite: one row of `table` (alias `t`) as text, every value `quote()`d, for hashing here.
+    async fn sqlite_row_text(
+        &self,
+        conn: &mut AnyConnection,
+        table: &TableName,
+    ) -> Result<String, BackfillError> {
+        let columns = self.table_columns(conn, table).await?;
+        Ok(columns
+            .iter()
+            .map(|c| format!("quote(t.\"{}\")", c.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(" || '|' || "))
     }
 }
 
