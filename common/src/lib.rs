@@ -16,6 +16,7 @@ pub mod redis_semaphore;
 pub mod semaphore;
 pub mod spec;
 pub mod sql;
+pub mod telemetry;
 pub mod warehouse;
 
 pub use error::{BackfillError, Retry};

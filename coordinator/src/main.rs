@@ -2,20 +2,8 @@ use clap::Parser;
 
 fn main() {
     let cli = backfill_coordinator::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BACKFILL_LOG")
-                .unwrap_or_else(|_| "warn,sqlx=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    backfill_common::telemetry::init_logging("warn");
+    let runtime = backfill_common::telemetry::runtime_or_exit();
     let code = match runtime.block_on(backfill_coordinator::cli::execute(cli)) {
         Ok(code) => code,
         Err(e) => {

@@ -64,20 +64,8 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BACKFILL_LOG")
-                .unwrap_or_else(|_| "info,sqlx=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    backfill_common::telemetry::init_logging("info");
+    let runtime = backfill_common::telemetry::runtime_or_exit();
     if let Err(e) = runtime.block_on(run(args)) {
         eprintln!("error: {}", redact_secrets(&format!("{e:#}")));
         std::process::exit(1);
