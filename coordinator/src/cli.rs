@@ -67,6 +67,22 @@ pub struct Connection {
     pub control_schema: String,
 }
 
+/// What `run`, `resume` and `resubmit` share: who, how to show progress, where, and by whom
+/// the partitions are executed.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Who runs it, recorded on the run
+    #[arg(long, env = "USER", default_value = "unknown")]
+    pub owner: String,
+    /// No progress bar (for logs and CI)
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(flatten)]
+    pub distributed: DistributedArgs,
+}
+
 /// Distributed execution: with a broker, partitions go to `backfill-worker` processes.
 #[derive(Args, Debug, Clone)]
 pub struct DistributedArgs {
@@ -143,28 +159,14 @@ pub enum Command {
     /// Run a backfill: shadow, partitions, audits, publish. Running it again resumes
     Run {
         spec: PathBuf,
-        /// Who runs it, recorded on the run
-        #[arg(long, env = "USER", default_value = "unknown")]
-        owner: String,
-        /// No progress bar (for logs and CI)
-        #[arg(long)]
-        no_progress: bool,
         #[command(flatten)]
-        connection: Connection,
-        #[command(flatten)]
-        distributed: DistributedArgs,
+        how: RunArgs,
     },
     /// Resume a run by its id (the spec is read back from the control store)
     Resume {
         run: String,
-        #[arg(long, env = "USER", default_value = "unknown")]
-        owner: String,
-        #[arg(long)]
-        no_progress: bool,
         #[command(flatten)]
-        connection: Connection,
-        #[command(flatten)]
-        distributed: DistributedArgs,
+        how: RunArgs,
     },
     /// Republish failed / dead-lettered partitions of a run (new attempt, new fencing token)
     /// and carry the run on to audit and publish
@@ -176,14 +178,8 @@ pub enum Command {
         /// Resubmit these partitions only (refused for partitions already done)
         #[arg(long, value_delimiter = ',')]
         partition: Vec<String>,
-        #[arg(long, env = "USER", default_value = "unknown")]
-        owner: String,
-        #[arg(long)]
-        no_progress: bool,
         #[command(flatten)]
-        connection: Connection,
-        #[command(flatten)]
-        distributed: DistributedArgs,
+        how: RunArgs,
     },
     /// Show a run (partition grid, counts, audits), or list runs when no run is given
     Status {
@@ -416,45 +412,30 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Run {
-            spec,
-            owner,
-            no_progress,
-            connection,
-            distributed,
-        } => {
+        Command::Run { spec, how } => {
             let (spec, text) = read_spec(&spec)?;
-            let url = resolve_url(&connection, Some(&spec.warehouse.name))?;
-            let executor = distributed.executor(&connection)?;
+            let url = resolve_url(&how.connection, Some(&spec.warehouse.name))?;
+            let executor = how.distributed.executor(&how.connection)?;
             // Before any connection: a spec that cannot run distributed is refused up front.
             if let Executor::Distributed(options) = &executor {
                 options.check_timeouts(&spec)?;
             }
             let backfill = Backfill::open(spec, text, &url).await?;
-            carry_on(&backfill, &url, &owner, no_progress, &executor).await
+            carry_on(&backfill, &url, &how, &executor).await
         }
-        Command::Resume {
-            run,
-            owner,
-            no_progress,
-            connection,
-            distributed,
-        } => {
-            let executor = distributed.executor(&connection)?;
-            let (backfill, url) = open_run(&connection, &run).await?;
-            carry_on(&backfill, &url, &owner, no_progress, &executor).await
+        Command::Resume { run, how } => {
+            let executor = how.distributed.executor(&how.connection)?;
+            let (backfill, url) = open_run(&how.connection, &run).await?;
+            carry_on(&backfill, &url, &how, &executor).await
         }
         Command::Resubmit {
             run,
             dead_lettered,
             partition,
-            owner,
-            no_progress,
-            connection,
-            distributed,
+            how,
         } => {
-            let executor = distributed.executor(&connection)?;
-            let (backfill, url) = open_run(&connection, &run).await?;
+            let executor = how.distributed.executor(&how.connection)?;
+            let (backfill, url) = open_run(&how.connection, &run).await?;
             let record = backfill
                 .store
                 .find_run(&run)
@@ -485,7 +466,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             if dead_lettered && failed == 0 && partition.is_empty() {
                 println!("run {run} has no failed or dead-lettered partition; resuming it");
             }
-            if let Some(broker) = distributed.broker(&connection).await? {
+            if let Some(broker) = how.distributed.broker(&how.connection).await? {
                 let purged = broker
                     .purge_dead_letters(&backfill.spec.warehouse.name, &run)
                     .await?;
@@ -496,7 +477,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 }
                 broker.close().await;
             }
-            carry_on(&backfill, &url, &owner, no_progress, &executor).await
+            carry_on(&backfill, &url, &how, &executor).await
         }
         Command::Status {
             run,
@@ -652,12 +633,11 @@ pub async fn execute(cli: Cli) -> Result<i32> {
 async fn carry_on(
     backfill: &Backfill,
     url: &str,
-    owner: &str,
-    no_progress: bool,
+    how: &RunArgs,
     executor: &Executor,
 ) -> Result<i32> {
-    let bar = Bar::new(!no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let outcome = backfill.run_with(owner, &bar, executor).await?;
+    let bar = Bar::new(!how.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let outcome = backfill.run_with(&how.owner, &bar, executor).await?;
     drop(bar);
     Ok(report_outcome(&outcome, url))
 }
