@@ -617,3 +617,69 @@ async fn metrics_match_the_control_store() {
     assert_eq!(lines[0]["status"]["counts"]["done"], 4);
     assert!(lines[0]["pace"].is_object());
 }
+
+/// A partition that fails (division by zero on one day), embedded: its span and the run's
+/// span carry the error status, the other partitions are fine, and the recorded message names
+/// the database error without any secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_recorded_on_spans() {
+    let receiver = OtlpReceiver::start().await;
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("fix.toml");
+    let failing = demo::MINI_CHALLENGE_SPEC.replacen(
+        "SELECT order_id, item_id, order_date, sku, quantity,",
+        "SELECT order_id, item_id, order_date, sku, quantity / (CASE WHEN order_date = CAST('2024-03-05' AS date) THEN 0 ELSE 1 END) AS quantity,",
+        1,
+    );
+    assert_ne!(failing, demo::MINI_CHALLENGE_SPEC);
+    std::fs::write(&spec, failing).unwrap();
+    let output = std::process::Command::new(workspace_bin("backfill"))
+        .args(["run", spec.to_str().unwrap(), "--no-progress"])
+        .env("BACKFILL_WAREHOUSE_URL", url_with_password(&db))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.http_endpoint)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4), "partitions failed");
+    let started = Instant::now();
+    let spans = loop {
+        let spans = receiver.spans();
+        if spans.iter().any(|s| s.name == "backfill.run")
+            || started.elapsed() > Duration::from_secs(20)
+        {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let run = spans
+        .iter()
+        .find(|s| s.name == "backfill.run")
+        .expect("run span");
+    assert_eq!(run.status_code, 2, "the run span is an error");
+    assert_eq!(run.attribute("outcome"), Some("partitions_failed"));
+    let partitions: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.name == "backfill.partition")
+        .collect();
+    assert_eq!(partitions.len(), 4);
+    for span in partitions {
+        assert_eq!(span.trace_id, run.trace_id);
+        if span.attribute("partition") == Some("2024-03-05") {
+            assert_eq!(span.status_code, 2);
+            assert_eq!(span.attribute("outcome"), Some("failed"));
+            assert!(span.status_message.contains("division by zero"), "{span:?}");
+        } else {
+            assert_eq!(span.status_code, 0, "{span:?}");
+            assert_eq!(span.attribute("outcome"), Some("done"));
+        }
+    }
+    for span in &spans {
+        assert_no_secret(
+            &span.name,
+            &format!("{:?} {}", span.attributes, span.status_message),
+        );
+    }
+    assert_no_secret("stderr", &String::from_utf8_lossy(&output.stderr));
+}
