@@ -21,6 +21,7 @@ pub fn now_text() -> String {
 fn migrations(
     dialect: Dialect,
     t: &dyn Fn(&str) -> String,
+    index: &dyn Fn(&str) -> String,
 ) -> Vec<(i64, &'static str, Vec<String>)> {
     let bigint = dialect.bigint();
     let double = dialect.double();
@@ -87,17 +88,57 @@ fn migrations(
                 format!("ALTER TABLE {} ADD COLUMN outside_checksum text", t("runs")),
             ],
         ),
+        (
+            3,
+            "approval gate (awaiting_approval is open; window checksum) and frozen publish mode",
+            vec![
+                format!("DROP INDEX {}", index("runs_one_open_per_target")),
+                format!(
+                    "CREATE UNIQUE INDEX {} ON {} (target) WHERE state IN ('planned', 'running', 'failed', 'auditing', 'audit_failed', 'awaiting_approval')",
+                    Ident::new("runs_one_open_per_target")
+                        .map(|i| i.quoted())
+                        .unwrap_or_default(),
+                    t("runs")
+                ),
+                format!("ALTER TABLE {} ADD COLUMN publish_mode text", t("runs")),
+                format!("ALTER TABLE {} ADD COLUMN window_checksum text", t("runs")),
+            ],
+        ),
     ]
 }
 
 /// States in which a run still owns its target (see `RunState::is_open`).
-pub const OPEN_STATES: [RunState; 5] = [
+pub const OPEN_STATES: [RunState; 6] = [
     RunState::Planned,
     RunState::Running,
     RunState::Failed,
     RunState::Auditing,
     RunState::AuditFailed,
+    RunState::AwaitingApproval,
 ];
+
+/// Facts a run keeps beside its state, one column each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunNote {
+    /// Checksum of the target's rows outside the window when the shadow was built
+    /// (`swap_table` refuses to publish if they changed since).
+    OutsideChecksum,
+    /// The publish mode the run was planned with (`auto` resolved), frozen for resumes.
+    PublishMode,
+    /// Checksum of the target's window rows the audits compared against, for an approval
+    /// gate: `backfill publish` refuses if they changed since.
+    WindowChecksum,
+}
+
+impl RunNote {
+    fn column(self) -> &'static str {
+        match self {
+            RunNote::OutsideChecksum => "outside_checksum",
+            RunNote::PublishMode => "publish_mode",
+            RunNote::WindowChecksum => "window_checksum",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,6 +153,8 @@ pub enum RunState {
     Auditing,
     /// An error-severity audit failed: nothing published, shadow kept for inspection.
     AuditFailed,
+    /// Audits passed; the spec asks for a manual approval (`backfill publish <run>`).
+    AwaitingApproval,
     Published,
     RolledBack,
     /// Replaced by a run of another spec; its shadow may be dropped.
@@ -126,6 +169,7 @@ impl RunState {
             RunState::Failed => "failed",
             RunState::Auditing => "auditing",
             RunState::AuditFailed => "audit_failed",
+            RunState::AwaitingApproval => "awaiting_approval",
             RunState::Published => "published",
             RunState::RolledBack => "rolled_back",
             RunState::Abandoned => "abandoned",
@@ -139,6 +183,7 @@ impl RunState {
             RunState::Failed,
             RunState::Auditing,
             RunState::AuditFailed,
+            RunState::AwaitingApproval,
             RunState::Published,
             RunState::RolledBack,
             RunState::Abandoned,
@@ -360,7 +405,12 @@ impl ControlStore {
         .await?;
         let current: i64 = get(&row, 0)?;
         let t = |name: &str| self.table(name);
-        for (version, description, statements) in migrations(self.dialect(), &t) {
+        // Indexes live in the control schema on PostgreSQL; SQLite index names are global.
+        let index = |name: &str| match self.dialect() {
+            Dialect::Postgres => format!("{}.\"{name}\"", self.schema.quoted()),
+            Dialect::Sqlite => format!("\"{name}\""),
+        };
+        for (version, description, statements) in migrations(self.dialect(), &t, &index) {
             if version <= current {
                 continue;
             }
@@ -958,31 +1008,38 @@ impl ControlStore {
         Ok(())
     }
 
-    pub async fn set_outside_checksum(
+    /// Records one of the facts a run keeps beside its state (see `RunNote`).
+    pub async fn set_run_note(
         &self,
         conn: &mut AnyConnection,
         run_id: &str,
-        checksum: &str,
+        note: RunNote,
+        value: &str,
     ) -> Result<(), BackfillError> {
         execute(
             conn,
             &format!(
-                "UPDATE {} SET outside_checksum = $2 WHERE run_id = $1",
-                self.table("runs")
+                "UPDATE {} SET {} = $2 WHERE run_id = $1",
+                self.table("runs"),
+                note.column()
             ),
-            &[run_id.into(), checksum.into()],
+            &[run_id.into(), value.into()],
         )
         .await?;
         Ok(())
     }
 
-    /// Checksum of the target's rows outside the window when the run's shadow was built.
-    pub async fn outside_checksum(&self, run_id: &str) -> Result<Option<String>, BackfillError> {
+    pub async fn run_note(
+        &self,
+        run_id: &str,
+        note: RunNote,
+    ) -> Result<Option<String>, BackfillError> {
         let mut conn = self.warehouse.acquire().await?;
         let row = fetch_optional(
             &mut conn,
             &format!(
-                "SELECT outside_checksum FROM {} WHERE run_id = $1",
+                "SELECT {} FROM {} WHERE run_id = $1",
+                note.column(),
                 self.table("runs")
             ),
             &[run_id.into()],

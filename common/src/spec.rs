@@ -67,6 +67,8 @@ struct RawSpec {
     audits: Vec<RawAudit>,
     #[serde(default)]
     publish: RawPublish,
+    #[serde(default, rename = "hook")]
+    hooks: Vec<RawHook>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,12 +143,27 @@ struct RawAudit {
     max_ratio: Option<f64>,
     min_value: Option<f64>,
     max_value: Option<f64>,
+    values: Option<Vec<toml::Value>>,
+    references: Option<String>,
+    sql: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    on: String,
+    command: Option<Vec<String>>,
+    url: Option<String>,
+    url_env: Option<String>,
+    timeout: Option<String>,
+    retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPublish {
     mode: Option<String>,
+    approval: Option<String>,
     archive_retention_days: Option<u32>,
 }
 
@@ -165,6 +182,7 @@ pub struct Spec {
     pub execution: Execution,
     pub audits: Vec<Audit>,
     pub publish: Publish,
+    pub hooks: Vec<Hook>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,6 +284,22 @@ pub enum AuditCheck {
         column: Option<Ident>,
         bounds: AggregateBounds,
     },
+    /// A column only holds these values (compared as text; NULL passes, use not_null).
+    AcceptedValues {
+        column: Ident,
+        values: Vec<String>,
+        max_failing_rows: u64,
+    },
+    /// Every non-NULL value of a column exists in another table's column.
+    Referential {
+        column: Ident,
+        table: TableName,
+        references: Ident,
+        max_failing_rows: u64,
+    },
+    /// A SELECT over `backfilled` (the window's new rows) and `current` (the window's current
+    /// rows) that returns the failing rows.
+    CustomSql { sql: String, max_failing_rows: u64 },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -293,13 +327,105 @@ pub struct AggregateBounds {
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PublishMode {
+    /// Chosen at plan time from the target's shape and size (`plan` says which and why).
+    Auto,
+    /// Rename the shadow (a full copy) into place; the old table becomes the archive.
     SwapTable,
+    /// The shadow holds only the window: the old window rows move to the archive and the new
+    /// ones replace them, in one transaction; the table keeps its identity.
+    SwapWindow,
+    /// Natively partitioned PostgreSQL targets: detach the old partitions, attach new ones.
+    SwapPartitions,
+}
+
+impl PublishMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishMode::Auto => "auto",
+            PublishMode::SwapTable => "swap_table",
+            PublishMode::SwapWindow => "swap_window",
+            PublishMode::SwapPartitions => "swap_partitions",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<PublishMode> {
+        [
+            PublishMode::Auto,
+            PublishMode::SwapTable,
+            PublishMode::SwapWindow,
+            PublishMode::SwapPartitions,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == value)
+    }
+}
+
+/// Whether a run publishes as soon as its audits pass, or waits for `backfill publish`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Approval {
+    Auto,
+    Manual,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Publish {
     pub mode: PublishMode,
+    pub approval: Approval,
     pub archive_retention_days: u32,
+}
+
+/// When a hook runs.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HookEvent {
+    /// After the shadow is built, before partitions are written (pause or pin downstream).
+    BeforeWrite,
+    /// After the audits pass, before publishing; a failure blocks the publish.
+    BeforePublish,
+    /// After the publish committed (resume downstream, post the notice).
+    AfterPublish,
+    /// When a run stops without publishing (partitions or audits failed, an error, a blocking
+    /// hook failed).
+    OnFailure,
+}
+
+impl HookEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookEvent::BeforeWrite => "before_write",
+            HookEvent::BeforePublish => "before_publish",
+            HookEvent::AfterPublish => "after_publish",
+            HookEvent::OnFailure => "on_failure",
+        }
+    }
+
+    /// A failing hook of these events stops the run; the others are reported only.
+    pub fn blocks(self) -> bool {
+        matches!(self, HookEvent::BeforeWrite | HookEvent::BeforePublish)
+    }
+}
+
+/// What a hook does.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HookAction {
+    /// A program and its arguments (no shell), with the run's details in `BACKFILL_*`
+    /// environment variables.
+    Command(Vec<String>),
+    /// POST a JSON body (with a Slack-compatible `text`) to this URL.
+    Webhook(String),
+    /// POST to the URL held by this environment variable (webhook URLs are secrets).
+    WebhookFromEnv(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Hook {
+    pub event: HookEvent,
+    pub action: HookAction,
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    pub retries: u32,
 }
 
 mod duration_ms {
@@ -527,16 +653,38 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
         }
     }
 
-    let mode = match raw.publish.mode.as_deref().unwrap_or("swap_table") {
-        "swap_table" => PublishMode::SwapTable,
+    let mode_name = raw.publish.mode.as_deref().unwrap_or("auto");
+    let mode = PublishMode::parse(mode_name).ok_or_else(|| {
+        field_error(
+            "publish.mode",
+            format!("`{mode_name}`"),
+            "allowed: \"auto\" (the default: `plan` says which mode and why), \"swap_table\", \"swap_window\", \"swap_partitions\"",
+        )
+    })?;
+    if mode == PublishMode::SwapWindow && !add_columns.is_empty() {
+        return Err(field_error(
+            "publish.mode",
+            "`swap_window` with target.add_columns",
+            "swap_window keeps the table and only replaces the window's rows, so it cannot add columns: use \"swap_table\" (or \"auto\")",
+        ));
+    }
+    let approval = match raw.publish.approval.as_deref().unwrap_or("auto") {
+        "auto" => Approval::Auto,
+        "manual" => Approval::Manual,
         other => {
             return Err(field_error(
-                "publish.mode",
+                "publish.approval",
                 format!("`{other}`"),
-                "allowed: \"swap_table\"",
+                "allowed: \"auto\" (publish when the audits pass) or \"manual\" (stop in awaiting_approval until `backfill publish <run>`)",
             ));
         }
     };
+    let hooks = raw
+        .hooks
+        .iter()
+        .enumerate()
+        .map(|(i, hook)| parse_hook(i, hook))
+        .collect::<Result<Vec<_>, _>>()?;
     let archive_retention_days = raw
         .publish
         .archive_retention_days
@@ -578,8 +726,101 @@ fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
         audits,
         publish: Publish {
             mode,
+            approval,
             archive_retention_days,
         },
+        hooks,
+    })
+}
+
+/// Longest a hook may run: hooks pause dashboards or post notices, they are not jobs.
+const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn parse_hook(index: usize, raw: &RawHook) -> Result<Hook, SpecError> {
+    let field = |name: &str| format!("hook[{index}].{name}");
+    let event = match raw.on.as_str() {
+        "before_write" => HookEvent::BeforeWrite,
+        "before_publish" => HookEvent::BeforePublish,
+        "after_publish" => HookEvent::AfterPublish,
+        "on_failure" => HookEvent::OnFailure,
+        other => {
+            return Err(field_error(
+                &field("on"),
+                format!("`{other}`"),
+                "allowed: before_write, before_publish, after_publish, on_failure",
+            ));
+        }
+    };
+    let action = match (&raw.command, &raw.url, &raw.url_env) {
+        (Some(command), None, None) => {
+            if command.is_empty() || command[0].trim().is_empty() {
+                return Err(field_error(
+                    &field("command"),
+                    "an empty command",
+                    "give the program and its arguments, e.g. [\"./pause_dashboards.sh\", \"orders\"] (no shell is involved)",
+                ));
+            }
+            HookAction::Command(command.clone())
+        }
+        (None, Some(url), None) => {
+            let parsed = url::Url::parse(url).map_err(|e| {
+                field_error(
+                    &field("url"),
+                    "an invalid URL",
+                    format!("{e}; e.g. https://hooks.example.com/backfill"),
+                )
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(field_error(
+                    &field("url"),
+                    format!("a {} URL", parsed.scheme()),
+                    "allowed: http or https",
+                ));
+            }
+            HookAction::Webhook(url.clone())
+        }
+        (None, None, Some(variable)) => {
+            if variable.is_empty()
+                || !variable
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(field_error(
+                    &field("url_env"),
+                    format!("`{variable}`"),
+                    "the name of an environment variable holding the webhook URL, e.g. SLACK_WEBHOOK_URL",
+                ));
+            }
+            HookAction::WebhookFromEnv(variable.clone())
+        }
+        _ => {
+            return Err(field_error(
+                &field("command"),
+                "none or several of command, url, url_env",
+                "give exactly one: command = [\"program\", \"arg\"], url = \"https://…\", or url_env = \"VARIABLE\" (keeps a secret webhook URL out of the spec)",
+            ));
+        }
+    };
+    let timeout = match &raw.timeout {
+        Some(text) => duration(&field("timeout"), text)?,
+        None => Duration::from_secs(30),
+    };
+    if timeout.is_zero() || timeout > MAX_HOOK_TIMEOUT {
+        return Err(field_error(
+            &field("timeout"),
+            format!("{timeout:?}"),
+            "between 1ms and 10m",
+        ));
+    }
+    let retries = raw.retries.unwrap_or(2);
+    if retries > 10 {
+        return Err(field_error(&field("retries"), retries, "at most 10"));
+    }
+    Ok(Hook {
+        event,
+        action,
+        timeout,
+        retries,
     })
 }
 
@@ -1064,11 +1305,115 @@ fn validate_audit(index: usize, raw: RawAudit) -> Result<Audit, SpecError> {
                 },
             )
         }
+        "accepted_values" => {
+            let column = require(raw.column.clone(), "column", "the column to check")?;
+            let column = ident(&field("column"), &column)?;
+            let values = raw.values.clone().ok_or_else(|| {
+                field_error(
+                    &field("values"),
+                    "nothing",
+                    "the accepted_values audit needs `values`, e.g. values = [\"paid\", \"refunded\"]",
+                )
+            })?;
+            if values.is_empty() {
+                return Err(field_error(
+                    &field("values"),
+                    "an empty list",
+                    "list at least one value",
+                ));
+            }
+            let values = values
+                .iter()
+                .map(|value| match value {
+                    toml::Value::String(text) => Ok(text.clone()),
+                    toml::Value::Integer(number) => Ok(number.to_string()),
+                    toml::Value::Boolean(flag) => Ok(flag.to_string()),
+                    other => Err(field_error(
+                        &field("values"),
+                        format!("`{other}`"),
+                        "strings, integers or booleans (values are compared as text)",
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (
+                format!("accepted_values_{column}"),
+                AuditCheck::AcceptedValues {
+                    column,
+                    values,
+                    max_failing_rows: raw.max_failing_rows.unwrap_or(0),
+                },
+            )
+        }
+        "referential" => {
+            let column = require(
+                raw.column.clone(),
+                "column",
+                "the column holding the reference",
+            )?;
+            let column = ident(&field("column"), &column)?;
+            let references = require(
+                raw.references.clone(),
+                "references",
+                "the referenced table and column, e.g. \"analytics.dim_customer.customer_id\"",
+            )?;
+            let (table_text, referenced) = references.rsplit_once('.').ok_or_else(|| {
+                field_error(
+                    &field("references"),
+                    format!("`{references}`"),
+                    "write it as table.column or schema.table.column",
+                )
+            })?;
+            let table = TableName::parse(table_text).map_err(|e| {
+                field_error(
+                    &field("references"),
+                    format!("`{references}`"),
+                    e.to_string(),
+                )
+            })?;
+            let references = ident(&field("references"), referenced)?;
+            (
+                format!("referential_{column}"),
+                AuditCheck::Referential {
+                    column,
+                    table,
+                    references,
+                    max_failing_rows: raw.max_failing_rows.unwrap_or(0),
+                },
+            )
+        }
+        "custom_sql" => {
+            let sql = require(
+                raw.sql.clone(),
+                "sql",
+                "a SELECT over `backfilled` (and `current`) returning the failing rows",
+            )?;
+            let sql = sql_fragment(&field("sql"), &sql)?;
+            let starts_with_select = sql::strip_leading_comments(&sql)
+                .get(..6)
+                .is_some_and(|head| head.eq_ignore_ascii_case("select"))
+                || sql::strip_leading_comments(&sql)
+                    .get(..4)
+                    .is_some_and(|head| head.eq_ignore_ascii_case("with"));
+            if !starts_with_select {
+                return Err(field_error(
+                    &field("sql"),
+                    "a statement that is not a query",
+                    "a SELECT (or WITH … SELECT) returning the failing rows, e.g. \"SELECT * FROM backfilled WHERE revenue < cost\"",
+                ));
+            }
+            (
+                "custom_sql".to_string(),
+                AuditCheck::CustomSql {
+                    sql,
+                    max_failing_rows: raw.max_failing_rows.unwrap_or(0),
+                },
+            )
+        }
         other => {
             return Err(field_error(
                 &field("kind"),
                 format!("`{other}`"),
-                "allowed: unique_key, not_null, expression, accepted_range, rowcount_delta, aggregate",
+                "allowed: unique_key, not_null, expression, accepted_range, accepted_values, referential, rowcount_delta, aggregate, custom_sql",
             ));
         }
     };
@@ -1096,6 +1441,9 @@ fn reject_fields_that_do_not_apply(index: usize, raw: &RawAudit) -> Result<(), S
         "expression" => &["expression", "max_failing_rows"],
         "accepted_range" => &["column", "min", "max", "max_failing_rows"],
         "rowcount_delta" => &["max_change_pct", "max_change_rows"],
+        "accepted_values" => &["column", "values", "max_failing_rows"],
+        "referential" => &["column", "references", "max_failing_rows"],
+        "custom_sql" => &["sql", "max_failing_rows"],
         "aggregate" => &[
             "function",
             "column",
@@ -1123,6 +1471,9 @@ fn reject_fields_that_do_not_apply(index: usize, raw: &RawAudit) -> Result<(), S
         ("max_ratio", raw.max_ratio.is_some()),
         ("min_value", raw.min_value.is_some()),
         ("max_value", raw.max_value.is_some()),
+        ("values", raw.values.is_some()),
+        ("references", raw.references.is_some()),
+        ("sql", raw.sql.is_some()),
     ];
     for (name, is_set) in present {
         if is_set && !allowed.contains(&name) {

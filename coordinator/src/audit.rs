@@ -1,7 +1,8 @@
 //! Whole-window audits after the barrier, each with pass/fail thresholds. Row audits
-//! (not-null, expression, accepted range) and per-partition comparisons (row counts,
-//! aggregates) each cost one grouped scan of the window, whatever the number of audits.
-//! Verdicts are plain functions of the measured numbers.
+//! (not-null, expression, accepted range and values, referential integrity) and
+//! per-partition comparisons (row counts, aggregates) each cost one grouped scan of the
+//! window, whatever the number of audits; custom SQL audits run one query each. Verdicts are
+//! plain functions of the measured numbers.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +12,7 @@ use backfill_common::dialect::Dialect;
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
 use backfill_common::spec::{
-    AggregateBounds, AggregateFunction, Audit, AuditCheck, Severity, Spec,
+    AggregateBounds, AggregateFunction, Audit, AuditCheck, PublishMode, Severity, Spec,
 };
 use backfill_common::warehouse::{Bind, Warehouse, fetch_all, fetch_one, get};
 use sqlx::AnyConnection;
@@ -76,6 +77,7 @@ pub async fn run_audits(
     target: &TableName,
     shadow: &TableName,
     partitions: &[Partition],
+    mode: PublishMode,
 ) -> Result<Vec<AuditRecord>, BackfillError> {
     let dialect = warehouse.dialect;
     let grain = spec.partition.grain;
@@ -98,6 +100,44 @@ pub async fn run_audits(
             .map(|k| format!("t.{}", k.quoted()))
             .collect::<Vec<_>>()
             .join(", ");
+        if mode == PublishMode::SwapWindow {
+            // The shadow holds the window only: a new key must not exist outside the window
+            // of the target, where the merge would collide with it.
+            let key_match = spec
+                .target
+                .key
+                .iter()
+                .map(|k| format!("o.{k} = t.{k}", k = k.quoted()))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            let (outside_o, outside_binds) = window_condition(
+                dialect,
+                grain,
+                &spec.partition.column,
+                "o",
+                partitions,
+                window_binds.len() + 1,
+            );
+            let mut binds = window_binds.clone();
+            binds.extend(outside_binds);
+            let sql = format!(
+                "SELECT count(*) FROM {} AS t WHERE {window} AND EXISTS (SELECT 1 FROM {} AS o WHERE {key_match} AND NOT coalesce({outside_o}, false))",
+                shadow.quoted(),
+                target.quoted()
+            );
+            let row = fetch_one(conn, &sql, &binds).await?;
+            let collisions: i64 = get(&row, 0)?;
+            if collisions > 0 {
+                records.push(record(
+                    audit,
+                    WHOLE_WINDOW,
+                    false,
+                    format!("{collisions} key(s) of the window also exist outside it in {target}"),
+                    "0 keys shared with rows outside the window".into(),
+                ));
+                continue;
+            }
+        }
         // A valid, non-partial unique index on exactly the key (NULL keys are refused in every
         // partition) is a proof, not a sample: no need to scan and group the window.
         if crate::shadow::has_unique_index_on(warehouse, conn, shadow, &spec.target.key).await? {
@@ -168,6 +208,39 @@ pub async fn run_audits(
                 }
                 Some((audit, parts.join(" OR "), binds, *max_failing_rows))
             }
+            AuditCheck::AcceptedValues {
+                column,
+                values,
+                max_failing_rows,
+            } => {
+                let col = format!("t.{}", column.quoted());
+                let placeholders = (0..values.len())
+                    .map(|i| format!("{{{i}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Some((
+                    audit,
+                    format!("{col} IS NOT NULL AND CAST({col} AS text) NOT IN ({placeholders})"),
+                    values.iter().map(|v| Bind::Text(v.clone())).collect(),
+                    *max_failing_rows,
+                ))
+            }
+            AuditCheck::Referential {
+                column,
+                table,
+                references,
+                max_failing_rows,
+            } => Some((
+                audit,
+                format!(
+                    "t.{c} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {} AS r WHERE r.{} = t.{c})",
+                    table.quoted(),
+                    references.quoted(),
+                    c = column.quoted()
+                ),
+                vec![],
+                *max_failing_rows,
+            )),
             _ => None,
         })
         .collect();
@@ -214,14 +287,57 @@ pub async fn run_audits(
     for (_, condition, audit_binds, _) in &row_audits {
         // Renumber this audit's {i} placeholders after the binds already taken.
         let mut condition = condition.clone();
-        for (i, bind) in audit_binds.iter().enumerate() {
-            shadow_binds.push(bind.clone());
-            let cast = dialect.as_float(&dialect.placeholder(shadow_binds.len()));
-            condition = condition.replace(&format!("{{{i}}}"), &cast);
+        for (i, bind) in audit_binds.iter().enumerate().rev() {
+            // Highest index first, so `{1}` is not replaced inside `{10}`.
+            let placeholder = dialect.placeholder(shadow_binds.len() + i + 1);
+            let typed = match bind {
+                Bind::Text(_) => format!("CAST({placeholder} AS text)"),
+                _ => dialect.as_float(&placeholder),
+            };
+            condition = condition.replace(&format!("{{{i}}}"), &typed);
         }
+        shadow_binds.extend(audit_binds.iter().cloned());
         shadow_extras.push(dialect.as_float(&format!(
             "coalesce(sum(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
         )));
+    }
+    // Custom SQL: the spec's query over the window's new rows (`backfilled`) and its current
+    // rows (`current`) returns the failing rows; count them.
+    for audit in &spec.audits {
+        let AuditCheck::CustomSql {
+            sql,
+            max_failing_rows,
+        } = &audit.check
+        else {
+            continue;
+        };
+        let (current_window, current_binds) = window_condition(
+            dialect,
+            grain,
+            &spec.partition.column,
+            "t",
+            partitions,
+            window_binds.len() + 1,
+        );
+        let mut binds = window_binds.clone();
+        binds.extend(current_binds);
+        let query = format!(
+            "WITH backfilled AS (SELECT * FROM {} AS t WHERE {window}), current AS (SELECT * FROM {} AS t WHERE {current_window}) \
+             SELECT count(*) FROM ({sql}) AS failing",
+            shadow.quoted(),
+            target.quoted()
+        );
+        let row = fetch_one(conn, &query, &binds)
+            .await
+            .map_err(|e| e.context(format!("audit `{}` (custom_sql)", audit.name)))?;
+        let failing: i64 = get(&row, 0)?;
+        records.push(record(
+            audit,
+            WHOLE_WINDOW,
+            failing as u64 <= *max_failing_rows,
+            format!("{failing} failing row(s)"),
+            format!("at most {max_failing_rows}"),
+        ));
     }
     if row_audits.is_empty() && comparisons.is_empty() {
         return Ok(records);

@@ -25,6 +25,7 @@ use backfill_common::telemetry::{self, LogFormat};
 /// Exit codes scripts can act on.
 pub const EXIT_AUDIT_FAILED: i32 = 3;
 pub const EXIT_PARTITIONS_FAILED: i32 = 4;
+pub const EXIT_BLOCKED_BY_HOOK: i32 = 5;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,7 +43,8 @@ pub const EXIT_PARTITIONS_FAILED: i32 = 4;
     (--config / BACKFILL_CONFIG) under [warehouses.<name>] url = \"…\". Passwords are never printed.\n\n\
     Traces go to an OTLP collector (e.g. Jaeger) when OTEL_EXPORTER_OTLP_ENDPOINT is set; BACKFILL_LOG\n\
     filters log lines (e.g. info).\n\n\
-    Exit codes: 0 success, 1 error, 2 bad usage or spec, 3 audits failed, 4 partitions failed."
+    Exit codes: 0 success (published, or awaiting approval), 1 error, 2 bad usage or spec,\n\
+    3 audits failed, 4 partitions failed, 5 stopped by a before_write/before_publish hook."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -204,6 +206,16 @@ pub enum Command {
         connection: Connection,
         #[command(flatten)]
         distributed: DistributedArgs,
+    },
+    /// Publish a run waiting for approval (publish.approval = "manual"), if the target's window
+    /// still holds what its audits compared against
+    Publish {
+        run: String,
+        /// Who approves, recorded in the run's events
+        #[arg(long, env = "USER", default_value = "unknown")]
+        owner: String,
+        #[command(flatten)]
+        connection: Connection,
     },
     /// Restore the table archived by a published run, verifying its checksum
     Rollback {
@@ -435,6 +447,11 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             println!("warehouse  {} ({})", redact_url(&url), plan.dialect);
             println!("target     {}", plan.target);
             println!("shadow     {}", plan.shadow_template);
+            println!(
+                "publish    {} ({})",
+                plan.publish_mode.as_str(),
+                plan.publish_reason
+            );
             let first = plan
                 .partitions
                 .first()
@@ -622,6 +639,17 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 () = stop => Ok(0),
             }
         }
+        Command::Publish {
+            run,
+            owner,
+            connection,
+        } => {
+            let (backfill, url) = open_run(&connection, &run).await?;
+            let bar = Bar::new(false);
+            tracing::info!(target: "backfill::state", run = %run, approved_by = %owner, "publish approved");
+            let outcome = backfill.publish_approved(&run, &bar).await?;
+            Ok(report_outcome(&outcome, &url))
+        }
         Command::Rollback { run, connection } => {
             let store = open_store(&connection).await?;
             let report = publish::rollback(&store, &run).await?;
@@ -774,6 +802,25 @@ fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
                 println!("  {partition}: {error}");
             }
             EXIT_PARTITIONS_FAILED
+        }
+        RunOutcome::AwaitingApproval {
+            run_id,
+            publish_mode,
+        } => {
+            println!(
+                "run {run_id}: audits passed; awaiting approval (publish.approval = \"manual\"). Nothing is published yet."
+            );
+            println!("review:      backfill status {run_id} {flag}");
+            println!("publish:     backfill publish {run_id} {flag}   ({publish_mode})");
+            println!("or give up:  backfill abandon {run_id} {flag}");
+            0
+        }
+        RunOutcome::Blocked { run_id, reason, .. } => {
+            println!("run {run_id}: stopped by a hook, the target was not touched: {reason}");
+            println!(
+                "fix the hook's cause, then run the same command again (status: backfill status {run_id} {flag})"
+            );
+            EXIT_BLOCKED_BY_HOOK
         }
     }
 }

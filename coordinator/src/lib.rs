@@ -6,6 +6,7 @@ pub mod audit;
 pub mod cli;
 pub mod demo;
 pub mod distributed;
+pub mod hooks;
 pub mod publish;
 pub mod runner;
 pub mod serve;

@@ -1,6 +1,8 @@
 //! Publishing and taking back: the atomic `swap_table` (archive the current table, rename the
-//! shadow in, carry dependent views, grants and the table comment over), `rollback` (swap the
-//! archive back and prove its checksum), and `gc` (drop archives past retention).
+//! shadow in, carry dependent views, grants and the table comment over), `swap_window` (the
+//! table stays; its window rows are archived and merged from the shadow: only changed rows
+//! are written), `rollback` (put the archive back and prove its checksum), and `gc` (drop
+//! archives past retention).
 //!
 //! Each is one transaction. PostgreSQL views bind to a table's OID, so the views that read the
 //! target are re-created from their own definitions inside the swap; SQLite views bind by
@@ -37,6 +39,39 @@ pub struct OutsideGuard {
     pub filter: String,
     pub binds: Vec<backfill_common::warehouse::Bind>,
     pub expected: String,
+}
+
+/// The checksum of the target's window rows the audits compared against (an approval gate):
+/// publish refuses if they changed since.
+pub struct WindowGuard {
+    pub filter: String,
+    pub binds: Vec<backfill_common::warehouse::Bind>,
+    pub expected: String,
+}
+
+/// Archive kinds in the control store.
+pub const ARCHIVE_TABLE: &str = "pre_publish";
+pub const ARCHIVE_WINDOW: &str = "pre_publish_window";
+
+async fn check_window_guard(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    conn: &mut AnyConnection,
+    target: &TableName,
+    guard: Option<&WindowGuard>,
+) -> Result<(), BackfillError> {
+    let Some(guard) = guard else {
+        return Ok(());
+    };
+    let now = warehouse
+        .checksum(conn, target, Some(&guard.filter), &guard.binds)
+        .await?;
+    if now.to_string() != guard.expected {
+        return Err(BackfillError::Conflict(format!(
+            "{target} changed inside the window since the audits compared against it ({} then, {now} now):              the approval no longer holds. Nothing was published; run the same spec again to audit the new state",
+            guard.expected
+        )));
+    }
+    Ok(())
 }
 
 /// What must follow the target across a rename in PostgreSQL.
@@ -269,6 +304,7 @@ pub async fn swap_table(
     shadow: &TableName,
     retention_days: u32,
     outside: Option<OutsideGuard>,
+    window: Option<WindowGuard>,
 ) -> Result<ArchiveRecord, BackfillError> {
     let warehouse = &store.warehouse;
     let archive = archive_name(target, &run.run_id)?;
@@ -292,6 +328,7 @@ pub async fn swap_table(
             // renames comes after, in read_dependents.
             execute(&mut tx, &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()), &[]).await?;
         }
+        check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
         // One scan: the whole table for the archive record, and its rows outside the window
         // to compare with what the shadow was built from.
         let old = match &outside {
@@ -322,7 +359,7 @@ pub async fn swap_table(
             archive_table: archive.to_string(),
             run_id: run.run_id.clone(),
             source_table: target.to_string(),
-            kind: "pre_publish".into(),
+            kind: ARCHIVE_TABLE.into(),
             row_count: old.rows,
             checksum: old.to_string(),
             created_at: now_text(),
@@ -346,7 +383,7 @@ pub async fn swap_table(
         )
         .await?;
         store
-            .set_run_state(&mut tx, &run.run_id, &[RunState::Auditing, RunState::AuditFailed], RunState::Published, None)
+            .set_run_state(&mut tx, &run.run_id, &PUBLISHABLE, RunState::Published, None)
             .await?;
         tx.commit().await?;
         Ok::<_, BackfillError>(record)
@@ -356,6 +393,236 @@ pub async fn swap_table(
         set_sqlite_legacy_alter(&mut conn, false).await?;
     }
     result
+}
+
+/// States a run publishes from: audited, or audited and approved.
+const PUBLISHABLE: [RunState; 3] = [
+    RunState::Auditing,
+    RunState::AuditFailed,
+    RunState::AwaitingApproval,
+];
+
+/// The columns `swap_window` writes, and the statements that make the target's window equal
+/// to another table's rows (the shadow at publish, the archive at rollback): delete the keys
+/// that are gone, update the rows that changed, insert the new keys. Rows that did not change
+/// are not written.
+struct WindowMerge {
+    delete_vanished: String,
+    update_changed: String,
+    insert_new: String,
+}
+
+fn window_merge(
+    dialect: Dialect,
+    target: &TableName,
+    from: &TableName,
+    columns: &[String],
+    key: &[backfill_common::ident::Ident],
+    window_on_t: &str,
+) -> WindowMerge {
+    let key_names: Vec<String> = key.iter().map(|k| k.as_str().to_string()).collect();
+    let key_match = |a: &str, b: &str| {
+        key.iter()
+            .map(|k| format!("{a}.{k} = {b}.{k}", k = k.quoted()))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let non_key: Vec<&String> = columns.iter().filter(|c| !key_names.contains(c)).collect();
+    let column_list = columns
+        .iter()
+        .map(|c| quote_catalog_name(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let delete_vanished = format!(
+        "DELETE FROM {target} AS t WHERE {window_on_t} AND NOT EXISTS (SELECT 1 FROM {from} AS s WHERE {})",
+        key_match("s", "t"),
+        target = target.quoted(),
+        from = from.quoted(),
+    );
+    let update_changed = if non_key.is_empty() {
+        // Only key columns: a matched row cannot differ.
+        "SELECT 1 WHERE 1 = 0".to_string()
+    } else {
+        format!(
+            "UPDATE {target} AS t SET {} FROM {from} AS s WHERE {} AND {window_on_t} AND ({})",
+            non_key
+                .iter()
+                .map(|c| format!("{c} = s.{c}", c = quote_catalog_name(c)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key_match("t", "s"),
+            non_key
+                .iter()
+                .map(|c| {
+                    let c = quote_catalog_name(c);
+                    dialect.distinct(&format!("t.{c}"), &format!("s.{c}"))
+                })
+                .collect::<Vec<_>>()
+                .join(" OR "),
+            target = target.quoted(),
+            from = from.quoted(),
+        )
+    };
+    let insert_new = format!(
+        "INSERT INTO {target} ({column_list}) SELECT {} FROM {from} AS s WHERE NOT EXISTS (SELECT 1 FROM {target} AS t WHERE {})",
+        columns
+            .iter()
+            .map(|c| format!("s.{}", quote_catalog_name(c)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        key_match("t", "s"),
+        target = target.quoted(),
+        from = from.quoted(),
+    );
+    WindowMerge {
+        delete_vanished,
+        update_changed,
+        insert_new,
+    }
+}
+
+/// Rows written by a window merge.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct WindowWrites {
+    pub deleted: u64,
+    pub updated: u64,
+    pub inserted: u64,
+}
+
+async fn apply_window_merge(
+    conn: &mut AnyConnection,
+    merge: &WindowMerge,
+    binds: &[backfill_common::warehouse::Bind],
+) -> Result<WindowWrites, BackfillError> {
+    let deleted = execute(conn, &merge.delete_vanished, binds).await?;
+    let updated = execute(conn, &merge.update_changed, binds).await?;
+    let inserted = execute(conn, &merge.insert_new, &[]).await?;
+    Ok(WindowWrites {
+        deleted,
+        updated,
+        inserted,
+    })
+}
+
+/// Blocks writers of the target (readers go on, seeing the old rows until commit).
+async fn lock_against_writers(
+    dialect: Dialect,
+    conn: &mut AnyConnection,
+    target: &TableName,
+) -> Result<(), BackfillError> {
+    if dialect == Dialect::Postgres {
+        execute(conn, "SELECT set_config('lock_timeout', '30s', true)", &[]).await?;
+        execute(
+            conn,
+            &format!("LOCK TABLE {} IN EXCLUSIVE MODE", target.quoted()),
+            &[],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Publishes a shadow that holds only the window, in one transaction: copies the target's
+/// window rows to the archive, merges the shadow into the window (only changed rows are
+/// written), drops the shadow. The table keeps its identity: views, grants, foreign keys,
+/// indexes and statistics are untouched. Readers see the old window or the new one.
+#[allow(clippy::too_many_arguments)]
+pub async fn swap_window(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    shadow: &TableName,
+    key: &[backfill_common::ident::Ident],
+    window_on_t: &str,
+    binds: &[backfill_common::warehouse::Bind],
+    retention_days: u32,
+    guard: Option<WindowGuard>,
+) -> Result<(ArchiveRecord, WindowWrites), BackfillError> {
+    let warehouse = &store.warehouse;
+    let dialect = warehouse.dialect;
+    let archive = archive_name(target, &run.run_id)?;
+    let mut tx = warehouse.pool.begin().await?;
+    lock_against_writers(dialect, &mut tx, target).await?;
+    check_window_guard(warehouse, &mut tx, target, guard.as_ref()).await?;
+    let columns = warehouse.table_columns(&mut tx, target).await?;
+    let create_archive = match dialect {
+        Dialect::Postgres => format!(
+            "CREATE TABLE {} (LIKE {})",
+            archive.quoted(),
+            target.quoted()
+        ),
+        Dialect::Sqlite => format!(
+            "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
+            archive.quoted(),
+            target.quoted()
+        ),
+    };
+    execute(&mut tx, &create_archive, &[]).await?;
+    execute(
+        &mut tx,
+        &format!(
+            "INSERT INTO {} SELECT * FROM {} AS t WHERE {window_on_t}",
+            archive.quoted(),
+            target.quoted()
+        ),
+        binds,
+    )
+    .await?;
+    let old = warehouse.checksum(&mut tx, &archive, None, &[]).await?;
+    let merge = window_merge(dialect, target, shadow, &columns, key, window_on_t);
+    let writes = apply_window_merge(&mut tx, &merge, binds).await?;
+    execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
+    let now = Utc::now();
+    let record = ArchiveRecord {
+        archive_table: archive.to_string(),
+        run_id: run.run_id.clone(),
+        source_table: target.to_string(),
+        kind: ARCHIVE_WINDOW.into(),
+        row_count: old.rows,
+        checksum: old.to_string(),
+        created_at: now_text(),
+        expires_at: (now + Duration::days(retention_days as i64))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        restored_at: None,
+        dropped_at: None,
+    };
+    store.insert_archive(&mut tx, &record).await?;
+    execute(
+        &mut tx,
+        &format!(
+            "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
+            store.table("runs")
+        ),
+        &[
+            run.run_id.as_str().into(),
+            archive.to_string().into(),
+            now_text().into(),
+        ],
+    )
+    .await?;
+    store
+        .record_event(
+            &mut tx,
+            &run.run_id,
+            None,
+            "window_merged",
+            &format!(
+                "deleted {} updated {} inserted {}",
+                writes.deleted, writes.updated, writes.inserted
+            ),
+        )
+        .await?;
+    store
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &PUBLISHABLE,
+            RunState::Published,
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok((record, writes))
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -406,7 +673,7 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
         .archives()
         .await?
         .into_iter()
-        .find(|a| a.run_id == run.run_id && a.kind == "pre_publish")
+        .find(|a| a.run_id == run.run_id && (a.kind == ARCHIVE_TABLE || a.kind == ARCHIVE_WINDOW))
         .ok_or_else(|| BackfillError::Invalid(format!("run {run_id} has no archive record")))?;
     if archive.dropped_at.is_some() {
         return Err(BackfillError::Conflict(format!(
@@ -418,6 +685,9 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
     let archive_table = TableName::parse(&archive.archive_table)
         .map_err(|e| BackfillError::Invalid(e.to_string()))?;
     let undone = undone_name(&target, run_id)?;
+    if archive.kind == ARCHIVE_WINDOW {
+        return rollback_window(store, &run, &target, &archive, &archive_table, &undone).await;
+    }
     let warehouse = &store.warehouse;
     let dialect = warehouse.dialect;
     let mut conn = warehouse.acquire().await?;
@@ -487,6 +757,138 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
         set_sqlite_legacy_alter(&mut conn, false).await?;
     }
     result
+}
+
+/// Puts a `swap_window` archive back: the window's current rows are kept as
+/// `__bf_undone_<run>`, then the window is merged from the archive and its checksum must equal
+/// the one recorded at publish, or nothing changes.
+async fn rollback_window(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    archive: &ArchiveRecord,
+    archive_table: &TableName,
+    undone: &TableName,
+) -> Result<RollbackReport, BackfillError> {
+    let warehouse = &store.warehouse;
+    let dialect = warehouse.dialect;
+    let text = store.spec_source(&run.spec_hash).await?.ok_or_else(|| {
+        BackfillError::Invalid(format!(
+            "the spec of run {} is missing from the control store",
+            run.run_id
+        ))
+    })?;
+    let spec = backfill_common::spec::Spec::parse(&text).map_err(|e| {
+        BackfillError::Invalid(format!(
+            "the stored spec of run {} no longer parses: {e}",
+            run.run_id
+        ))
+    })?;
+    let (window, binds) = crate::window::window_condition(
+        dialect,
+        spec.partition.grain,
+        &spec.partition.column,
+        "t",
+        &spec.planned_partitions(),
+        1,
+    );
+    let mut tx = warehouse.pool.begin().await?;
+    lock_against_writers(dialect, &mut tx, target).await?;
+    if !warehouse.table_exists(&mut tx, archive_table).await? {
+        return Err(BackfillError::Invalid(format!(
+            "the archive table {archive_table} no longer exists"
+        )));
+    }
+    let create_undone = match dialect {
+        Dialect::Postgres => format!(
+            "CREATE TABLE {} (LIKE {})",
+            undone.quoted(),
+            target.quoted()
+        ),
+        Dialect::Sqlite => format!(
+            "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
+            undone.quoted(),
+            target.quoted()
+        ),
+    };
+    execute(&mut tx, &create_undone, &[]).await?;
+    execute(
+        &mut tx,
+        &format!(
+            "INSERT INTO {} SELECT * FROM {} AS t WHERE {window}",
+            undone.quoted(),
+            target.quoted()
+        ),
+        &binds,
+    )
+    .await?;
+    let current = warehouse.checksum(&mut tx, undone, None, &[]).await?;
+    let columns = warehouse.table_columns(&mut tx, target).await?;
+    let merge = window_merge(
+        dialect,
+        target,
+        archive_table,
+        &columns,
+        &spec.target.key,
+        &window,
+    );
+    apply_window_merge(&mut tx, &merge, &binds).await?;
+    let restored = warehouse
+        .checksum(&mut tx, target, Some(&window), &binds)
+        .await?;
+    if restored.to_string() != archive.checksum {
+        tx.rollback().await?;
+        return Err(BackfillError::Conflict(format!(
+            "restoring {archive_table} gives the window checksum {restored} but {} was recorded at publish; nothing was restored",
+            archive.checksum
+        )));
+    }
+    store
+        .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Restored)
+        .await?;
+    let now = Utc::now();
+    let retention = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
+        .map(|e| {
+            e.with_timezone(&Utc)
+                - chrono::DateTime::parse_from_rfc3339(&archive.created_at)
+                    .map(|c| c.with_timezone(&Utc))
+                    .unwrap_or(now)
+        })
+        .unwrap_or(Duration::days(30));
+    store
+        .insert_archive(
+            &mut tx,
+            &ArchiveRecord {
+                archive_table: undone.to_string(),
+                run_id: run.run_id.clone(),
+                source_table: target.to_string(),
+                kind: "rolled_back".into(),
+                row_count: current.rows,
+                checksum: current.to_string(),
+                created_at: now_text(),
+                expires_at: (now + retention).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                restored_at: None,
+                dropped_at: None,
+            },
+        )
+        .await?;
+    store
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &[RunState::Published],
+            RunState::RolledBack,
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(RollbackReport {
+        run_id: run.run_id.clone(),
+        target: target.to_string(),
+        restored_from: archive_table.to_string(),
+        kept_as: undone.to_string(),
+        checksum: restored.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -6,21 +6,22 @@ use std::sync::Arc;
 
 use backfill_common::control::PartitionTask;
 use backfill_common::control::{
-    AuditRecord, ControlStore, PartitionState, RunRecord, RunState, now_text,
+    AuditRecord, ControlStore, PartitionState, RunNote, RunRecord, RunState, now_text,
 };
 use backfill_common::envelope::TaskMessage;
 use backfill_common::ident::TableName;
 use backfill_common::plan::{Grain, Partition};
 use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
-use backfill_common::spec::Spec;
+use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec};
 use backfill_common::telemetry;
-use backfill_common::warehouse::{Warehouse, redact_secrets};
+use backfill_common::warehouse::{Bind, Warehouse, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume};
 use tracing::Instrument as _;
 
 use crate::audit::{self, FAIL};
+use crate::hooks::{self, HookContext};
 use crate::publish;
 use crate::shadow;
 
@@ -39,6 +40,9 @@ pub struct Plan {
     pub shadow_template: String,
     /// The open run this spec would resume, if any.
     pub resumes: Option<String>,
+    /// How a new run would publish (`auto` resolved), and why.
+    pub publish_mode: PublishMode,
+    pub publish_reason: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,6 +64,17 @@ pub enum RunOutcome {
         run_id: String,
         failures: Vec<(String, String)>,
     },
+    /// Audits passed; `publish.approval = "manual"` waits for `backfill publish <run>`.
+    AwaitingApproval {
+        run_id: String,
+        publish_mode: String,
+    },
+    /// A before_write or before_publish hook kept failing: the target was not touched.
+    Blocked {
+        run_id: String,
+        event: String,
+        reason: String,
+    },
 }
 
 impl RunOutcome {
@@ -70,6 +85,8 @@ impl RunOutcome {
             RunOutcome::AlreadyPublished { .. } => "already_published",
             RunOutcome::AuditFailed { .. } => "audit_failed",
             RunOutcome::PartitionsFailed { .. } => "partitions_failed",
+            RunOutcome::AwaitingApproval { .. } => "awaiting_approval",
+            RunOutcome::Blocked { .. } => "blocked",
         }
     }
 }
@@ -80,7 +97,9 @@ impl RunOutcome {
             RunOutcome::Published { run_id, .. }
             | RunOutcome::AlreadyPublished { run_id }
             | RunOutcome::AuditFailed { run_id, .. }
-            | RunOutcome::PartitionsFailed { run_id, .. } => run_id,
+            | RunOutcome::PartitionsFailed { run_id, .. }
+            | RunOutcome::AwaitingApproval { run_id, .. }
+            | RunOutcome::Blocked { run_id, .. } => run_id,
         }
     }
 }
@@ -147,7 +166,19 @@ impl Backfill {
                 self.target
             )));
         }
-        shadow::check_target_shape(warehouse, &mut conn, &self.target).await?;
+        let findings = shadow::target_findings(warehouse, &mut conn, &self.target).await?;
+        let (window_rows, table_rows) = if self.spec.publish.mode == PublishMode::Auto {
+            self.count_window_rows(&mut conn).await?
+        } else {
+            (0, 0)
+        };
+        let (publish_mode, publish_reason) = shadow::choose_publish_mode(
+            &self.spec,
+            &self.target,
+            &findings,
+            window_rows,
+            table_rows,
+        )?;
         let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
         let has_control_store = warehouse
             .table_exists(&mut conn, &self.store.table_name("runs"))
@@ -214,7 +245,30 @@ impl Backfill {
                 .map(|t| t.to_string())
                 .unwrap_or_default(),
             resumes,
+            publish_mode,
+            publish_reason,
         })
+    }
+
+    /// The target's rows in the window and in all, for `auto` to weigh the publish modes.
+    async fn count_window_rows(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+    ) -> Result<(i64, i64), BackfillError> {
+        let (window, binds) = self.window_on_t(&self.spec.planned_partitions());
+        let row = backfill_common::warehouse::fetch_one(
+            conn,
+            &format!(
+                "SELECT CAST(coalesce(sum(CASE WHEN {window} THEN 1 ELSE 0 END), 0) AS bigint), CAST(count(*) AS bigint) FROM {} AS t",
+                self.target.quoted()
+            ),
+            &binds,
+        )
+        .await?;
+        Ok((
+            backfill_common::warehouse::get(&row, 0)?,
+            backfill_common::warehouse::get(&row, 1)?,
+        ))
     }
 
     /// Runs (or resumes) the backfill to publish, embedded: in-process queue, semaphore and
@@ -260,7 +314,9 @@ impl Backfill {
                 span.record("outcome", outcome.name());
                 if !matches!(
                     outcome,
-                    RunOutcome::Published { .. } | RunOutcome::AlreadyPublished { .. }
+                    RunOutcome::Published { .. }
+                        | RunOutcome::AlreadyPublished { .. }
+                        | RunOutcome::AwaitingApproval { .. }
                 ) {
                     telemetry::record_error(&span, outcome.name());
                 }
@@ -294,91 +350,37 @@ impl Backfill {
             Err(outcome) => return Ok(outcome),
         };
         run_span.record("run.id", run.run_id.as_str());
-        let ctx = Arc::new(PartitionContext::new(
-            self.store.clone(),
-            &self.spec,
-            &run,
-            &plan.source_columns,
-        )?);
+        let mode = self.frozen_publish_mode(&run).await?;
+        let hooks = self.hook_context(&run, &plan.partitions, mode);
+        let result = self
+            .drive(&run, &plan, mode, &hooks, progress, executor)
+            .await;
+        self.report_failure(&hooks, &result, progress).await;
+        result
+    }
 
-        if matches!(run.state, RunState::Running | RunState::Failed) {
-            if run.state == RunState::Failed {
-                self.store
-                    .set_run_state_now(&run.run_id, &[RunState::Failed], RunState::Running, None)
-                    .await?;
-            }
-            let tasks = self.reissue_unfinished(&run, progress).await?;
-            progress.partitions(plan.partitions.len(), plan.partitions.len() - tasks.len());
-            progress.phase(&format!(
-                "writing {} partition(s) into {}",
-                tasks.len(),
-                run.shadow_table
-            ));
-            match executor {
-                Executor::Embedded => {
-                    // Retries happen inside the worker; a task out of retries is not redelivered.
-                    let queue =
-                        Arc::new(InMemoryQueue::with_delivery_limit(EMBEDDED_DELIVERY_LIMIT));
-                    for task in tasks {
-                        queue.publish(self.task_message(task)).await?;
-                    }
-                    queue.close();
-                    run_embedded_workers(
-                        ctx.clone(),
-                        queue,
-                        self.spec.warehouse.concurrency,
-                        progress,
-                    )
-                    .instrument(barrier_span(&run.run_id))
-                    .await?;
-                }
-                Executor::Distributed(options) => {
-                    let messages = tasks.into_iter().map(|t| self.task_message(t)).collect();
-                    crate::distributed::run_partitions(
-                        &self.store,
-                        &run,
-                        messages,
-                        options,
-                        progress,
-                    )
-                    .await?;
-                }
-            }
-            // The barrier: the control store, not the reports, decides whether all are done.
-            let partitions = self.store.partitions(&run.run_id).await?;
-            let failures: Vec<(String, String)> = partitions
-                .iter()
-                .filter(|p| p.state != PartitionState::Done)
-                .map(|p| {
-                    (
-                        p.partition_key.clone(),
-                        p.error
-                            .clone()
-                            .unwrap_or_else(|| p.state.as_str().to_string()),
-                    )
-                })
-                .collect();
-            if !failures.is_empty() {
-                let message = format!(
-                    "{} partition(s) failed; fix the cause and run the same spec again",
-                    failures.len()
-                );
-                self.store
-                    .set_run_state_now(
-                        &run.run_id,
-                        &[RunState::Running],
-                        RunState::Failed,
-                        Some(&message),
-                    )
-                    .await?;
-                return Ok(RunOutcome::PartitionsFailed {
-                    run_id: run.run_id,
-                    failures,
-                });
-            }
-            self.store
-                .set_run_state_now(&run.run_id, &[RunState::Running], RunState::Auditing, None)
-                .await?;
+    /// Write, barrier, audit, then publish or wait for approval.
+    async fn drive(
+        &self,
+        run: &RunRecord,
+        plan: &Plan,
+        mode: PublishMode,
+        hooks: &HookContext,
+        progress: &dyn Progress,
+        executor: &Executor,
+    ) -> Result<RunOutcome, BackfillError> {
+        if run.state == RunState::AwaitingApproval {
+            return Ok(RunOutcome::AwaitingApproval {
+                run_id: run.run_id.clone(),
+                publish_mode: mode.as_str().to_string(),
+            });
+        }
+        if matches!(run.state, RunState::Running | RunState::Failed)
+            && let Some(outcome) = self
+                .write_partitions(run, plan, hooks, progress, executor)
+                .await?
+        {
+            return Ok(outcome);
         }
 
         progress.phase("auditing the shadow against the current table");
@@ -397,6 +399,7 @@ impl Backfill {
             &self.target,
             &shadow,
             &plan.partitions,
+            mode,
         )
         .instrument(audit_span.clone())
         .await?;
@@ -428,47 +431,396 @@ impl Backfill {
                 .await?;
             tx.commit().await?;
             return Ok(RunOutcome::AuditFailed {
-                run_id: run.run_id,
+                run_id: run.run_id.clone(),
                 failures,
             });
         }
+        if self.spec.publish.approval == Approval::Manual {
+            // What the audits compared against: `backfill publish` refuses if it changed.
+            let (window, binds) = self.window_on_t(&plan.partitions);
+            let seen = self
+                .store
+                .warehouse
+                .checksum(&mut tx, &self.target, Some(&window), &binds)
+                .await?;
+            self.store
+                .set_run_note(
+                    &mut tx,
+                    &run.run_id,
+                    RunNote::WindowChecksum,
+                    &seen.to_string(),
+                )
+                .await?;
+            self.store
+                .set_run_state(
+                    &mut tx,
+                    &run.run_id,
+                    &[RunState::Auditing, RunState::AuditFailed],
+                    RunState::AwaitingApproval,
+                    None,
+                )
+                .await?;
+            tx.commit().await?;
+            return Ok(RunOutcome::AwaitingApproval {
+                run_id: run.run_id.clone(),
+                publish_mode: mode.as_str().to_string(),
+            });
+        }
         tx.commit().await?;
+        self.publish_audited(run, &plan.partitions, mode, None, hooks, progress)
+            .await
+    }
 
+    /// The partition phase: reissue what is not done, run it (embedded or on workers), and
+    /// hold the barrier. Returns an outcome when the run stops here.
+    async fn write_partitions(
+        &self,
+        run: &RunRecord,
+        plan: &Plan,
+        hooks: &HookContext,
+        progress: &dyn Progress,
+        executor: &Executor,
+    ) -> Result<Option<RunOutcome>, BackfillError> {
+        let ctx = Arc::new(PartitionContext::new(
+            self.store.clone(),
+            &self.spec,
+            run,
+            &plan.source_columns,
+        )?);
+        if run.state == RunState::Failed {
+            self.store
+                .set_run_state_now(&run.run_id, &[RunState::Failed], RunState::Running, None)
+                .await?;
+        }
+        let tasks = self.reissue_unfinished(run, progress).await?;
+        if !tasks.is_empty()
+            && let Err(failure) =
+                hooks::run_hooks(&self.spec.hooks, HookEvent::BeforeWrite, hooks).await
+        {
+            return self
+                .block(run, &[RunState::Running], failure)
+                .await
+                .map(Some);
+        }
+        progress.partitions(plan.partitions.len(), plan.partitions.len() - tasks.len());
         progress.phase(&format!(
-            "publishing: swapping {} into {}",
-            run.shadow_table, self.target
+            "writing {} partition(s) into {}",
+            tasks.len(),
+            run.shadow_table
         ));
-        let outside = match self.store.outside_checksum(&run.run_id).await? {
-            Some(expected) => {
-                let (filter, binds) =
-                    shadow::outside_window(self.store.dialect(), &self.spec, &plan.partitions);
-                Some(publish::OutsideGuard {
-                    filter,
-                    binds,
-                    expected,
-                })
+        match executor {
+            Executor::Embedded => {
+                // Retries happen inside the worker; a task out of retries is not redelivered.
+                let queue = Arc::new(InMemoryQueue::with_delivery_limit(EMBEDDED_DELIVERY_LIMIT));
+                for task in tasks {
+                    queue.publish(self.task_message(task)).await?;
+                }
+                queue.close();
+                run_embedded_workers(
+                    ctx.clone(),
+                    queue,
+                    self.spec.warehouse.concurrency,
+                    progress,
+                )
+                .instrument(barrier_span(&run.run_id))
+                .await?;
             }
-            None => None,
-        };
-        let archive = publish::swap_table(
-            &self.store,
-            &run,
-            &self.target,
-            &shadow,
-            self.spec.publish.archive_retention_days,
-            outside,
-        )
-        .instrument(tracing::info_span!(
+            Executor::Distributed(options) => {
+                let messages = tasks.into_iter().map(|t| self.task_message(t)).collect();
+                crate::distributed::run_partitions(&self.store, run, messages, options, progress)
+                    .await?;
+            }
+        }
+        // The barrier: the control store, not the reports, decides whether all are done.
+        let partitions = self.store.partitions(&run.run_id).await?;
+        let failures: Vec<(String, String)> = partitions
+            .iter()
+            .filter(|p| p.state != PartitionState::Done)
+            .map(|p| {
+                (
+                    p.partition_key.clone(),
+                    p.error
+                        .clone()
+                        .unwrap_or_else(|| p.state.as_str().to_string()),
+                )
+            })
+            .collect();
+        if !failures.is_empty() {
+            let message = format!(
+                "{} partition(s) failed; fix the cause and run the same spec again",
+                failures.len()
+            );
+            self.store
+                .set_run_state_now(
+                    &run.run_id,
+                    &[RunState::Running],
+                    RunState::Failed,
+                    Some(&message),
+                )
+                .await?;
+            return Ok(Some(RunOutcome::PartitionsFailed {
+                run_id: run.run_id.clone(),
+                failures,
+            }));
+        }
+        self.store
+            .set_run_state_now(&run.run_id, &[RunState::Running], RunState::Auditing, None)
+            .await?;
+        Ok(None)
+    }
+
+    /// Publishes an audited run: before_publish hooks (a failure blocks the publish and leaves
+    /// the target untouched), the publish itself in the run's mode, after_publish hooks.
+    async fn publish_audited(
+        &self,
+        run: &RunRecord,
+        partitions: &[Partition],
+        mode: PublishMode,
+        window_guard: Option<publish::WindowGuard>,
+        hooks: &HookContext,
+        progress: &dyn Progress,
+    ) -> Result<RunOutcome, BackfillError> {
+        if let Err(failure) =
+            hooks::run_hooks(&self.spec.hooks, HookEvent::BeforePublish, hooks).await
+        {
+            return self
+                .block(
+                    run,
+                    &[RunState::Auditing, RunState::AwaitingApproval],
+                    failure,
+                )
+                .await;
+        }
+        let shadow = TableName::parse(&run.shadow_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        progress.phase(&format!(
+            "publishing with {}: {} into {}",
+            mode.as_str(),
+            run.shadow_table,
+            self.target
+        ));
+        let publish_span = tracing::info_span!(
             "backfill.publish",
-            mode = "swap_table",
-            shadow = %run.shadow_table
-        ))
-        .await?;
+            mode = mode.as_str(),
+            shadow = %run.shadow_table,
+            rows.deleted = tracing::field::Empty,
+            rows.updated = tracing::field::Empty,
+            rows.inserted = tracing::field::Empty,
+        );
+        let archive = match mode {
+            PublishMode::SwapWindow => {
+                let (window, binds) = self.window_on_t(partitions);
+                let (archive, writes) = publish::swap_window(
+                    &self.store,
+                    run,
+                    &self.target,
+                    &shadow,
+                    &self.spec.target.key,
+                    &window,
+                    &binds,
+                    self.spec.publish.archive_retention_days,
+                    window_guard,
+                )
+                .instrument(publish_span.clone())
+                .await?;
+                publish_span.record("rows.deleted", writes.deleted);
+                publish_span.record("rows.updated", writes.updated);
+                publish_span.record("rows.inserted", writes.inserted);
+                archive
+            }
+            _ => {
+                let outside = match self
+                    .store
+                    .run_note(&run.run_id, RunNote::OutsideChecksum)
+                    .await?
+                {
+                    Some(expected) => {
+                        let (filter, binds) =
+                            shadow::outside_window(self.store.dialect(), &self.spec, partitions);
+                        Some(publish::OutsideGuard {
+                            filter,
+                            binds,
+                            expected,
+                        })
+                    }
+                    None => None,
+                };
+                publish::swap_table(
+                    &self.store,
+                    run,
+                    &self.target,
+                    &shadow,
+                    self.spec.publish.archive_retention_days,
+                    outside,
+                    window_guard,
+                )
+                .instrument(publish_span.clone())
+                .await?
+            }
+        };
+        let mut published = hooks.clone();
+        published.archive = Some(archive.archive_table.clone());
+        if let Err(failure) =
+            hooks::run_hooks(&self.spec.hooks, HookEvent::AfterPublish, &published).await
+        {
+            // The publish stands; say so loudly.
+            progress.phase(&format!("published, but {failure}"));
+            tracing::warn!(run = %run.run_id, %failure, "after_publish hook failed");
+        }
         Ok(RunOutcome::Published {
-            run_id: run.run_id,
+            run_id: run.run_id.clone(),
             archive: archive.archive_table,
-            partitions: plan.partitions.len(),
+            partitions: partitions.len(),
         })
+    }
+
+    /// `backfill publish <run>`: publishes a run that waits for approval, if the target's
+    /// window still holds what the audits compared against.
+    pub async fn publish_approved(
+        &self,
+        run_id: &str,
+        progress: &dyn Progress,
+    ) -> Result<RunOutcome, BackfillError> {
+        let run = self.store.find_run(run_id).await?.ok_or_else(|| {
+            BackfillError::Invalid(format!("no run `{run_id}` in this control store"))
+        })?;
+        if run.state != RunState::AwaitingApproval {
+            return Err(BackfillError::Conflict(format!(
+                "run {run_id} is {}, not awaiting_approval: only a run whose audits passed under publish.approval = \"manual\" can be published this way",
+                run.state.as_str()
+            )));
+        }
+        let partitions = self.spec.planned_partitions();
+        let mode = self.frozen_publish_mode(&run).await?;
+        let expected = self
+            .store
+            .run_note(run_id, RunNote::WindowChecksum)
+            .await?
+            .ok_or_else(|| {
+                BackfillError::Invalid(format!(
+                    "run {run_id} has no record of what its audits saw; run the same spec again to audit it"
+                ))
+            })?;
+        let (filter, binds) = self.window_on_t(&partitions);
+        let guard = publish::WindowGuard {
+            filter,
+            binds,
+            expected,
+        };
+        let hooks = self.hook_context(&run, &partitions, mode);
+        let span = tracing::info_span!("backfill.approved_publish", run.id = %run_id);
+        let result = self
+            .publish_audited(&run, &partitions, mode, Some(guard), &hooks, progress)
+            .instrument(span)
+            .await;
+        self.report_failure(&hooks, &result, progress).await;
+        result
+    }
+
+    /// A blocking hook failed: the run stops (state failed, with the reason) before touching
+    /// the target; running the same spec again retries from here.
+    async fn block(
+        &self,
+        run: &RunRecord,
+        from: &[RunState],
+        failure: hooks::HookFailure,
+    ) -> Result<RunOutcome, BackfillError> {
+        let message = format!(
+            "{failure}; the target was not touched. Fix the hook's cause and run the same spec again"
+        );
+        self.store
+            .set_run_state_now(&run.run_id, from, RunState::Failed, Some(&message))
+            .await?;
+        Ok(RunOutcome::Blocked {
+            run_id: run.run_id.clone(),
+            event: failure.event.as_str().to_string(),
+            reason: failure.to_string(),
+        })
+    }
+
+    /// Runs the on_failure hooks when a run stops without publishing.
+    async fn report_failure(
+        &self,
+        hooks: &HookContext,
+        result: &Result<RunOutcome, BackfillError>,
+        progress: &dyn Progress,
+    ) {
+        let (outcome, error) = match result {
+            Ok(RunOutcome::PartitionsFailed { failures, .. }) => (
+                "partitions_failed",
+                format!("{} partition(s) failed", failures.len()),
+            ),
+            Ok(RunOutcome::AuditFailed { failures, .. }) => (
+                "audit_failed",
+                format!("{} audit check(s) failed", failures.len()),
+            ),
+            Ok(RunOutcome::Blocked { reason, .. }) => ("blocked", reason.clone()),
+            Ok(_) => return,
+            Err(error) => ("error", redact_secrets(&error.to_string())),
+        };
+        let mut context = hooks.clone();
+        context.outcome = Some(outcome.to_string());
+        context.error = Some(error);
+        if let Err(failure) =
+            hooks::run_hooks(&self.spec.hooks, HookEvent::OnFailure, &context).await
+        {
+            progress.phase(&failure.to_string());
+            tracing::warn!(%failure, "on_failure hook failed");
+        }
+    }
+
+    /// The publish mode of a run: the one recorded when it was created (`auto` is resolved
+    /// once; a resumed run never switches modes under its shadow).
+    async fn frozen_publish_mode(&self, run: &RunRecord) -> Result<PublishMode, BackfillError> {
+        Ok(
+            match self
+                .store
+                .run_note(&run.run_id, RunNote::PublishMode)
+                .await?
+            {
+                Some(mode) => PublishMode::parse(&mode).unwrap_or(PublishMode::SwapTable),
+                // Runs created before publish modes existed copied the whole table.
+                None => PublishMode::SwapTable,
+            },
+        )
+    }
+
+    /// The window (alias `t`) of this spec as a condition with its binds.
+    fn window_on_t(&self, partitions: &[Partition]) -> (String, Vec<Bind>) {
+        crate::window::window_condition(
+            self.store.dialect(),
+            self.spec.partition.grain,
+            &self.spec.partition.column,
+            "t",
+            partitions,
+            1,
+        )
+    }
+
+    fn hook_context(
+        &self,
+        run: &RunRecord,
+        partitions: &[Partition],
+        mode: PublishMode,
+    ) -> HookContext {
+        HookContext {
+            event: String::new(),
+            run_id: run.run_id.clone(),
+            spec_name: self.spec.name.clone(),
+            spec_hash: run.spec_hash.clone(),
+            target: self.target.to_string(),
+            shadow: run.shadow_table.clone(),
+            publish_mode: mode.as_str().to_string(),
+            partitions: partitions.len(),
+            window_first: partitions
+                .first()
+                .map(|p| p.key.clone())
+                .unwrap_or_default(),
+            window_last: partitions.last().map(|p| p.key.clone()).unwrap_or_default(),
+            archive: None,
+            outcome: None,
+            error: None,
+        }
     }
 
     /// Reissues unfinished partitions. A statement of a killed process may still hold a
@@ -601,11 +953,31 @@ impl Backfill {
             &self.target,
             &shadow,
             &plan.partitions,
+            plan.publish_mode,
         )
-        .instrument(tracing::info_span!("backfill.shadow", shadow = %shadow))
+        .instrument(tracing::info_span!(
+            "backfill.shadow",
+            shadow = %shadow,
+            publish_mode = plan.publish_mode.as_str()
+        ))
         .await?;
+        if let Some(outside) = outside {
+            self.store
+                .set_run_note(
+                    &mut tx,
+                    &run.run_id,
+                    RunNote::OutsideChecksum,
+                    &outside.to_string(),
+                )
+                .await?;
+        }
         self.store
-            .set_outside_checksum(&mut tx, &run.run_id, &outside.to_string())
+            .set_run_note(
+                &mut tx,
+                &run.run_id,
+                RunNote::PublishMode,
+                plan.publish_mode.as_str(),
+            )
             .await?;
         tx.commit().await?;
         Ok(Ok(run))

@@ -1,12 +1,14 @@
 //! Builds the shadow table: the target's columns, keys and indexes (plus columns the spec
-//! adds), filled with the target's rows OUTSIDE the window only. The window's partitions start
-//! empty, so each partition's first application is a plain insert.
+//! adds). For `swap_table` it is filled with the target's rows OUTSIDE the window; for
+//! `swap_window` it holds the window only. Either way the window's partitions start empty, so
+//! each partition's first application is a plain insert. Also decides which publish modes the
+//! target's shape allows, and which one `auto` picks.
 
 use backfill_common::BackfillError;
 use backfill_common::dialect::Dialect;
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
-use backfill_common::spec::Spec;
+use backfill_common::spec::{PublishMode, Spec};
 use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_all, fetch_one, get};
 use sqlx::AnyConnection;
 
@@ -19,7 +21,8 @@ pub async fn build_shadow(
     target: &TableName,
     shadow: &TableName,
     partitions: &[Partition],
-) -> Result<Checksum, BackfillError> {
+    mode: PublishMode,
+) -> Result<Option<Checksum>, BackfillError> {
     let target_columns = warehouse.table_columns(conn, target).await?;
     match warehouse.dialect {
         Dialect::Postgres => {
@@ -81,6 +84,10 @@ pub async fn build_shadow(
         )
         .await?;
     }
+    if mode == PublishMode::SwapWindow {
+        // The window only: publish merges it into the target, which keeps everything else.
+        return Ok(None);
+    }
     let column_list = target_columns
         .iter()
         .map(|c| quote_catalog_name(c))
@@ -121,6 +128,7 @@ pub async fn build_shadow(
     warehouse
         .checksum(conn, target, Some(&outside), &binds)
         .await
+        .map(Some)
 }
 
 /// The rows outside the window (alias `t`), as a condition with its binds.
@@ -250,99 +258,230 @@ pub async fn has_unique_index_on(
     Ok(found.contains(&wanted))
 }
 
-/// Refuses targets whose swap would silently lose something the shadow cannot carry over
-/// (checked by `plan`, before anything is written). Lists every problem at once.
-pub async fn check_target_shape(
+/// Something about the target that a publish mode cannot carry over.
+#[derive(Debug, Clone)]
+pub struct ShapeFinding {
+    pub what: String,
+    pub why: &'static str,
+    pub blocks_swap_table: bool,
+    pub blocks_swap_window: bool,
+}
+
+/// What the target has that a publish mode would strand or break. `swap_table` renames a
+/// copy into place, so everything attached to the table object matters; `swap_window` keeps
+/// the table and only merges the window's rows, so only what those writes would trigger
+/// matters (row-level security hiding rows, cascading foreign keys, columns that cannot be
+/// written).
+pub async fn target_findings(
     warehouse: &Warehouse,
     conn: &mut AnyConnection,
     target: &TableName,
-) -> Result<(), BackfillError> {
-    let mut problems: Vec<String> = Vec::new();
+) -> Result<Vec<ShapeFinding>, BackfillError> {
+    let mut findings = Vec::new();
+    let mut add = |rows: &[sqlx::any::AnyRow], why: &'static str, table: bool, window: bool| {
+        for row in rows {
+            if let Ok(Some(what)) = get::<Option<String>>(row, 0) {
+                findings.push(ShapeFinding {
+                    what,
+                    why,
+                    blocks_swap_table: table,
+                    blocks_swap_window: window,
+                });
+            }
+        }
+    };
     match warehouse.dialect {
         Dialect::Postgres => {
             let name = target.quoted();
-            let checks: [(&str, &str); 7] = [
+            let checks: [(&str, &'static str, bool, bool); 9] = [
                 (
                     "SELECT CASE WHEN relrowsecurity OR relforcerowsecurity THEN 'row-level security is enabled' END FROM pg_class WHERE oid = CAST($1 AS regclass) \
                      UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = CAST($1 AS regclass)",
-                    "row-level security and policies are not carried to the new table",
+                    "row-level security would hide rows from the copy or the merge",
+                    true,
+                    true,
+                ),
+                (
+                    "SELECT CASE WHEN relkind = 'p' THEN 'native partitioning' END FROM pg_class WHERE oid = CAST($1 AS regclass)",
+                    "a renamed copy would not be partitioned",
+                    true,
+                    false,
                 ),
                 (
                     "SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = CAST($1 AS regclass) AND NOT tgisinternal",
                     "triggers are not carried to the new table",
+                    true,
+                    false,
                 ),
                 (
                     "SELECT 'foreign key ' || conname || ' to ' || CAST(CAST(confrelid AS regclass) AS text) FROM pg_constraint WHERE conrelid = CAST($1 AS regclass) AND contype = 'f'",
                     "foreign keys of the target are not carried to the new table",
+                    true,
+                    false,
                 ),
                 (
-                    "SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f'",
+                    "SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' \
+                     AND confdeltype NOT IN ('c', 'n', 'd') AND confupdtype NOT IN ('c', 'n', 'd')",
                     "foreign keys referencing the target would keep pointing at the archive",
+                    true,
+                    false,
+                ),
+                (
+                    "SELECT 'cascading foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' \
+                     AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'))",
+                    "foreign keys referencing the target with ON DELETE/UPDATE actions would change other tables when rows are replaced",
+                    true,
+                    true,
                 ),
                 (
                     "SELECT 'identity column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attidentity <> '' \
                      UNION ALL SELECT 'generated column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
                     "identity and generated columns cannot be copied as they are",
+                    true,
+                    true,
                 ),
                 (
                     "SELECT 'column ' || a.attname || ' defaults to ' || pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
                      WHERE d.adrelid = CAST($1 AS regclass) AND pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%'",
                     "a sequence owned by the target would stay with the archive (and block gc)",
+                    true,
+                    false,
                 ),
                 (
                     "SELECT DISTINCT 'materialized view ' || CAST(CAST(v.oid AS regclass) AS text) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid \
                      JOIN pg_class v ON v.oid = r.ev_class WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = CAST($1 AS regclass) AND v.relkind = 'm'",
                     "materialized views would keep reading the archive",
+                    true,
+                    false,
                 ),
             ];
-            for (sql, why) in checks {
+            for (sql, why, table, window) in checks {
                 let rows = fetch_all(conn, sql, &[name.as_str().into()]).await?;
-                let found: Vec<String> = rows
-                    .iter()
-                    .filter_map(|r| get::<Option<String>>(r, 0).ok().flatten())
-                    .collect();
-                if !found.is_empty() {
-                    problems.push(format!("{} ({why})", found.join(", ")));
-                }
+                add(&rows, why, table, window);
             }
         }
         Dialect::Sqlite => {
             let table = target.name.as_str();
-            let triggers = fetch_all(conn, "SELECT 'trigger ' || name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = $1", &[table.into()]).await?;
-            let found: Vec<String> = triggers
-                .iter()
-                .filter_map(|r| get::<String>(r, 0).ok())
-                .collect();
-            if !found.is_empty() {
-                problems.push(format!(
-                    "{} (triggers would stay with the archive)",
-                    found.join(", ")
-                ));
-            }
-            let children = fetch_all(
+            let rows = fetch_all(conn, "SELECT 'trigger ' || name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = $1", &[table.into()]).await?;
+            add(&rows, "triggers would stay with the archive", true, false);
+            let rows = fetch_all(
                 conn,
                 "SELECT DISTINCT 'foreign key on ' || m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
                  WHERE m.type = 'table' AND f.\"table\" = $1 AND m.name <> $1",
                 &[table.into()],
             )
             .await?;
-            let found: Vec<String> = children
-                .iter()
-                .filter_map(|r| get::<String>(r, 0).ok())
-                .collect();
-            if !found.is_empty() {
-                problems.push(format!(
-                    "{} (foreign keys referencing the target would follow it to the archive)",
-                    found.join(", ")
-                ));
-            }
+            add(
+                &rows,
+                "foreign keys referencing the target would follow it to the archive",
+                true,
+                false,
+            );
         }
     }
-    if problems.is_empty() {
+    Ok(findings)
+}
+
+/// Refuses a publish mode the target's shape does not allow, naming what would be lost.
+pub fn check_mode_allowed(
+    target: &TableName,
+    mode: PublishMode,
+    findings: &[ShapeFinding],
+) -> Result<(), BackfillError> {
+    let blocking: Vec<String> = findings
+        .iter()
+        .filter(|f| match mode {
+            PublishMode::SwapTable => f.blocks_swap_table,
+            PublishMode::SwapWindow => f.blocks_swap_window,
+            PublishMode::Auto | PublishMode::SwapPartitions => false,
+        })
+        .map(|f| format!("{} ({})", f.what, f.why))
+        .collect();
+    if blocking.is_empty() {
         return Ok(());
     }
     Err(BackfillError::Invalid(format!(
-        "{target} cannot be published with swap_table without losing something: {}. Nothing was written",
-        problems.join("; ")
+        "{target} cannot be published with {} without losing something: {}. Nothing was written{}",
+        mode.as_str(),
+        blocking.join("; "),
+        if mode == PublishMode::SwapTable && findings.iter().all(|f| !f.blocks_swap_window) {
+            "; publish.mode = \"swap_window\" (or \"auto\") keeps the table and would work"
+        } else {
+            ""
+        }
     )))
+}
+
+/// Below this many rows a table is copied whole: a full copy is cheap and keeps the old
+/// table intact as the archive.
+const WINDOW_MODE_MIN_ROWS: i64 = 10_000;
+
+/// `auto`: the mode a run of `spec` will publish with, and why. `window_rows` and
+/// `table_rows` are the target's current counts.
+pub fn choose_publish_mode(
+    spec: &Spec,
+    target: &TableName,
+    findings: &[ShapeFinding],
+    window_rows: i64,
+    table_rows: i64,
+) -> Result<(PublishMode, String), BackfillError> {
+    match spec.publish.mode {
+        PublishMode::SwapPartitions => {
+            return Err(BackfillError::Invalid(
+                "publish.mode: swap_partitions (detach and attach native partitions) is not available yet; \
+                 swap_window publishes natively partitioned targets through their parent in one transaction"
+                    .into(),
+            ));
+        }
+        PublishMode::SwapTable | PublishMode::SwapWindow => {
+            check_mode_allowed(target, spec.publish.mode, findings)?;
+            return Ok((spec.publish.mode, "set in the spec (publish.mode)".into()));
+        }
+        PublishMode::Auto => {}
+    }
+    if !spec.target.add_columns.is_empty() {
+        check_mode_allowed(target, PublishMode::SwapTable, findings)?;
+        return Ok((
+            PublishMode::SwapTable,
+            "the spec adds columns, which only a new table can have".into(),
+        ));
+    }
+    let table_blockers: Vec<&ShapeFinding> =
+        findings.iter().filter(|f| f.blocks_swap_table).collect();
+    if !table_blockers.is_empty() {
+        check_mode_allowed(target, PublishMode::SwapWindow, findings)?;
+        return Ok((
+            PublishMode::SwapWindow,
+            format!(
+                "a renamed copy would lose {}; swap_window keeps the table",
+                table_blockers
+                    .iter()
+                    .map(|f| f.what.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let share = if table_rows > 0 {
+        window_rows as f64 / table_rows as f64
+    } else {
+        1.0
+    };
+    if table_rows >= WINDOW_MODE_MIN_ROWS && share <= 0.25 {
+        Ok((
+            PublishMode::SwapWindow,
+            format!(
+                "the window holds {window_rows} of {table_rows} rows ({:.1}%): replacing it writes far less than copying the table",
+                share * 100.0
+            ),
+        ))
+    } else {
+        Ok((
+            PublishMode::SwapTable,
+            format!(
+                "the window holds {:.0}% of the table's {table_rows} rows: a copy and rename costs about the same and keeps the whole old table as the archive",
+                share * 100.0
+            ),
+        ))
+    }
 }
