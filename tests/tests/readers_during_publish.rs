@@ -1,6 +1,6 @@
 //! Publishing is atomic for readers: a reader querying the target and the dashboard view in a
 //! loop while a backfill runs and publishes sees no error and only the old or the new totals,
-//! never a mix or a missing table. Same during rollback.
+//! never a mix or a missing table. Same during rollback. For every publish mode.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,7 +59,7 @@ fn assert_only(seen: &[Result<(i64, i64), String>], allowed: &[i64]) {
     }
 }
 
-async fn readers_never_see_a_mix(db: TestDatabase) {
+async fn readers_never_see_a_mix(db: TestDatabase, mode: &str) {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     let old = read_totals(&warehouse).await.unwrap().0;
@@ -73,13 +73,13 @@ async fn readers_never_see_a_mix(db: TestDatabase) {
     let reader_pool = Warehouse::connect(&db.url, 2).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = spawn_reader(reader_pool.clone(), stop.clone());
-    let backfill = Backfill::open(
-        Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
-        demo::MINI_CHALLENGE_SPEC.into(),
-        &db.url,
-    )
-    .await
-    .unwrap();
+    let spec = demo::MINI_CHALLENGE_SPEC.replace(
+        "mode = \"swap_table\"",
+        &format!("mode = \"{mode}\""),
+    );
+    let backfill = Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &db.url)
+        .await
+        .unwrap();
     let outcome = backfill.run("test", &Quiet).await.unwrap();
     // keep reading a little after the publish
     for _ in 0..10 {
@@ -110,11 +110,21 @@ async fn readers_never_see_a_mix(db: TestDatabase) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readers_during_publish_on_postgres() {
-    readers_never_see_a_mix(TestDatabase::postgres().await).await;
+async fn readers_during_swap_table_on_postgres() {
+    readers_never_see_a_mix(TestDatabase::postgres().await, "swap_table").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readers_during_publish_on_sqlite() {
-    readers_never_see_a_mix(TestDatabase::sqlite()).await;
+async fn readers_during_swap_table_on_sqlite() {
+    readers_never_see_a_mix(TestDatabase::sqlite(), "swap_table").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_during_swap_window_on_postgres() {
+    readers_never_see_a_mix(TestDatabase::postgres().await, "swap_window").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_during_swap_window_on_sqlite() {
+    readers_never_see_a_mix(TestDatabase::sqlite(), "swap_window").await;
 }

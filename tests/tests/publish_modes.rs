@@ -1,0 +1,239 @@
+//! Publish modes on PostgreSQL: `auto` picks `swap_window` for a small window of a large table
+//! and says why; `swap_window` writes only the window's changed rows (rows outside the window
+//! and unchanged rows inside it are not rewritten: same xmin), keeps the table's identity (OID,
+//! views, a foreign key pointing at it) and archives the old window rows; rollback restores the
+//! exact checksum. Targets a rename would damage are published with swap_window by `auto`.
+
+use backfill_common::plan::Grain;
+use backfill_common::spec::{PublishMode, Spec};
+use backfill_common::warehouse::{Warehouse, fetch_all, get};
+use backfill_coordinator::publish;
+use backfill_coordinator::runner::{Backfill, Quiet, RunOutcome};
+use backfill_tests::*;
+
+const DAYS: i64 = 200;
+const ROWS_PER_DAY: i64 = 500;
+
+/// `events`: 200 days x 500 rows; `events_fixed`: the same, with the amounts of 2024-05-10 ..
+/// 2024-05-13 corrected for one row in five, one row of the window deleted and one added.
+async fn seed_events(warehouse: &Warehouse) {
+    for sql in [
+        "CREATE TABLE events (id bigint PRIMARY KEY, day date NOT NULL, customer_id bigint NOT NULL, amount numeric(12,2) NOT NULL, note text)",
+        &format!(
+            "INSERT INTO events SELECT g, DATE '2024-01-01' + CAST((g - 1) / {ROWS_PER_DAY} AS integer), g % 97, (g % 1000) / 10.0, 'n' || g \
+             FROM generate_series(1, {}) AS g",
+            DAYS * ROWS_PER_DAY
+        ),
+        "CREATE VIEW daily_amount AS SELECT day, sum(amount) AS total FROM events GROUP BY day",
+        "CREATE TABLE events_fixed AS SELECT * FROM events WHERE day BETWEEN DATE '2024-05-10' AND DATE '2024-05-13'",
+        "UPDATE events_fixed SET amount = amount + 1 WHERE id % 5 = 0",
+        "DELETE FROM events_fixed WHERE id = (SELECT min(id) FROM events_fixed)",
+        "INSERT INTO events_fixed VALUES (999999, DATE '2024-05-11', 1, 42.00, 'late arrival')",
+        // What the target must hold afterwards.
+        "CREATE TABLE events_expected AS SELECT * FROM events WHERE NOT (day BETWEEN DATE '2024-05-10' AND DATE '2024-05-13') UNION ALL SELECT * FROM events_fixed",
+        "ANALYZE events",
+    ] {
+        exec(warehouse, sql).await;
+    }
+}
+
+const SPEC: &str = r#"
+name = "fix_event_amounts"
+
+[target]
+table = "events"
+key = ["id"]
+
+[partition]
+column = "day"
+grain = "day"
+first = "2024-05-10"
+last = "2024-05-13"
+
+[source]
+query = "SELECT id, day, customer_id, amount, note FROM events_fixed WHERE day >= :partition_start AND day < :partition_end"
+
+[warehouse]
+name = "events"
+concurrency = 2
+
+[[audit]]
+kind = "unique_key"
+
+[[audit]]
+kind = "rowcount_delta"
+max_change_pct = 1.0
+
+[publish]
+mode = "auto"
+"#;
+
+/// (id, xmin) of the rows matching `filter`: a row rewritten by any statement gets a new xmin.
+async fn row_versions(warehouse: &Warehouse, filter: &str) -> Vec<(i64, String)> {
+    let mut conn = warehouse.acquire().await.unwrap();
+    fetch_all(
+        &mut conn,
+        &format!("SELECT id, CAST(xmin AS text) FROM events WHERE {filter} ORDER BY id"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (get(r, 0).unwrap(), get(r, 1).unwrap()))
+    .collect()
+}
+
+const WINDOW: &str = "day BETWEEN DATE '2024-05-10' AND DATE '2024-05-13'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_window_writes_only_the_changed_rows_of_the_window() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_events(&warehouse).await;
+    let before = checksum(&warehouse, "events", None).await;
+    let oid_before = count(&warehouse, "SELECT CAST(CAST('events' AS regclass) AS oid)::bigint").await;
+    let outside_before = row_versions(&warehouse, &format!("NOT ({WINDOW})")).await;
+    let inside_before = row_versions(&warehouse, WINDOW).await;
+    let changed_ids: Vec<i64> = {
+        let mut conn = warehouse.acquire().await.unwrap();
+        fetch_all(
+            &mut conn,
+            "SELECT f.id FROM events_fixed f JOIN events e USING (id) WHERE f.amount <> e.amount ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| get(r, 0).unwrap())
+        .collect()
+    };
+    assert!(changed_ids.len() > 100);
+
+    let backfill = Backfill::open(Spec::parse(SPEC).unwrap(), SPEC.into(), &db.url)
+        .await
+        .unwrap();
+    let plan = backfill.plan().await.unwrap();
+    assert_eq!(plan.grain, Grain::Day);
+    assert_eq!(plan.publish_mode, PublishMode::SwapWindow, "{}", plan.publish_reason);
+    assert!(
+        plan.publish_reason.contains("2000 of 100000 rows"),
+        "plan says why: {}",
+        plan.publish_reason
+    );
+    let outcome = backfill.run("test", &Quiet).await.unwrap();
+    let RunOutcome::Published { run_id, archive, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+
+    // The data: exactly the expected table.
+    assert_eq!(
+        checksum(&warehouse, "events", None).await,
+        checksum(&warehouse, "events_expected", None).await
+    );
+    assert_eq!(duplicate_keys(&warehouse, "events", "id").await, 0);
+    // Same table (identity kept), its view reads the new data.
+    assert_eq!(
+        count(&warehouse, "SELECT CAST(CAST('events' AS regclass) AS oid)::bigint").await,
+        oid_before
+    );
+    assert_eq!(
+        count(&warehouse, "SELECT CAST(sum(total) * 100 AS bigint) FROM daily_amount").await,
+        count(&warehouse, "SELECT CAST(sum(amount) * 100 AS bigint) FROM events_expected").await
+    );
+    // Rows written: nothing outside the window, and inside it only the changed, deleted and
+    // added rows.
+    assert_eq!(
+        row_versions(&warehouse, &format!("NOT ({WINDOW})")).await,
+        outside_before,
+        "rows outside the window were not rewritten"
+    );
+    let inside_after = row_versions(&warehouse, WINDOW).await;
+    let rewritten: Vec<i64> = inside_after
+        .iter()
+        .filter(|(id, xmin)| {
+            inside_before
+                .iter()
+                .find(|(before_id, _)| before_id == id)
+                .is_none_or(|(_, before_xmin)| before_xmin != xmin)
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    let mut expected_rewritten = changed_ids.clone();
+    expected_rewritten.push(999_999);
+    expected_rewritten.sort();
+    assert_eq!(rewritten, expected_rewritten, "only changed and new rows were written");
+    let store = control_store(&warehouse);
+    let merged = count(
+        &warehouse,
+        &format!(
+            "SELECT count(*) FROM backfill.events WHERE run_id = '{run_id}' AND kind = 'window_merged' \
+             AND detail = 'deleted 1 updated {} inserted 1'",
+            changed_ids.len()
+        ),
+    )
+    .await;
+    assert_eq!(merged, 1, "the publish recorded what it wrote");
+    // The archive holds the window's old rows only.
+    assert_eq!(
+        count(&warehouse, &format!("SELECT count(*) FROM {archive}")).await,
+        4 * ROWS_PER_DAY
+    );
+    let archives = store.archives().await.unwrap();
+    assert_eq!(archives[0].kind, publish::ARCHIVE_WINDOW);
+
+    // Rollback restores the exact table.
+    let report = publish::rollback(&store, &run_id).await.unwrap();
+    assert_eq!(checksum(&warehouse, "events", None).await, before);
+    assert!(table_exists(&warehouse, &report.kept_as).await);
+    assert_eq!(
+        count(&warehouse, &format!("SELECT count(*) FROM {}", report.kept_as)).await,
+        4 * ROWS_PER_DAY,
+        "the backfilled window is kept"
+    );
+}
+
+/// A foreign key pointing at the target: a rename would leave it on the archive, so `auto`
+/// picks swap_window, and swap_table is refused with a pointer to swap_window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_keeps_a_referenced_table_in_place() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_events(&warehouse).await;
+    exec(
+        &warehouse,
+        "CREATE TABLE refunds (refund_id bigint PRIMARY KEY, event_id bigint NOT NULL REFERENCES events (id))",
+    )
+    .await;
+    exec(&warehouse, "INSERT INTO refunds VALUES (1, 2300), (2, 50)").await;
+
+    let small = SPEC.replace("first = \"2024-05-10\"", "first = \"2024-01-01\"");
+    // A window of most of the table: without the foreign key auto would copy the table.
+    let wide = small.replace("last = \"2024-05-13\"", "last = \"2024-06-30\"");
+    let backfill = Backfill::open(Spec::parse(&wide).unwrap(), wide.clone(), &db.url)
+        .await
+        .unwrap();
+    let plan = backfill.plan().await.unwrap();
+    assert_eq!(plan.publish_mode, PublishMode::SwapWindow);
+    assert!(plan.publish_reason.contains("refunds"), "{}", plan.publish_reason);
+
+    let forced = wide.replace("mode = \"auto\"", "mode = \"swap_table\"");
+    let backfill = Backfill::open(Spec::parse(&forced).unwrap(), forced.clone(), &db.url)
+        .await
+        .unwrap();
+    let error = backfill.plan().await.unwrap_err().to_string();
+    assert!(
+        error.contains("refunds") && error.contains("swap_window"),
+        "{error}"
+    );
+
+    // The window publish keeps the reference valid (the referenced rows keep their keys).
+    let backfill = Backfill::open(Spec::parse(SPEC).unwrap(), SPEC.into(), &db.url)
+        .await
+        .unwrap();
+    let outcome = backfill.run("test", &Quiet).await.unwrap();
+    assert!(matches!(outcome, RunOutcome::Published { .. }), "{outcome:?}");
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM refunds r JOIN events e ON e.id = r.event_id").await,
+        2
+    );
+}
