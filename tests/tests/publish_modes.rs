@@ -91,7 +91,11 @@ async fn swap_window_writes_only_the_changed_rows_of_the_window() {
     let warehouse = db.warehouse().await;
     seed_events(&warehouse).await;
     let before = checksum(&warehouse, "events", None).await;
-    let oid_before = count(&warehouse, "SELECT CAST(CAST('events' AS regclass) AS oid)::bigint").await;
+    let oid_before = count(
+        &warehouse,
+        "SELECT CAST(CAST('events' AS regclass) AS oid)::bigint",
+    )
+    .await;
     let outside_before = row_versions(&warehouse, &format!("NOT ({WINDOW})")).await;
     let inside_before = row_versions(&warehouse, WINDOW).await;
     let changed_ids: Vec<i64> = {
@@ -114,14 +118,22 @@ async fn swap_window_writes_only_the_changed_rows_of_the_window() {
         .unwrap();
     let plan = backfill.plan().await.unwrap();
     assert_eq!(plan.grain, Grain::Day);
-    assert_eq!(plan.publish_mode, PublishMode::SwapWindow, "{}", plan.publish_reason);
+    assert_eq!(
+        plan.publish_mode,
+        PublishMode::SwapWindow,
+        "{}",
+        plan.publish_reason
+    );
     assert!(
         plan.publish_reason.contains("2000 of 100000 rows"),
         "plan says why: {}",
         plan.publish_reason
     );
     let outcome = backfill.run("test", &Quiet).await.unwrap();
-    let RunOutcome::Published { run_id, archive, .. } = outcome else {
+    let RunOutcome::Published {
+        run_id, archive, ..
+    } = outcome
+    else {
         panic!("{outcome:?}")
     };
 
@@ -133,12 +145,24 @@ async fn swap_window_writes_only_the_changed_rows_of_the_window() {
     assert_eq!(duplicate_keys(&warehouse, "events", "id").await, 0);
     // Same table (identity kept), its view reads the new data.
     assert_eq!(
-        count(&warehouse, "SELECT CAST(CAST('events' AS regclass) AS oid)::bigint").await,
+        count(
+            &warehouse,
+            "SELECT CAST(CAST('events' AS regclass) AS oid)::bigint"
+        )
+        .await,
         oid_before
     );
     assert_eq!(
-        count(&warehouse, "SELECT CAST(sum(total) * 100 AS bigint) FROM daily_amount").await,
-        count(&warehouse, "SELECT CAST(sum(amount) * 100 AS bigint) FROM events_expected").await
+        count(
+            &warehouse,
+            "SELECT CAST(sum(total) * 100 AS bigint) FROM daily_amount"
+        )
+        .await,
+        count(
+            &warehouse,
+            "SELECT CAST(sum(amount) * 100 AS bigint) FROM events_expected"
+        )
+        .await
     );
     // Rows written: nothing outside the window, and inside it only the changed, deleted and
     // added rows.
@@ -161,7 +185,10 @@ async fn swap_window_writes_only_the_changed_rows_of_the_window() {
     let mut expected_rewritten = changed_ids.clone();
     expected_rewritten.push(999_999);
     expected_rewritten.sort();
-    assert_eq!(rewritten, expected_rewritten, "only changed and new rows were written");
+    assert_eq!(
+        rewritten, expected_rewritten,
+        "only changed and new rows were written"
+    );
     let store = control_store(&warehouse);
     let merged = count(
         &warehouse,
@@ -186,7 +213,11 @@ async fn swap_window_writes_only_the_changed_rows_of_the_window() {
     assert_eq!(checksum(&warehouse, "events", None).await, before);
     assert!(table_exists(&warehouse, &report.kept_as).await);
     assert_eq!(
-        count(&warehouse, &format!("SELECT count(*) FROM {}", report.kept_as)).await,
+        count(
+            &warehouse,
+            &format!("SELECT count(*) FROM {}", report.kept_as)
+        )
+        .await,
         4 * ROWS_PER_DAY,
         "the backfilled window is kept"
     );
@@ -214,7 +245,11 @@ async fn auto_keeps_a_referenced_table_in_place() {
         .unwrap();
     let plan = backfill.plan().await.unwrap();
     assert_eq!(plan.publish_mode, PublishMode::SwapWindow);
-    assert!(plan.publish_reason.contains("refunds"), "{}", plan.publish_reason);
+    assert!(
+        plan.publish_reason.contains("refunds"),
+        "{}",
+        plan.publish_reason
+    );
 
     let forced = wide.replace("mode = \"auto\"", "mode = \"swap_table\"");
     let backfill = Backfill::open(Spec::parse(&forced).unwrap(), forced.clone(), &db.url)
@@ -231,9 +266,16 @@ async fn auto_keeps_a_referenced_table_in_place() {
         .await
         .unwrap();
     let outcome = backfill.run("test", &Quiet).await.unwrap();
-    assert!(matches!(outcome, RunOutcome::Published { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
     assert_eq!(
-        count(&warehouse, "SELECT count(*) FROM refunds r JOIN events e ON e.id = r.event_id").await,
+        count(
+            &warehouse,
+            "SELECT count(*) FROM refunds r JOIN events e ON e.id = r.event_id"
+        )
+        .await,
         2
     );
 }

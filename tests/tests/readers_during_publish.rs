@@ -73,10 +73,8 @@ async fn readers_never_see_a_mix(db: TestDatabase, mode: &str) {
     let reader_pool = Warehouse::connect(&db.url, 2).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = spawn_reader(reader_pool.clone(), stop.clone());
-    let spec = demo::MINI_CHALLENGE_SPEC.replace(
-        "mode = \"swap_table\"",
-        &format!("mode = \"{mode}\""),
-    );
+    let spec =
+        demo::MINI_CHALLENGE_SPEC.replace("mode = \"swap_table\"", &format!("mode = \"{mode}\""));
     let backfill = Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &db.url)
         .await
         .unwrap();
