@@ -442,6 +442,10 @@ def test_notes_tell_how_to_watch_the_run(chart):
     assert f"kubectl -n {NAMESPACE} exec deploy/{worker(rendered)['metadata']['name']} -- backfill status --warehouse demo" in notes
     assert "https://jaeger.example.com" in notes and "backfill-coordinator" in notes
     assert "port-forward svc/bf-backfill-serve 8080:8080" in notes
+    # a spec with its own control store schema: status must look there
+    values = case_values("defaults")
+    values["backfills"][0]["spec"] = MINI_CHALLENGE_SPEC.replace('name = "demo"', 'name = "demo"\ncontrol_schema = "bf_control"')
+    assert "backfill status --warehouse demo --control-schema bf_control" in chart.render(values).notes
     keda_notes = chart.render(case_values("keda")).notes
     assert "kubectl -n data get scaledobject" in keda_notes
     assert "Tracing is off" in chart.render(case_values("defaults")).notes
