@@ -25,6 +25,11 @@ use crate::error::BackfillError;
 use crate::queue::{BoxFuture, DeadLetter, Delivery, Settle, TaskQueue};
 use crate::warehouse::redact_secrets;
 
+/// The W3C trace-context headers a task carries.
+const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+/// Longer trace headers are dropped, not parsed (W3C tracestate is at most 512 characters).
+const MAX_TRACE_HEADER_LEN: usize = 1024;
+
 fn broker_error(error: lapin::Error) -> BackfillError {
     BackfillError::Queue(redact_secrets(&error.to_string()))
 }
@@ -322,19 +327,39 @@ impl Broker {
         routing_key: &str,
         message: &Message,
     ) -> Result<(), BackfillError> {
+        self.publish_signed(exchange, routing_key, message, FieldTable::default())
+            .await
+    }
+
+    /// Signs `message` and publishes it with `headers` plus the signature headers.
+    async fn publish_signed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+        mut headers: FieldTable,
+    ) -> Result<(), BackfillError> {
         let (body, key_id, signature) = self.keyring.seal(message);
-        let mut headers = FieldTable::default();
         headers.insert(HEADER_KEY_ID.into(), text(&key_id));
         headers.insert(HEADER_SIGNATURE.into(), text(&signature));
         self.publish_raw(exchange, routing_key, &body, headers)
             .await
     }
 
+    /// Signs and publishes a task; the current span's W3C trace context travels in the
+    /// `traceparent` / `tracestate` headers (outside the signature: it only links traces).
     pub async fn publish_task(&self, message: &TaskMessage) -> Result<(), BackfillError> {
-        self.publish_message(
+        let mut headers = FieldTable::default();
+        for (name, value) in crate::telemetry::current_trace_context() {
+            if TRACE_HEADERS.contains(&name.as_str()) {
+                headers.insert(name.as_str().into(), text(&value));
+            }
+        }
+        self.publish_signed(
             &self.topology.tasks_exchange(),
             &message.warehouse,
             &Message::Task(message.clone()),
+            headers,
         )
         .await
     }
@@ -707,11 +732,18 @@ impl TaskQueue for RabbitTaskQueue {
             };
             let rejection = match opened {
                 Ok(Message::Task(message)) if message.warehouse == self.warehouse => {
-                    return Ok(Some(Delivery::new(
-                        message,
-                        delivery_count,
-                        Box::new(settle),
-                    )));
+                    let trace_context = TRACE_HEADERS
+                        .iter()
+                        .filter_map(|name| {
+                            header_text(headers.as_ref(), name)
+                                .filter(|value| value.len() <= MAX_TRACE_HEADER_LEN)
+                                .map(|value| (name.to_string(), value))
+                        })
+                        .collect();
+                    return Ok(Some(
+                        Delivery::new(message, delivery_count, Box::new(settle))
+                            .with_trace_context(trace_context),
+                    ));
                 }
                 Ok(Message::Task(message)) => Rejection::Misrouted(format!(
                     "task for warehouse `{}` arrived on the queue of `{}`",

@@ -589,6 +589,7 @@ impl ControlStore {
             &[run_id.into(), partition.map(str::to_string).into(), kind.into(), detail.into(), now_text().into()],
         )
         .await?;
+        log_state_change(run_id, partition, kind, detail);
         Ok(())
     }
 
@@ -657,6 +658,14 @@ impl ControlStore {
             &[task.run_id.as_str().into(), task.partition_key.as_str().into(), task.fencing_token.into(), task.attempt.into(), now_text().into()],
         )
         .await?;
+        if row.is_some() {
+            log_state_change(
+                &task.run_id,
+                Some(&task.partition_key),
+                "partition_running",
+                &format!("attempt {} token {}", task.attempt, task.fencing_token),
+            );
+        }
         row.as_ref().map(|r| get::<i64>(r, 0)).transpose()
     }
 
@@ -1005,4 +1014,18 @@ impl ControlStore {
 pub enum ArchiveMark {
     Restored,
     Dropped,
+}
+
+/// One log line per state change, under the `backfill::state` target, with the run and the
+/// partition as fields: what a log pipeline follows. `detail` never holds a secret (errors are
+/// redacted before they are recorded).
+fn log_state_change(run_id: &str, partition: Option<&str>, kind: &str, detail: &str) {
+    tracing::info!(
+        target: "backfill::state",
+        run = run_id,
+        partition = partition.unwrap_or(""),
+        change = kind,
+        detail,
+        "state change"
+    );
 }

@@ -10,6 +10,7 @@ pub mod dialect;
 pub mod envelope;
 pub mod error;
 pub mod ident;
+pub mod monitoring;
 pub mod plan;
 pub mod queue;
 pub mod redis_semaphore;

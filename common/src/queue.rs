@@ -4,7 +4,7 @@
 //! contract as the RabbitMQ queue of the distributed mode, delivery limit included; one
 //! conformance suite (tests/tests/queue_conformance.rs) runs against both.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,9 @@ pub struct Delivery {
     pub message: TaskMessage,
     /// 1 for the first delivery, 2 for the first redelivery, …
     pub delivery_count: u32,
+    /// The W3C trace context of the span that published the task (`traceparent`, …), so the
+    /// partition's span joins the run's trace. Empty when tracing is off.
+    pub trace_context: HashMap<String, String>,
     settle: Box<dyn Settle>,
 }
 
@@ -42,8 +45,14 @@ impl Delivery {
         Delivery {
             message,
             delivery_count,
+            trace_context: HashMap::new(),
             settle,
         }
+    }
+
+    pub fn with_trace_context(mut self, trace_context: HashMap<String, String>) -> Delivery {
+        self.trace_context = trace_context;
+        self
     }
 
     pub async fn ack(self) -> Result<(), BackfillError> {
@@ -64,6 +73,7 @@ impl Delivery {
 }
 
 pub trait TaskQueue: Send + Sync + 'static {
+    /// Publishes a task with the current span's trace context.
     fn publish(
         &self,
         message: TaskMessage,
@@ -93,9 +103,12 @@ struct Inner {
     delivery_limit: u32,
 }
 
+/// A task waiting in the in-memory queue: the message, its deliveries so far, its trace context.
+type Ready = (TaskMessage, u32, HashMap<String, String>);
+
 #[derive(Default)]
 struct QueueState {
-    ready: VecDeque<(TaskMessage, u32)>,
+    ready: VecDeque<Ready>,
     unacked: usize,
     closed: bool,
     dead: Vec<DeadLetter>,
@@ -147,6 +160,7 @@ struct InMemorySettle {
     inner: Arc<Inner>,
     message: TaskMessage,
     delivery_count: u32,
+    trace_context: HashMap<String, String>,
 }
 
 impl InMemorySettle {
@@ -167,7 +181,11 @@ impl InMemorySettle {
                         detail: format!("delivered {} times", self.delivery_count),
                     })
                 }
-                None if requeue => state.ready.push_back((self.message, self.delivery_count)),
+                None if requeue => {
+                    state
+                        .ready
+                        .push_back((self.message, self.delivery_count, self.trace_context))
+                }
                 None => {}
             }
         }
@@ -211,7 +229,9 @@ impl TaskQueue for InMemoryQueue {
             if state.closed {
                 return Err(BackfillError::Queue("queue is closed".into()));
             }
-            state.ready.push_back((message, 0));
+            state
+                .ready
+                .push_back((message, 0, crate::telemetry::current_trace_context()));
         }
         self.inner.notify.notify_one();
         Ok(())
@@ -222,18 +242,18 @@ impl TaskQueue for InMemoryQueue {
             let notified = self.inner.notify.notified();
             {
                 let mut state = self.state();
-                if let Some((message, deliveries)) = state.ready.pop_front() {
+                if let Some((message, deliveries, trace_context)) = state.ready.pop_front() {
                     state.unacked += 1;
                     let settle = InMemorySettle {
                         inner: self.inner.clone(),
                         message: message.clone(),
                         delivery_count: deliveries + 1,
+                        trace_context: trace_context.clone(),
                     };
-                    return Ok(Some(Delivery::new(
-                        message,
-                        deliveries + 1,
-                        Box::new(settle),
-                    )));
+                    return Ok(Some(
+                        Delivery::new(message, deliveries + 1, Box::new(settle))
+                            .with_trace_context(trace_context),
+                    ));
                 }
                 if state.closed && state.unacked == 0 {
                     return Ok(None);

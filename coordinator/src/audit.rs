@@ -306,6 +306,50 @@ pub async fn run_audits(
     Ok(records)
 }
 
+/// Puts the audit results into the trace and the metrics: one child span of `audit_span` per
+/// audit (the audits share one scan of the shadow, so these spans carry results, not timings)
+/// with its verdict and how many partitions it checked and failed.
+pub fn trace_results(audit_span: &tracing::Span, records: &[AuditRecord]) {
+    let mut names: Vec<&str> = records.iter().map(|r| r.audit_name.as_str()).collect();
+    names.dedup();
+    let mut failed_checks = 0;
+    for name in names {
+        let checks: Vec<&AuditRecord> = records.iter().filter(|r| r.audit_name == name).collect();
+        let failing = checks.iter().filter(|r| r.verdict != PASS).count();
+        let verdict = if checks.iter().any(|r| r.verdict == FAIL) {
+            FAIL
+        } else if failing > 0 {
+            WARN
+        } else {
+            PASS
+        };
+        let span = tracing::info_span!(
+            parent: audit_span,
+            "backfill.audit_check",
+            audit = name,
+            verdict,
+            checked = checks.len(),
+            failing
+        );
+        if verdict == FAIL {
+            failed_checks += failing;
+            backfill_common::telemetry::record_error(
+                &span,
+                &format!("audit {name} failed on {failing} partition(s)"),
+            );
+        }
+    }
+    for r in records {
+        metrics::counter!(backfill_common::monitoring::AUDIT_CHECKS, "verdict" => r.verdict.clone())
+            .increment(1);
+    }
+    audit_span.record("checks", records.len());
+    audit_span.record("failed", failed_checks);
+    if failed_checks > 0 {
+        backfill_common::telemetry::record_error(audit_span, "audits failed");
+    }
+}
+
 fn record(
     audit: &Audit,
     partition: &str,

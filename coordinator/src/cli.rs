@@ -19,7 +19,8 @@ use crate::publish;
 use crate::runner::{Backfill, Executor, Progress, RunOutcome};
 use crate::status;
 use backfill_common::broker::Broker;
-use backfill_common::control::PartitionState;
+use backfill_common::control::{PartitionState, RunState};
+use backfill_common::telemetry::{self, LogFormat};
 
 /// Exit codes scripts can act on.
 pub const EXIT_AUDIT_FAILED: i32 = 3;
@@ -39,11 +40,17 @@ pub const EXIT_PARTITIONS_FAILED: i32 = 4;
     after_help = "Warehouse URLs come from --warehouse-url (or BACKFILL_WAREHOUSE_URL), from\n\
     BACKFILL_WAREHOUSE_<NAME>_URL for the spec's warehouse.name, or from the config file\n\
     (--config / BACKFILL_CONFIG) under [warehouses.<name>] url = \"…\". Passwords are never printed.\n\n\
+    Traces go to an OTLP collector (e.g. Jaeger) when OTEL_EXPORTER_OTLP_ENDPOINT is set; BACKFILL_LOG\n\
+    filters log lines (e.g. info).\n\n\
     Exit codes: 0 success, 1 error, 2 bad usage or spec, 3 audits failed, 4 partitions failed."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr as text or as JSON objects (one per line; JSON also logs every
+    /// state change at info level)
+    #[arg(long, env = "BACKFILL_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    pub log_format: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,6 +193,13 @@ pub enum Command {
         run: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Redraw the run's grid, counts, throughput and ETA until it stops running
+        /// (with --json: one JSON object per line per refresh)
+        #[arg(long, requires = "run")]
+        watch: bool,
+        /// Seconds between refreshes of --watch
+        #[arg(long, default_value_t = 2.0, requires = "watch")]
+        interval: f64,
         #[command(flatten)]
         connection: Connection,
         #[command(flatten)]
@@ -217,6 +231,17 @@ pub enum Command {
         run: String,
         #[command(flatten)]
         connection: Connection,
+    },
+    /// Serve /metrics (runs' partitions, rows, audits and queue depths from the control store),
+    /// /api/runs, /api/runs/<run>, /livez and /readyz over HTTP, until stopped
+    Serve {
+        /// Address to listen on (port 0 picks a free port, printed on stderr)
+        #[arg(long, env = "BACKFILL_SERVE_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        distributed: DistributedArgs,
     },
     /// Run the lesson's mini challenge on an embedded SQLite warehouse (no server needed)
     Demo {
@@ -282,6 +307,54 @@ async fn open_store(connection: &Connection) -> Result<ControlStore> {
     Ok(store)
 }
 
+/// `status --watch`: redraws the run until it stops running (published, failed, audit failed,
+/// rolled back or abandoned), or prints one JSON line per refresh.
+async fn watch_run(
+    store: &ControlStore,
+    run: &str,
+    broker: Option<&Broker>,
+    json: bool,
+    interval: f64,
+) -> Result<()> {
+    use std::io::IsTerminal as _;
+    if !(interval.is_finite() && interval > 0.0) {
+        bail!("--interval must be a positive number of seconds, not {interval}");
+    }
+    let redraw = std::io::stdout().is_terminal() && !json;
+    let mut meter = None;
+    loop {
+        let status = status::load_with_broker(store, run, broker).await?;
+        let meter = meter.get_or_insert_with(|| status::PaceMeter::new(&status));
+        let pace = meter.pace(&status);
+        if json {
+            let line = serde_json::json!({ "status": &status, "pace": &pace });
+            println!("{line}");
+        } else {
+            if redraw {
+                // clear the screen, cursor home
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}{}", status::render(&status), status::render_pace(&pace));
+            if !redraw {
+                println!();
+            }
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        if matches!(
+            status.run.state,
+            RunState::Published
+                | RunState::Failed
+                | RunState::AuditFailed
+                | RunState::RolledBack
+                | RunState::Abandoned
+        ) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs_f64(interval)).await;
+    }
+}
+
 /// Progress as an indicatif bar on stderr (or plain lines without a terminal).
 struct Bar {
     bar: ProgressBar,
@@ -304,7 +377,10 @@ impl Bar {
 
 impl Progress for Bar {
     fn phase(&self, message: &str) {
-        if self.bar.is_hidden() {
+        if telemetry::log_format() == LogFormat::Json {
+            // Log pipelines read stderr line by line as JSON: phases are log events there.
+            tracing::info!(target: "backfill::progress", "{message}");
+        } else if self.bar.is_hidden() {
             eprintln!("{message}");
         } else {
             self.bar.println(message);
@@ -482,40 +558,25 @@ pub async fn execute(cli: Cli) -> Result<i32> {
         Command::Status {
             run,
             json,
+            watch,
+            interval,
             connection,
             distributed,
         } => {
             let store = open_store(&connection).await?;
-            match run {
+            let broker = distributed.broker(&connection).await?;
+            let shown = match run {
+                Some(run) if watch => {
+                    watch_run(&store, &run, broker.as_ref(), json, interval).await
+                }
                 Some(run) => {
-                    let mut status = status::load(&store, &run).await?;
-                    if let Some(broker) = distributed.broker(&connection).await? {
-                        let warehouse = store
-                            .spec_source(&status.run.spec_hash)
-                            .await?
-                            .and_then(|text| Spec::parse(&text).ok())
-                            .map(|spec| spec.warehouse.name)
-                            .ok_or_else(|| {
-                                anyhow!("the spec of run {run} is missing from the control store")
-                            })?;
-                        status.dead_letters = Some(
-                            broker
-                                .dead_letters(&warehouse, 10_000)
-                                .await?
-                                .into_iter()
-                                .filter(|d| {
-                                    d.message.as_ref().is_some_and(|m| m.task.run_id == run)
-                                })
-                                .map(status::DeadLetterView::from)
-                                .collect(),
-                        );
-                        broker.close().await;
-                    }
+                    let status = status::load_with_broker(&store, &run, broker.as_ref()).await?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
                     } else {
                         print!("{}", status::render(&status));
                     }
+                    Ok(())
                 }
                 None => {
                     let runs = store.all_runs().await?;
@@ -524,9 +585,42 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                     } else {
                         print!("{}", status::render_run_list(&runs));
                     }
+                    Ok(())
                 }
+            };
+            if let Some(broker) = broker {
+                broker.close().await;
             }
-            Ok(0)
+            shown.map(|()| 0)
+        }
+        Command::Serve {
+            listen,
+            connection,
+            distributed,
+        } => {
+            let store = open_store(&connection).await?;
+            let broker = distributed.broker(&connection).await?;
+            let stop = async {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                served = crate::serve::serve(store, broker, &listen) => {
+                    served?;
+                    Ok(0)
+                }
+                () = stop => Ok(0),
+            }
         }
         Command::Rollback { run, connection } => {
             let store = open_store(&connection).await?;

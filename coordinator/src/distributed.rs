@@ -8,11 +8,12 @@
 use std::time::Duration;
 
 use backfill_common::BackfillError;
-use backfill_common::broker::Broker;
+use backfill_common::broker::{Broker, ResultStream};
 use backfill_common::control::{ControlStore, PartitionState, RunRecord};
 use backfill_common::envelope::{Keyring, ResultKind, TaskMessage};
 use backfill_common::spec::Spec;
 use backfill_worker::{PartitionOutcome, PartitionReport};
+use tracing::Instrument as _;
 
 use crate::runner::Progress;
 
@@ -80,7 +81,7 @@ pub async fn run_partitions(
         }
     };
     broker.declare_warehouse(&warehouse).await?;
-    let mut results = broker.results(&run.run_id).await?;
+    let results = broker.results(&run.run_id).await?;
     for task in &tasks {
         broker.publish_task(task).await?;
     }
@@ -89,6 +90,27 @@ pub async fn run_partitions(
         tasks.len(),
         broker.topology.task_queue(&warehouse)
     ));
+    let broker = hold_barrier(store, run, &warehouse, broker, results, options, progress)
+        .instrument(crate::runner::barrier_span(&run.run_id))
+        .await?;
+    let _ = broker
+        .delete_queue(&broker.topology.results_queue(&run.run_id))
+        .await;
+    broker.close().await;
+    Ok(())
+}
+
+/// Waits for every partition to settle, counting results as they come and reconnecting to the
+/// broker when it goes away. Returns the broker connection in use at the end.
+async fn hold_barrier(
+    store: &ControlStore,
+    run: &RunRecord,
+    warehouse: &str,
+    broker: Broker,
+    mut results: ResultStream,
+    options: &DistributedOptions,
+    progress: &dyn Progress,
+) -> Result<Broker, BackfillError> {
     let mut ticker = tokio::time::interval(options.reconcile_every);
     let mut broker = broker;
     let mut reconnect_delay = Duration::from_secs(1);
@@ -113,7 +135,7 @@ pub async fn run_partitions(
                 }
                 _ = ticker.tick() => {}
             }
-            barrier_reached(store, &broker, run, &warehouse).await
+            barrier_reached(store, &broker, run, warehouse).await
         }
         .await;
         match step {
@@ -143,11 +165,7 @@ pub async fn run_partitions(
             Err(error) => return Err(error),
         }
     }
-    let _ = broker
-        .delete_queue(&broker.topology.results_queue(&run.run_id))
-        .await;
-    broker.close().await;
-    Ok(())
+    Ok(broker)
 }
 
 /// True once no partition can still change: each is done, or failed (recorded by a worker

@@ -14,9 +14,11 @@ use backfill_common::plan::{Grain, Partition};
 use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
 use backfill_common::spec::Spec;
-use backfill_common::warehouse::Warehouse;
+use backfill_common::telemetry;
+use backfill_common::warehouse::{Warehouse, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume};
+use tracing::Instrument as _;
 
 use crate::audit::{self, FAIL};
 use crate::publish;
@@ -58,6 +60,18 @@ pub enum RunOutcome {
         run_id: String,
         failures: Vec<(String, String)>,
     },
+}
+
+impl RunOutcome {
+    /// A short name for logs, traces and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunOutcome::Published { .. } => "published",
+            RunOutcome::AlreadyPublished { .. } => "already_published",
+            RunOutcome::AuditFailed { .. } => "audit_failed",
+            RunOutcome::PartitionsFailed { .. } => "partitions_failed",
+        }
+    }
 }
 
 impl RunOutcome {
@@ -215,7 +229,51 @@ impl Backfill {
 
     /// Runs (or resumes) the backfill to publish, with partitions executed embedded or by
     /// distributed workers. Everything but the partition phase is the same code.
+    /// The whole run is one span, the root of the backfill's trace: plan, shadow, every
+    /// partition (on whichever worker), barrier, audits and publish are its descendants.
     pub async fn run_with(
+        &self,
+        owner: &str,
+        progress: &dyn Progress,
+        executor: &Executor,
+    ) -> Result<RunOutcome, BackfillError> {
+        let span = tracing::info_span!(
+            "backfill.run",
+            run.id = tracing::field::Empty,
+            target = %self.target,
+            spec.name = %self.spec.name,
+            spec.hash = %self.spec.hash(),
+            warehouse = %self.spec.warehouse.name,
+            executor = match executor {
+                Executor::Embedded => "embedded",
+                Executor::Distributed(_) => "distributed",
+            },
+            partitions = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let result = self
+            .run_phases(owner, progress, executor)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(outcome) => {
+                span.record("outcome", outcome.name());
+                if !matches!(
+                    outcome,
+                    RunOutcome::Published { .. } | RunOutcome::AlreadyPublished { .. }
+                ) {
+                    telemetry::record_error(&span, outcome.name());
+                }
+            }
+            Err(error) => {
+                span.record("outcome", "error");
+                telemetry::record_error(&span, &redact_secrets(&error.to_string()));
+            }
+        }
+        result
+    }
+
+    async fn run_phases(
         &self,
         owner: &str,
         progress: &dyn Progress,
@@ -225,11 +283,17 @@ impl Backfill {
             options.check_timeouts(&self.spec)?;
         }
         self.store.migrate().await?;
-        let plan = self.plan().await?;
+        let plan = self
+            .plan()
+            .instrument(tracing::info_span!("backfill.plan"))
+            .await?;
+        let run_span = tracing::Span::current();
+        run_span.record("partitions", plan.partitions.len());
         let run = match self.find_or_create_run(&plan, owner, progress).await? {
             Ok(run) => run,
             Err(outcome) => return Ok(outcome),
         };
+        run_span.record("run.id", run.run_id.as_str());
         let ctx = Arc::new(PartitionContext::new(
             self.store.clone(),
             &self.spec,
@@ -265,6 +329,7 @@ impl Backfill {
                         self.spec.warehouse.concurrency,
                         progress,
                     )
+                    .instrument(barrier_span(&run.run_id))
                     .await?;
                 }
                 Executor::Distributed(options) => {
@@ -319,6 +384,11 @@ impl Backfill {
         progress.phase("auditing the shadow against the current table");
         let shadow = TableName::parse(&run.shadow_table)
             .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        let audit_span = tracing::info_span!(
+            "backfill.audit",
+            checks = tracing::field::Empty,
+            failed = tracing::field::Empty
+        );
         let mut conn = self.store.warehouse.acquire().await?;
         let records = audit::run_audits(
             &self.store.warehouse,
@@ -328,8 +398,10 @@ impl Backfill {
             &shadow,
             &plan.partitions,
         )
+        .instrument(audit_span.clone())
         .await?;
         drop(conn);
+        audit::trace_results(&audit_span, &records);
         let failures: Vec<AuditRecord> = records
             .iter()
             .filter(|r| r.verdict == FAIL)
@@ -386,6 +458,11 @@ impl Backfill {
             self.spec.publish.archive_retention_days,
             outside,
         )
+        .instrument(tracing::info_span!(
+            "backfill.publish",
+            mode = "swap_table",
+            shadow = %run.shadow_table
+        ))
         .await?;
         Ok(RunOutcome::Published {
             run_id: run.run_id,
@@ -525,6 +602,7 @@ impl Backfill {
             &shadow,
             &plan.partitions,
         )
+        .instrument(tracing::info_span!("backfill.shadow", shadow = %shadow))
         .await?;
         self.store
             .set_outside_checksum(&mut tx, &run.run_id, &outside.to_string())
@@ -552,6 +630,11 @@ pub fn results_queue_name(run_id: &str) -> String {
 const EMBEDDED_DELIVERY_LIMIT: u32 = 1;
 
 /// Eight hex characters: short enough to type in `backfill rollback <run>`.
+/// The span of the wait for every partition to settle.
+pub(crate) fn barrier_span(run_id: &str) -> tracing::Span {
+    tracing::info_span!("backfill.barrier", run.id = %run_id)
+}
+
 pub fn new_run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
 }

@@ -1,10 +1,14 @@
 //! `backfill status`: a run's state, a per-partition grid, totals and audit results, as text
 //! for people or JSON for scripts.
 
+use std::time::{Duration, Instant};
+
 use backfill_common::BackfillError;
+use backfill_common::broker::Broker;
 use backfill_common::control::{
     AuditRecord, ControlStore, PartitionRecord, PartitionState, RunRecord,
 };
+use backfill_common::spec::Spec;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunStatus {
@@ -94,6 +98,46 @@ pub async fn load(store: &ControlStore, run_id: &str) -> Result<RunStatus, Backf
     })
 }
 
+/// The status with the run's dead letters read from the broker, when one is given.
+pub async fn load_with_broker(
+    store: &ControlStore,
+    run_id: &str,
+    broker: Option<&Broker>,
+) -> Result<RunStatus, BackfillError> {
+    let mut status = load(store, run_id).await?;
+    if let Some(broker) = broker {
+        let warehouse = run_warehouse(store, &status.run.spec_hash)
+            .await?
+            .ok_or_else(|| {
+                BackfillError::Invalid(format!(
+                    "the spec of run {run_id} is missing from the control store"
+                ))
+            })?;
+        status.dead_letters = Some(
+            broker
+                .dead_letters(&warehouse, 10_000)
+                .await?
+                .into_iter()
+                .filter(|d| d.message.as_ref().is_some_and(|m| m.task.run_id == run_id))
+                .map(DeadLetterView::from)
+                .collect(),
+        );
+    }
+    Ok(status)
+}
+
+/// The warehouse name of the spec a run is pinned to.
+pub async fn run_warehouse(
+    store: &ControlStore,
+    spec_hash: &str,
+) -> Result<Option<String>, BackfillError> {
+    Ok(store
+        .spec_source(spec_hash)
+        .await?
+        .and_then(|text| Spec::parse(&text).ok())
+        .map(|spec| spec.warehouse.name))
+}
+
 fn symbol(state: PartitionState) -> char {
     match state {
         PartitionState::Pending => '.',
@@ -137,12 +181,26 @@ pub fn render(status: &RunStatus) -> String {
         c.failed,
         status.partitions.len()
     ));
-    out.push_str("grid (# done, > running, r retrying, . pending, X failed):\n");
+    out.push_str("grid (# done, > running, r retrying, . pending, X failed, D dead-lettered):\n");
+    let dead: Vec<&str> = status
+        .dead_letters
+        .iter()
+        .flatten()
+        .map(|d| d.partition_key.as_str())
+        .collect();
     for line in status.partitions.chunks(60) {
         out.push_str(&format!(
             "  {} {}\n",
             line[0].partition_key,
-            line.iter().map(|p| symbol(p.state)).collect::<String>()
+            line.iter()
+                .map(|p| {
+                    if p.state != PartitionState::Done && dead.contains(&p.partition_key.as_str()) {
+                        'D'
+                    } else {
+                        symbol(p.state)
+                    }
+                })
+                .collect::<String>()
         ));
     }
     let r = &status.rows;
@@ -241,4 +299,116 @@ pub fn render_run_list(runs: &[RunRecord]) -> String {
         ));
     }
     out
+}
+
+/// Progress between two looks at a run, for `status --watch`: partitions and rows per second
+/// since watching began, and the time left at that pace.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pace {
+    pub partitions_per_second: Option<f64>,
+    pub rows_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+/// Measures the pace of a run from the first status the watch saw.
+pub struct PaceMeter {
+    started: Instant,
+    settled_at_start: usize,
+    rows_at_start: i64,
+}
+
+impl PaceMeter {
+    pub fn new(first: &RunStatus) -> PaceMeter {
+        PaceMeter {
+            started: Instant::now(),
+            settled_at_start: first.counts.done + first.counts.failed,
+            rows_at_start: rows_written(first),
+        }
+    }
+
+    pub fn pace(&self, now: &RunStatus) -> Pace {
+        pace_between(
+            self.started.elapsed(),
+            now.counts.done + now.counts.failed
+                - self
+                    .settled_at_start
+                    .min(now.counts.done + now.counts.failed),
+            rows_written(now) - self.rows_at_start,
+            now.partitions.len() - now.counts.done - now.counts.failed,
+        )
+    }
+}
+
+fn rows_written(status: &RunStatus) -> i64 {
+    status.rows.inserted + status.rows.updated + status.rows.deleted
+}
+
+/// Rates over `elapsed`, and the ETA of `remaining` partitions at that rate; None until
+/// something has been measured.
+pub fn pace_between(elapsed: Duration, settled: usize, rows: i64, remaining: usize) -> Pace {
+    let seconds = elapsed.as_secs_f64();
+    if seconds < 0.5 || settled == 0 {
+        return Pace {
+            partitions_per_second: None,
+            rows_per_second: None,
+            eta_seconds: (remaining == 0).then_some(0.0),
+        };
+    }
+    let per_second = settled as f64 / seconds;
+    Pace {
+        partitions_per_second: Some(per_second),
+        rows_per_second: Some(rows.max(0) as f64 / seconds),
+        eta_seconds: Some(remaining as f64 / per_second),
+    }
+}
+
+/// The line `status --watch` adds under the grid.
+pub fn render_pace(pace: &Pace) -> String {
+    match (
+        pace.partitions_per_second,
+        pace.rows_per_second,
+        pace.eta_seconds,
+    ) {
+        (Some(partitions), Some(rows), Some(eta)) => format!(
+            "throughput: {partitions:.2} partitions/s, {rows:.0} rows/s; ETA {}\n",
+            human_duration(eta)
+        ),
+        (_, _, Some(0.0)) => "throughput: -; nothing left to run\n".to_string(),
+        _ => "throughput: measuring…\n".to_string(),
+    }
+}
+
+fn human_duration(seconds: f64) -> String {
+    let total = seconds.round() as u64;
+    match total {
+        0..=59 => format!("{total}s"),
+        60..=3599 => format!("{}m{:02}s", total / 60, total % 60),
+        _ => format!("{}h{:02}m", total / 3600, (total % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_is_unknown_until_something_settles() {
+        let pace = pace_between(Duration::from_secs(10), 0, 0, 5);
+        assert_eq!(pace.eta_seconds, None);
+        assert!(render_pace(&pace).contains("measuring"));
+    }
+
+    #[test]
+    fn pace_gives_rates_and_eta() {
+        let pace = pace_between(Duration::from_secs(10), 5, 1000, 20);
+        assert_eq!(pace.partitions_per_second, Some(0.5));
+        assert_eq!(pace.rows_per_second, Some(100.0));
+        assert_eq!(pace.eta_seconds, Some(40.0));
+        assert_eq!(
+            render_pace(&pace),
+            "throughput: 0.50 partitions/s, 100 rows/s; ETA 40s\n"
+        );
+        assert_eq!(human_duration(3725.0), "1h02m");
+        assert_eq!(human_duration(61.0), "1m01s");
+    }
 }

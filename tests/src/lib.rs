@@ -4,6 +4,7 @@
 //! skip.
 
 pub mod cluster;
+pub mod otlp;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 use backfill_common::control::{MergeCounts, PartitionState, PartitionTask};
 use backfill_common::dialect::Dialect;
 use backfill_common::envelope::{Rejection, TaskMessage};
-use backfill_common::queue::TaskQueue;
+use backfill_common::monitoring;
+use backfill_common::queue::{Delivery, TaskQueue};
 use backfill_common::semaphore::Semaphore;
+use backfill_common::telemetry;
 use backfill_common::warehouse::{Bind, execute, fetch_one, get};
 use backfill_common::{BackfillError, Retry};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sqlx::AnyConnection;
+use tracing::Instrument as _;
 
 use crate::context::PartitionContext;
 
@@ -65,13 +68,28 @@ pub async fn run_partition<S: Semaphore>(
         .with_max_times(ctx.retries as usize)
         .with_jitter()
         .build();
+    let warehouse = ctx.warehouse_name.clone();
     loop {
         let result = {
-            match semaphore
+            let waiting = Instant::now();
+            let lease = semaphore
                 .acquire(&ctx.warehouse_name, ctx.concurrency)
-                .await
-            {
-                Ok(lease) => attempt_with_timeout(ctx, &task, &lease).await,
+                .instrument(tracing::info_span!(
+                    "backfill.semaphore_wait",
+                    warehouse = %ctx.warehouse_name,
+                    limit = ctx.concurrency
+                ))
+                .await;
+            metrics::histogram!(monitoring::SEMAPHORE_WAIT_SECONDS, "warehouse" => warehouse.clone())
+                .record(waiting.elapsed().as_secs_f64());
+            match lease {
+                Ok(lease) => {
+                    let holders = metrics::gauge!(monitoring::SEMAPHORE_HOLDERS, "warehouse" => warehouse.clone());
+                    holders.increment(1.0);
+                    let result = attempt_with_timeout(ctx, &task, &lease).await;
+                    holders.decrement(1.0);
+                    result
+                }
                 Err(e) => Err(e),
             }
         };
@@ -102,6 +120,8 @@ pub async fn run_partition<S: Semaphore>(
                 }
                 match next {
                     Some(delay) => {
+                        metrics::counter!(monitoring::RETRIES, "warehouse" => warehouse.clone())
+                            .increment(1);
                         tokio::time::sleep(delay).await;
                         task.attempt += 1;
                     }
@@ -172,7 +192,15 @@ async fn attempt(
 ) -> Result<PartitionOutcome, BackfillError> {
     let started = Instant::now();
     let mut tx = ctx.store.warehouse.pool.begin().await?;
-    let Some(times_applied) = ctx.store.claim_partition(&mut tx, task).await? else {
+    let claimed = ctx
+        .store
+        .claim_partition(&mut tx, task)
+        .instrument(tracing::info_span!(
+            "backfill.claim",
+            fencing_token = task.fencing_token
+        ))
+        .await?;
+    let Some(times_applied) = claimed else {
         tx.rollback().await?;
         return Ok(PartitionOutcome::Stale);
     };
@@ -190,34 +218,54 @@ async fn attempt(
         Bind::Text(task.range_start.clone()),
         Bind::Text(task.range_end.clone()),
     ];
+    let merge_span = tracing::info_span!(
+        "backfill.merge",
+        first_application = times_applied == 0,
+        rows.inserted = tracing::field::Empty,
+        rows.updated = tracing::field::Empty,
+        rows.deleted = tracing::field::Empty,
+        rows.unchanged = tracing::field::Empty,
+    );
     let (counts, rows_after, checksum) =
         if times_applied == 0 && ctx.store.dialect() == Dialect::Postgres {
-            fast_insert_checked(ctx, &mut tx, task, &bounds).await?
+            fast_insert_checked(ctx, &mut tx, task, &bounds)
+                .instrument(merge_span.clone())
+                .await?
         } else {
             let (counts, rows_after) = if times_applied == 0 {
-                fast_insert(ctx, &mut tx, task, &bounds).await?
+                fast_insert(ctx, &mut tx, task, &bounds)
+                    .instrument(merge_span.clone())
+                    .await?
             } else {
-                merge(ctx, &mut tx, task, &bounds).await?
+                merge(ctx, &mut tx, task, &bounds)
+                    .instrument(merge_span.clone())
+                    .await?
             };
             let checksum = ctx
                 .store
                 .warehouse
                 .checksum(&mut tx, &ctx.shadow, Some(&ctx.partition_filter), &bounds)
+                .instrument(tracing::info_span!("backfill.checksum"))
                 .await
                 .map_err(|e| e.context(format!("checksumming partition {}", task.partition_key)))?;
             (counts, rows_after, checksum.to_string())
         };
-    ctx.store
-        .checkpoint_partition(
-            &mut tx,
-            task,
-            counts,
-            rows_after,
-            &checksum,
-            started.elapsed().as_secs_f64(),
-        )
-        .await?;
-    tx.commit().await?;
+    record_counts(&merge_span, &counts);
+    async {
+        ctx.store
+            .checkpoint_partition(
+                &mut tx,
+                task,
+                counts,
+                rows_after,
+                &checksum,
+                started.elapsed().as_secs_f64(),
+            )
+            .await?;
+        tx.commit().await.map_err(BackfillError::from)
+    }
+    .instrument(tracing::info_span!("backfill.checkpoint", rows_after))
+    .await?;
     Ok(PartitionOutcome::Done { counts, rows_after })
 }
 
@@ -265,7 +313,7 @@ async fn fast_insert(
         })? as i64;
     let row = fetch_one(tx, &ctx.partition_rows_sql, bounds).await?;
     let (rows, null_keys): (i64, i64) = (get(&row, 0)?, get(&row, 1)?);
-    check_source_rows(task, (inserted - rows).max(0), 0)?;
+    check_source_rows(task, (inserted - rows).max(0), null_keys)?;
     if rows > inserted {
         return Err(check_failed(
             task,
@@ -275,7 +323,6 @@ async fn fast_insert(
             ),
         ));
     }
-    check_source_rows(task, 0, null_keys)?;
     Ok((
         MergeCounts {
             inserted,
@@ -342,6 +389,8 @@ fn check_source_rows(
     outside: i64,
     null_keys: i64,
 ) -> Result<(), BackfillError> {
+    let span = tracing::info_span!("backfill.checks", rows_outside = outside, null_keys);
+    let _entered = span.enter();
     if outside > 0 {
         return Err(check_failed(
             task,
@@ -460,58 +509,156 @@ pub async fn consume<Q: TaskQueue, S: Semaphore, C: ContextSource, R: ReportSink
         let Some(delivery) = delivery else {
             return Ok(());
         };
-        let ctx = match contexts.context(&delivery.message).await {
-            Ok(ctx) => ctx,
-            Err(ContextError::Reject(rejection)) => {
-                tracing::warn!(reason = rejection.as_str(), %rejection, "task rejected");
-                delivery
-                    .dead_letter(rejection.as_str(), rejection.to_string())
-                    .await?;
-                continue;
-            }
-            Err(ContextError::Unavailable(error)) => {
-                tracing::warn!(%error, "cannot reach the task's warehouse; handing the task back");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                delivery.nack(true).await?;
-                continue;
-            }
-        };
-        let report = run_partition(&ctx, semaphore.as_ref(), delivery.message.task.clone()).await;
-        match &report.outcome {
-            PartitionOutcome::Done { .. } | PartitionOutcome::Stale => {
-                reports.report(report).await;
-                delivery.ack().await?;
-            }
-            PartitionOutcome::Failed {
-                error,
-                retry: Retry::Permanent,
-            } => {
-                let error = error.clone();
-                reports.report(report).await;
-                delivery.dead_letter("permanent_error", error).await?;
-            }
-            PartitionOutcome::Failed {
-                error,
-                retry: Retry::Transient,
-            } => {
-                if delivery.delivery_count >= delivery_limit {
-                    let error = format!(
-                        "gave up after {} deliveries: {error}",
-                        delivery.delivery_count
-                    );
-                    if let Err(record) = ctx
-                        .store
-                        .record_partition_error(&report.task, PartitionState::Failed, &error)
-                        .await
-                    {
-                        tracing::warn!(error = %record, "could not record the partition failure");
-                    }
-                    reports.report(report).await;
-                    delivery.dead_letter("retries_exhausted", error).await?;
-                } else {
-                    delivery.nack(true).await?;
+        let span = partition_span(&delivery);
+        handle_delivery(
+            delivery,
+            semaphore.as_ref(),
+            contexts.as_ref(),
+            reports.as_ref(),
+            delivery_limit,
+        )
+        .instrument(span)
+        .await?;
+    }
+}
+
+/// The span of one delivery: a child of the span that published the task (the run's, on the
+/// coordinator), so one trace shows the whole backfill across processes.
+fn partition_span(delivery: &Delivery) -> tracing::Span {
+    let task = &delivery.message.task;
+    let span = tracing::info_span!(
+        "backfill.partition",
+        otel.kind = "consumer",
+        run.id = %task.run_id,
+        partition = %task.partition_key,
+        warehouse = %delivery.message.warehouse,
+        attempt = task.attempt,
+        fencing_token = task.fencing_token,
+        delivery = delivery.delivery_count,
+        outcome = tracing::field::Empty,
+        rows.inserted = tracing::field::Empty,
+        rows.updated = tracing::field::Empty,
+        rows.deleted = tracing::field::Empty,
+        rows.unchanged = tracing::field::Empty,
+    );
+    telemetry::set_remote_parent(&span, &delivery.trace_context);
+    span
+}
+
+/// Runs one delivery and settles it once its outcome is durable.
+async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
+    delivery: Delivery,
+    semaphore: &S,
+    contexts: &C,
+    reports: &R,
+    delivery_limit: u32,
+) -> Result<(), BackfillError> {
+    let span = tracing::Span::current();
+    let warehouse = delivery.message.warehouse.clone();
+    let ctx = match contexts.context(&delivery.message).await {
+        Ok(ctx) => ctx,
+        Err(ContextError::Reject(rejection)) => {
+            tracing::warn!(reason = rejection.as_str(), %rejection, "task rejected");
+            span.record("outcome", "rejected");
+            telemetry::record_error(&span, &rejection.to_string());
+            count_dead_letter(&warehouse, rejection.as_str());
+            return delivery
+                .dead_letter(rejection.as_str(), rejection.to_string())
+                .await;
+        }
+        Err(ContextError::Unavailable(error)) => {
+            tracing::warn!(%error, "cannot reach the task's warehouse; handing the task back");
+            span.record("outcome", "requeued");
+            metrics::counter!(monitoring::REQUEUED, "warehouse" => warehouse).increment(1);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            return delivery.nack(true).await;
+        }
+    };
+    let started = Instant::now();
+    let report = run_partition(&ctx, semaphore, delivery.message.task.clone()).await;
+    record_outcome(&span, &warehouse, &report.outcome, started.elapsed());
+    match &report.outcome {
+        PartitionOutcome::Done { .. } | PartitionOutcome::Stale => {
+            reports.report(report).await;
+            delivery.ack().await
+        }
+        PartitionOutcome::Failed {
+            error,
+            retry: Retry::Permanent,
+        } => {
+            let error = error.clone();
+            reports.report(report).await;
+            count_dead_letter(&warehouse, "permanent_error");
+            delivery.dead_letter("permanent_error", error).await
+        }
+        PartitionOutcome::Failed {
+            error,
+            retry: Retry::Transient,
+        } => {
+            if delivery.delivery_count >= delivery_limit {
+                let error = format!(
+                    "gave up after {} deliveries: {error}",
+                    delivery.delivery_count
+                );
+                if let Err(record) = ctx
+                    .store
+                    .record_partition_error(&report.task, PartitionState::Failed, &error)
+                    .await
+                {
+                    tracing::warn!(error = %record, "could not record the partition failure");
                 }
+                reports.report(report).await;
+                count_dead_letter(&warehouse, "retries_exhausted");
+                delivery.dead_letter("retries_exhausted", error).await
+            } else {
+                metrics::counter!(monitoring::REQUEUED, "warehouse" => warehouse).increment(1);
+                delivery.nack(true).await
             }
         }
     }
+}
+
+/// Outcome metrics and span attributes of one finished task.
+fn record_outcome(
+    span: &tracing::Span,
+    warehouse: &str,
+    outcome: &PartitionOutcome,
+    elapsed: Duration,
+) {
+    let name = match outcome {
+        PartitionOutcome::Done { counts, .. } => {
+            record_counts(span, counts);
+            metrics::histogram!(monitoring::PARTITION_SECONDS, "warehouse" => warehouse.to_string())
+                .record(elapsed.as_secs_f64());
+            for (kind, rows) in [
+                ("inserted", counts.inserted),
+                ("updated", counts.updated),
+                ("deleted", counts.deleted),
+            ] {
+                metrics::counter!(monitoring::ROWS_WRITTEN, "warehouse" => warehouse.to_string(), "kind" => kind)
+                    .increment(rows.max(0) as u64);
+            }
+            "done"
+        }
+        PartitionOutcome::Stale => "stale",
+        PartitionOutcome::Failed { error, .. } => {
+            telemetry::record_error(span, error);
+            "failed"
+        }
+    };
+    span.record("outcome", name);
+    metrics::counter!(monitoring::PARTITIONS, "warehouse" => warehouse.to_string(), "outcome" => name)
+        .increment(1);
+}
+
+fn record_counts(span: &tracing::Span, counts: &MergeCounts) {
+    span.record("rows.inserted", counts.inserted);
+    span.record("rows.updated", counts.updated);
+    span.record("rows.deleted", counts.deleted);
+    span.record("rows.unchanged", counts.unchanged);
+}
+
+fn count_dead_letter(warehouse: &str, reason: &'static str) {
+    metrics::counter!(monitoring::DEAD_LETTERS, "warehouse" => warehouse.to_string(), "reason" => reason)
+        .increment(1);
 }

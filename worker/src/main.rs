@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use backfill_common::broker::Broker;
 use backfill_common::envelope::{Keyring, keyring_from_env};
+use backfill_common::monitoring::{self, Readiness};
 use backfill_common::queue::DEFAULT_DELIVERY_LIMIT;
 use backfill_common::redis_semaphore::RedisSemaphore;
 use backfill_common::spec::parse_duration;
+use backfill_common::telemetry;
 use backfill_common::warehouse::redact_secrets;
 use backfill_worker::consume;
 use backfill_worker::distributed::{ResultPublisher, StoreContexts};
@@ -25,7 +27,10 @@ use clap::Parser;
     after_help = "Every setting can come from the environment. Warehouse URLs come from\n\
     BACKFILL_WAREHOUSE_<NAME>_URL or the config file; the message signing key from\n\
     BACKFILL_HMAC_KEY or BACKFILL_HMAC_KEY_FILE (the same as the coordinator's).\n\
-    SIGTERM or SIGINT: stop taking tasks, finish the ones in hand, exit 0."
+    SIGTERM or SIGINT: stop taking tasks, finish the ones in hand, exit 0.\n\n\
+    Traces go to an OTLP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SERVICE_NAME,\n\
+    OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf are honoured).\n\
+    BACKFILL_LOG filters log lines (e.g. info,backfill_worker=debug)."
 )]
 struct Args {
     /// RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f
@@ -60,13 +65,25 @@ struct Args {
     /// Config file with [warehouses.<name>] url = "…"
     #[arg(long, env = "BACKFILL_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve /livez, /readyz (ready while consuming) and /metrics on this address, e.g. 0.0.0.0:9464
+    #[arg(long, env = "BACKFILL_WORKER_LISTEN")]
+    listen: Option<String>,
+    /// Log lines as text or as JSON objects (one per line)
+    #[arg(long, env = "BACKFILL_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn main() {
     let args = Args::parse();
-    backfill_common::telemetry::init_logging("info");
-    let runtime = backfill_common::telemetry::runtime_or_exit();
-    if let Err(e) = runtime.block_on(run(args)) {
+    let runtime = telemetry::runtime_or_exit();
+    let format = args.log_format.parse().unwrap_or_default();
+    let telemetry = {
+        let _context = runtime.enter();
+        telemetry::init("backfill-worker", "info", format)
+    };
+    let result = runtime.block_on(run(args));
+    telemetry.shutdown();
+    if let Err(e) = result {
         eprintln!("error: {}", redact_secrets(&format!("{e:#}")));
         std::process::exit(1);
     }
@@ -111,6 +128,13 @@ async fn run(mut args: Args) -> Result<()> {
             args.lease_ttl
         )
     })?;
+    let readiness = Readiness::default();
+    if let Some(address) = &args.listen {
+        let bound = monitoring::serve(address, monitoring::router(readiness.clone(), None))
+            .await
+            .context("starting the probe and metrics server")?;
+        tracing::info!(%bound, "serving /livez, /readyz and /metrics");
+    }
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_shutdown_signal().await;
@@ -143,6 +167,7 @@ async fn run(mut args: Args) -> Result<()> {
             &keyring,
             &semaphore,
             &contexts,
+            &readiness,
             stop.clone(),
         )
         .await
@@ -179,6 +204,7 @@ async fn serve(
     keyring: &Keyring,
     semaphore: &Arc<RedisSemaphore>,
     contexts: &Arc<StoreContexts>,
+    readiness: &Readiness,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let broker = Arc::new(
@@ -232,6 +258,7 @@ async fn serve(
         }
     }
     tracing::info!(worker = %worker_id, warehouses = ?args.warehouses, slots = args.slots, "worker ready");
+    readiness.set(true);
     let mut failure = None;
     while let Some(finished) = consumers.join_next().await {
         let error = match finished {
@@ -240,9 +267,11 @@ async fn serve(
             Err(e) => anyhow!("a consumer crashed: {e}"),
         };
         // The others finish the task in hand, then the worker reconnects.
+        readiness.set(false);
         let _ = local_stop_sender.send(true);
         failure.get_or_insert(error);
     }
+    readiness.set(false);
     forward_stop.abort();
     for queue in queues {
         queue.close().await;
