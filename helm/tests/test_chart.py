@@ -453,10 +453,6 @@ def test_notes_tell_how_to_watch_the_run(chart):
 
 # --- what the binaries read -----------------------------------------------------------------
 
-# Read by the binaries once issue 6 (HTTP endpoints, JSON logs) lands.
-PENDING_ISSUE_6 = {"BACKFILL_WORKER_LISTEN", "BACKFILL_SERVE_LISTEN", "BACKFILL_LOG_FORMAT"}
-
-
 def variables_the_binaries_read():
     names = set()
     for path in [*REPO.glob("worker/src/**/*.rs"), *REPO.glob("coordinator/src/**/*.rs"), *REPO.glob("common/src/**/*.rs")]:
@@ -471,13 +467,14 @@ def variables_the_binaries_read():
 
 def test_every_backfill_variable_the_chart_sets_is_one_the_binaries_read(chart):
     known = variables_the_binaries_read()
-    assert {"BACKFILL_BROKER_URL", "BACKFILL_REDIS_URL", "BACKFILL_HMAC_KEY_FILE", "BACKFILL_WORKER_WAREHOUSES"} <= known
+    assert {"BACKFILL_BROKER_URL", "BACKFILL_REDIS_URL", "BACKFILL_HMAC_KEY_FILE", "BACKFILL_WORKER_WAREHOUSES",
+            "BACKFILL_WORKER_LISTEN", "BACKFILL_SERVE_LISTEN", "BACKFILL_LOG_FORMAT"} <= known
     rendered = chart.render(case_values("serve-monitoring"))
     names = {v["name"] for c in rendered.containers() for v in c.get("env", [])}
     names |= {k for c in rendered.all("ConfigMap") if c["metadata"]["name"].endswith("-env") for k in c["data"]}
     for name in sorted(n for n in names if n.startswith("BACKFILL_")):
         generic = re.sub(r"^BACKFILL_WAREHOUSE_(?!URL$)[A-Z0-9_]+_URL$", "BACKFILL_WAREHOUSE_<NAME>_URL", name)
-        assert generic in known or name in PENDING_ISSUE_6, f"{name} is set by the chart but read by no binary"
+        assert generic in known, f"{name} is set by the chart but read by no binary"
 
 
 @pytest.mark.parametrize(
