@@ -446,6 +446,10 @@ def test_notes_tell_how_to_watch_the_run(chart):
     values = case_values("defaults")
     values["backfills"][0]["spec"] = MINI_CHALLENGE_SPEC.replace('name = "demo"', 'name = "demo"\ncontrol_schema = "bf_control"')
     assert "backfill status --warehouse demo --control-schema bf_control" in chart.render(values).notes
+    # a spec with an approval gate: the Job ends awaiting approval, the notes say how to publish
+    assert "backfill publish" not in notes
+    values["backfills"][0]["spec"] = values["backfills"][0]["spec"].replace('mode = "swap_table"', 'mode = "swap_table"\napproval = "manual"')
+    assert "-- backfill publish <run> --warehouse demo --control-schema bf_control --owner <you>" in chart.render(values).notes
     keda_notes = chart.render(case_values("keda")).notes
     assert "kubectl -n data get scaledobject" in keda_notes
     assert "Tracing is off" in chart.render(case_values("defaults")).notes

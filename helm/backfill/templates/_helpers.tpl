@@ -248,7 +248,8 @@ tolerations:
 {{- end }}
 {{- end -}}
 
-{{/* The backfills with their parsed specs: [{name, spec, warehouse, controlSchema, holdSeconds}].
+{{/* The backfills with their parsed specs:
+     [{name, spec, warehouse, controlSchema, approval, holdSeconds}].
      Fails on a spec that is not TOML, names no warehouse, names one that is not configured
      or that no worker consumes. */}}
 {{- define "backfill.backfills" -}}
@@ -287,7 +288,9 @@ tolerations:
 {{- fail (printf "%s: its spec lets a worker hold one task up to %d s ([execution] partition_timeout, retries, backoff_max), not shorter than the workers' termination grace period of %d s; raise worker.task (or worker.terminationGracePeriodSeconds) to cover it" $where $hold $grace) -}}
 {{- end -}}
 {{- $controlSchema := toString (default "backfill" $toml.warehouse.control_schema) -}}
-{{- $result = append $result (dict "name" $backfill.name "spec" $backfill.spec "warehouse" $warehouse "controlSchema" $controlSchema "holdSeconds" $hold) -}}
+{{- $approval := "auto" -}}
+{{- if and (hasKey $toml "publish") (kindIs "map" $toml.publish) -}}{{- $approval = toString (default "auto" $toml.publish.approval) -}}{{- end -}}
+{{- $result = append $result (dict "name" $backfill.name "spec" $backfill.spec "warehouse" $warehouse "controlSchema" $controlSchema "approval" $approval "holdSeconds" $hold) -}}
 {{- end -}}
 {{- toJson $result -}}
 {{- end -}}
