@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: make sure PostgreSQL, Redis and RabbitMQ are up, check formatting and lints,
-# build every target (the integration tests drive the real `backfill` binary), run all tests.
+# build every target (the integration tests drive the real `backfill` binary), run all tests, then the tests of
+# deploy/ and helm/ (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +31,4 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+./scripts/test-deploy.sh
