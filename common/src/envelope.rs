@@ -216,33 +216,69 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
 
 /// Reads the signing key from the environment: `BACKFILL_HMAC_KEY` (the secret itself) or
 /// `BACKFILL_HMAC_KEY_FILE` (a file holding it), with `BACKFILL_HMAC_KEY_ID` (default "k1").
-/// `BACKFILL_HMAC_PREVIOUS_KEY` / `_ID` add a second accepted key for rotation.
+/// `BACKFILL_HMAC_PREVIOUS_KEY` or `BACKFILL_HMAC_PREVIOUS_KEY_FILE`, with `_ID` (default
+/// "k0"), add a second accepted key during a rotation.
 pub fn keyring_from_env() -> Result<Keyring, String> {
     let id = std::env::var("BACKFILL_HMAC_KEY_ID").unwrap_or_else(|_| "k1".into());
-    let secret = match (std::env::var("BACKFILL_HMAC_KEY"), std::env::var("BACKFILL_HMAC_KEY_FILE")) {
-        (Ok(secret), _) => secret.into_bytes(),
-        (Err(_), Ok(path)) => std::fs::read(&path)
-            .map(|mut bytes| {
-                while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                    bytes.pop();
-                }
-                bytes
-            })
-            .map_err(|e| format!("cannot read BACKFILL_HMAC_KEY_FILE {path}: {e}"))?,
-        _ => return Err("no message signing key: set BACKFILL_HMAC_KEY or BACKFILL_HMAC_KEY_FILE (at least 16 bytes), the same on the coordinator and every worker".into()),
-    };
+    let secret = secret_from_env("BACKFILL_HMAC_KEY")?.ok_or(
+        "no message signing key: set BACKFILL_HMAC_KEY or BACKFILL_HMAC_KEY_FILE (at least 16 bytes), the same on the coordinator and every worker",
+    )?;
     let mut keyring = Keyring::new(SigningKey::new(id, secret)?);
-    if let Ok(previous) = std::env::var("BACKFILL_HMAC_PREVIOUS_KEY") {
+    if let Some(previous) = secret_from_env("BACKFILL_HMAC_PREVIOUS_KEY")? {
         let previous_id =
             std::env::var("BACKFILL_HMAC_PREVIOUS_KEY_ID").unwrap_or_else(|_| "k0".into());
-        keyring = keyring.accept(SigningKey::new(previous_id, previous.into_bytes())?);
+        keyring = keyring.accept(SigningKey::new(previous_id, previous)?);
     }
     Ok(keyring)
+}
+
+/// A secret from `<name>` or from the file named by `<name>_FILE` (trailing whitespace, such
+/// as the newline of a mounted Kubernetes secret, trimmed).
+fn secret_from_env(name: &str) -> Result<Option<Vec<u8>>, String> {
+    if let Ok(secret) = std::env::var(name) {
+        return Ok(Some(secret.into_bytes()));
+    }
+    let Ok(path) = std::env::var(format!("{name}_FILE")) else {
+        return Ok(None);
+    };
+    let mut bytes =
+        std::fs::read(&path).map_err(|e| format!("cannot read {name}_FILE {path}: {e}"))?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_come_from_the_variable_or_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("previous");
+        std::fs::write(&path, "rotated-key-0123456789\n").unwrap();
+        // Names no other test uses: the environment is shared by the test threads.
+        unsafe {
+            std::env::set_var("BFTEST_ENVELOPE_SECRET_FILE", &path);
+            std::env::set_var("BFTEST_ENVELOPE_DIRECT", "direct-value");
+        }
+        assert_eq!(
+            secret_from_env("BFTEST_ENVELOPE_SECRET").unwrap(),
+            Some(b"rotated-key-0123456789".to_vec()),
+            "read from the file, newline trimmed"
+        );
+        assert_eq!(
+            secret_from_env("BFTEST_ENVELOPE_DIRECT").unwrap(),
+            Some(b"direct-value".to_vec())
+        );
+        assert_eq!(secret_from_env("BFTEST_ENVELOPE_ABSENT").unwrap(), None);
+        unsafe {
+            std::env::set_var("BFTEST_ENVELOPE_MISSING_FILE", dir.path().join("nope"));
+        }
+        let error = secret_from_env("BFTEST_ENVELOPE_MISSING").unwrap_err();
+        assert!(error.contains("BFTEST_ENVELOPE_MISSING_FILE"), "{error}");
+    }
 
     fn keyring(secret: &str) -> Keyring {
         Keyring::new(SigningKey::new("k1", secret.as_bytes().to_vec()).unwrap())

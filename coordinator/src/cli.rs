@@ -413,6 +413,7 @@ impl Progress for Bar {
                 ));
             }
             PartitionOutcome::Stale => self.bar.inc(1),
+            PartitionOutcome::HandedBack => {}
             PartitionOutcome::Failed { error, .. } => self.phase(&format!(
                 "partition {} failed: {error}",
                 report.task.partition_key

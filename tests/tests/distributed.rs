@@ -811,3 +811,79 @@ async fn configuration_from_a_file() {
         checksum(&warehouse, "expected_order_items", None).await
     );
 }
+
+/// Limit 1, two workers: while worker 0 runs a slow partition, worker 1 holds the next task and
+/// waits for the lease. SIGTERM to worker 1 makes it hand that task back and exit at once,
+/// not after worker 0's partition; the run still completes with every partition applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    cluster.start_worker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slow.toml");
+    std::fs::write(&spec, slow_spec(1.5, 1)).unwrap();
+    let coordinator = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until one worker is inside a partition: the other then waits for the lease.
+    let busy = |index: usize| {
+        format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-{index}' AND state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'",
+            cluster.prefix
+        )
+    };
+    let started = Instant::now();
+    let running = loop {
+        if count(&warehouse, &busy(0)).await > 0 {
+            break 0;
+        }
+        if count(&warehouse, &busy(1)).await > 0 {
+            break 1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no partition started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let waiting = 1 - running;
+    // Give the waiting worker time to take a delivery and start waiting for the lease.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop_started = Instant::now();
+    assert_eq!(
+        cluster.terminate(waiting, Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        cluster.worker_log(waiting)
+    );
+    assert!(
+        stop_started.elapsed() < Duration::from_millis(1200),
+        "stopped without waiting for the other worker's 1.5 s partition ({:?})\n{}",
+        stop_started.elapsed(),
+        cluster.worker_log(waiting)
+    );
+    assert!(
+        cluster.worker_log(waiting).contains("handed back"),
+        "{}",
+        cluster.worker_log(waiting)
+    );
+    let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let run_id = control_store(&warehouse)
+        .all_runs()
+        .await
+        .unwrap()
+        .remove(0)
+        .run_id;
+    assert_applied_once_and_correct(&warehouse, &run_id).await;
+}

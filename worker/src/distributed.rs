@@ -167,6 +167,8 @@ impl ReportSink for ResultPublisher {
             PartitionOutcome::Done { .. } => (ResultKind::Done, None),
             PartitionOutcome::Stale => (ResultKind::Stale, None),
             PartitionOutcome::Failed { error, .. } => (ResultKind::Failed, Some(error.clone())),
+            // Nothing happened; the task is back in the queue.
+            PartitionOutcome::HandedBack => return,
         };
         let queue = self.broker.topology.results_queue(&report.task.run_id);
         let message = ResultMessage {

@@ -33,6 +33,9 @@ pub enum PartitionOutcome {
     Stale,
     /// A permanent error, or transient errors past the retry budget.
     Failed { error: String, retry: Retry },
+    /// The worker is stopping and had not started an attempt (it was waiting for a lease or
+    /// backing off): the task goes back to the queue for another worker.
+    HandedBack,
 }
 
 /// What a worker reports to the coordinator's barrier.
@@ -47,7 +50,19 @@ pub struct PartitionReport {
 pub async fn run_partition<S: Semaphore>(
     ctx: &PartitionContext,
     semaphore: &S,
+    task: PartitionTask,
+) -> PartitionReport {
+    run_partition_until(ctx, semaphore, task, None).await
+}
+
+/// `run_partition` that gives the task back when `stop` turns true while it waits for a
+/// lease or backs off: a stopping worker never holds a delivery for an unbounded wait (an
+/// attempt already running is finished).
+pub async fn run_partition_until<S: Semaphore>(
+    ctx: &PartitionContext,
+    semaphore: &S,
     mut task: PartitionTask,
+    stop: Option<&tokio::sync::watch::Receiver<bool>>,
 ) -> PartitionReport {
     if task.run_id != ctx.run_id || task.spec_hash != ctx.spec_hash {
         let error = format!(
@@ -72,14 +87,19 @@ pub async fn run_partition<S: Semaphore>(
     loop {
         let result = {
             let waiting = Instant::now();
-            let lease = semaphore
+            let acquire = semaphore
                 .acquire(&ctx.warehouse_name, ctx.concurrency)
                 .instrument(tracing::info_span!(
                     "backfill.semaphore_wait",
                     warehouse = %ctx.warehouse_name,
                     limit = ctx.concurrency
-                ))
-                .await;
+                ));
+            let lease = tokio::select! {
+                lease = acquire => lease,
+                () = stopped(stop) => {
+                    return PartitionReport { task, outcome: PartitionOutcome::HandedBack };
+                }
+            };
             metrics::histogram!(monitoring::SEMAPHORE_WAIT_SECONDS, "warehouse" => warehouse.clone())
                 .record(waiting.elapsed().as_secs_f64());
             match lease {
@@ -122,7 +142,12 @@ pub async fn run_partition<S: Semaphore>(
                     Some(delay) => {
                         metrics::counter!(monitoring::RETRIES, "warehouse" => warehouse.clone())
                             .increment(1);
-                        tokio::time::sleep(delay).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = stopped(stop) => {
+                                return PartitionReport { task, outcome: PartitionOutcome::HandedBack };
+                            }
+                        }
                         task.attempt += 1;
                     }
                     None => {
@@ -137,6 +162,19 @@ pub async fn run_partition<S: Semaphore>(
                 }
             }
         }
+    }
+}
+
+/// Resolves once `stop` is true; never without a stop signal.
+async fn stopped(stop: Option<&tokio::sync::watch::Receiver<bool>>) {
+    match stop {
+        Some(stop) => {
+            let mut stop = stop.clone();
+            if stop.wait_for(|stopped| *stopped).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -516,6 +554,7 @@ pub async fn consume<Q: TaskQueue, S: Semaphore, C: ContextSource, R: ReportSink
             contexts.as_ref(),
             reports.as_ref(),
             delivery_limit,
+            &stop,
         )
         .instrument(span)
         .await?;
@@ -552,6 +591,7 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
     contexts: &C,
     reports: &R,
     delivery_limit: u32,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), BackfillError> {
     let span = tracing::Span::current();
     let warehouse = delivery.message.warehouse.clone();
@@ -575,9 +615,14 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
         }
     };
     let started = Instant::now();
-    let report = run_partition(&ctx, semaphore, delivery.message.task.clone()).await;
+    let report =
+        run_partition_until(&ctx, semaphore, delivery.message.task.clone(), Some(stop)).await;
     record_outcome(&span, &warehouse, &report.outcome, started.elapsed());
     match &report.outcome {
+        PartitionOutcome::HandedBack => {
+            tracing::info!(partition = %report.task.partition_key, "stopping: task handed back before it started");
+            delivery.nack(true).await
+        }
         PartitionOutcome::Done { .. } | PartitionOutcome::Stale => {
             reports.report(report).await;
             delivery.ack().await
@@ -641,6 +686,7 @@ fn record_outcome(
             "done"
         }
         PartitionOutcome::Stale => "stale",
+        PartitionOutcome::HandedBack => "handed_back",
         PartitionOutcome::Failed { error, .. } => {
             telemetry::record_error(span, error);
             "failed"
