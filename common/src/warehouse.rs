@@ -253,6 +253,40 @@ impl Warehouse {
         rows.iter().map(|r| get::<String>(r, 0)).collect()
     }
 
+    /// The table's numeric columns (integers, decimals, floats), in column order: what a
+    /// diff report sums per partition.
+    pub async fn numeric_columns(
+        &self,
+        conn: &mut AnyConnection,
+        table: &TableName,
+    ) -> Result<Vec<String>, BackfillError> {
+        let rows = match self.dialect {
+            Dialect::Postgres => {
+                fetch_all(
+                    conn,
+                    "SELECT CAST(a.attname AS text) FROM pg_catalog.pg_attribute a \
+                     JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid \
+                     WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                     AND ty.typcategory = 'N' ORDER BY a.attnum",
+                    &[pg_schema_bind(table), table.name.as_str().into()],
+                )
+                .await?
+            }
+            Dialect::Sqlite => {
+                // SQLite's type affinity rules: INT, REAL, FLOA, DOUB, NUM, DEC.
+                fetch_all(
+                    conn,
+                    "SELECT name FROM pragma_table_info($1) WHERE upper(type) LIKE '%INT%' OR upper(type) LIKE '%REAL%' \
+                     OR upper(type) LIKE '%FLOA%' OR upper(type) LIKE '%DOUB%' OR upper(type) LIKE '%NUM%' OR upper(type) LIKE '%DEC%' ORDER BY cid",
+                    &[table.name.as_str().into()],
+                )
+                .await?
+            }
+        };
+        rows.iter().map(|r| get::<String>(r, 0)).collect()
+    }
+
     /// The column names a query returns, asked of the server without running the query.
     /// The Any driver cannot describe columns of types it does not read (date, numeric), so
     /// this opens one native connection.

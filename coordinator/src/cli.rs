@@ -202,6 +202,17 @@ pub enum Command {
         /// Seconds between refreshes of --watch
         #[arg(long, default_value_t = 2.0, requires = "watch")]
         interval: f64,
+        /// Compare the window's current and backfilled versions per partition (rows added,
+        /// removed, changed; numeric totals; a sample of changed rows) and save the report as
+        /// backfill-diff-<run>.json and .html in --diff-dir
+        #[arg(long, requires = "run", conflicts_with = "watch")]
+        diff: bool,
+        /// Where --diff saves its JSON and HTML reports
+        #[arg(long, default_value = ".", requires = "diff")]
+        diff_dir: PathBuf,
+        /// Changed rows --diff lists with their old and new values
+        #[arg(long, default_value_t = 20, requires = "diff")]
+        sample: usize,
         #[command(flatten)]
         connection: Connection,
         #[command(flatten)]
@@ -574,12 +585,42 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             carry_on(&backfill, &url, &how, &executor).await
         }
         Command::Status {
+            run: Some(run),
+            json,
+            diff: true,
+            diff_dir,
+            sample,
+            connection,
+            ..
+        } => {
+            let store = open_store(&connection).await?;
+            let report = crate::diff::diff_run(&store, &run, sample).await?;
+            let json_path = diff_dir.join(format!("backfill-diff-{run}.json"));
+            let html_path = diff_dir.join(format!("backfill-diff-{run}.html"));
+            std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", json_path.display()))?;
+            std::fs::write(&html_path, crate::diff::render_html(&report))
+                .with_context(|| format!("writing {}", html_path.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::diff::render(&report));
+                println!(
+                    "\nsaved {} and {}",
+                    json_path.display(),
+                    html_path.display()
+                );
+            }
+            Ok(0)
+        }
+        Command::Status {
             run,
             json,
             watch,
             interval,
             connection,
             distributed,
+            ..
         } => {
             let store = open_store(&connection).await?;
             let broker = distributed.broker(&connection).await?;

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod cli;
 pub mod demo;
+pub mod diff;
 pub mod distributed;
 pub mod hooks;
 pub mod publish;
