@@ -220,11 +220,14 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
 /// "k0"), add a second accepted key during a rotation.
 pub fn keyring_from_env() -> Result<Keyring, String> {
     let id = std::env::var("BACKFILL_HMAC_KEY_ID").unwrap_or_else(|_| "k1".into());
-    let secret = secret_from_env("BACKFILL_HMAC_KEY")?.ok_or(
+    let secret = secret_from_env("BACKFILL_HMAC_KEY", "BACKFILL_HMAC_KEY_FILE")?.ok_or(
         "no message signing key: set BACKFILL_HMAC_KEY or BACKFILL_HMAC_KEY_FILE (at least 16 bytes), the same on the coordinator and every worker",
     )?;
     let mut keyring = Keyring::new(SigningKey::new(id, secret)?);
-    if let Some(previous) = secret_from_env("BACKFILL_HMAC_PREVIOUS_KEY")? {
+    if let Some(previous) = secret_from_env(
+        "BACKFILL_HMAC_PREVIOUS_KEY",
+        "BACKFILL_HMAC_PREVIOUS_KEY_FILE",
+    )? {
         let previous_id =
             std::env::var("BACKFILL_HMAC_PREVIOUS_KEY_ID").unwrap_or_else(|_| "k0".into());
         keyring = keyring.accept(SigningKey::new(previous_id, previous)?);
@@ -232,17 +235,17 @@ pub fn keyring_from_env() -> Result<Keyring, String> {
     Ok(keyring)
 }
 
-/// A secret from `<name>` or from the file named by `<name>_FILE` (trailing whitespace, such
-/// as the newline of a mounted Kubernetes secret, trimmed).
-fn secret_from_env(name: &str) -> Result<Option<Vec<u8>>, String> {
+/// A secret from the variable `name`, or from the file named by the variable `file`
+/// (trailing whitespace, such as the newline of a mounted Kubernetes secret, trimmed). Both
+/// names are spelled out at the call sites, where deployment tooling can find them.
+fn secret_from_env(name: &str, file: &str) -> Result<Option<Vec<u8>>, String> {
     if let Ok(secret) = std::env::var(name) {
         return Ok(Some(secret.into_bytes()));
     }
-    let Ok(path) = std::env::var(format!("{name}_FILE")) else {
+    let Ok(path) = std::env::var(file) else {
         return Ok(None);
     };
-    let mut bytes =
-        std::fs::read(&path).map_err(|e| format!("cannot read {name}_FILE {path}: {e}"))?;
+    let mut bytes = std::fs::read(&path).map_err(|e| format!("cannot read {file} {path}: {e}"))?;
     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
         bytes.pop();
     }
@@ -264,19 +267,23 @@ mod tests {
             std::env::set_var("BFTEST_ENVELOPE_DIRECT", "direct-value");
         }
         assert_eq!(
-            secret_from_env("BFTEST_ENVELOPE_SECRET").unwrap(),
+            secret_from_env("BFTEST_ENVELOPE_SECRET", "BFTEST_ENVELOPE_SECRET_FILE").unwrap(),
             Some(b"rotated-key-0123456789".to_vec()),
             "read from the file, newline trimmed"
         );
         assert_eq!(
-            secret_from_env("BFTEST_ENVELOPE_DIRECT").unwrap(),
+            secret_from_env("BFTEST_ENVELOPE_DIRECT", "BFTEST_ENVELOPE_DIRECT_FILE").unwrap(),
             Some(b"direct-value".to_vec())
         );
-        assert_eq!(secret_from_env("BFTEST_ENVELOPE_ABSENT").unwrap(), None);
+        assert_eq!(
+            secret_from_env("BFTEST_ENVELOPE_ABSENT", "BFTEST_ENVELOPE_ABSENT_FILE").unwrap(),
+            None
+        );
         unsafe {
             std::env::set_var("BFTEST_ENVELOPE_MISSING_FILE", dir.path().join("nope"));
         }
-        let error = secret_from_env("BFTEST_ENVELOPE_MISSING").unwrap_err();
+        let error =
+            secret_from_env("BFTEST_ENVELOPE_MISSING", "BFTEST_ENVELOPE_MISSING_FILE").unwrap_err();
         assert!(error.contains("BFTEST_ENVELOPE_MISSING_FILE"), "{error}");
     }
 

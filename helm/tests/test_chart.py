@@ -464,6 +464,8 @@ def variables_the_binaries_read():
         names.update(re.findall(r'env\s*=\s*"(BACKFILL_[A-Z0-9_]+)"', text))
         names.update(re.findall(r'env::var\(\s*"(BACKFILL_[A-Z0-9_]+)"', text))
         names.update(re.findall(r'from_env\(\s*"(BACKFILL_[A-Z0-9_]+)"', text))  # tracing's EnvFilter
+        for pair in re.findall(r'secret_from_env\(\s*"(BACKFILL_[A-Z0-9_]+)",\s*"(BACKFILL_[A-Z0-9_]+)"', text):
+            names.update(pair)  # common/src/envelope.rs: a secret or the file holding it
         if '"BACKFILL_WAREHOUSE_{}_URL"' in text:
             names.add("BACKFILL_WAREHOUSE_<NAME>_URL")
     return names
