@@ -60,6 +60,13 @@ fn sources(run: &RunRecord, target: &TableName) -> Result<(TableName, TableName)
             let archive = run.archive_table.as_deref().ok_or_else(|| {
                 BackfillError::Invalid(format!("run {} has no archive recorded", run.run_id))
             })?;
+            if archive.contains(',') {
+                return Err(BackfillError::Invalid(format!(
+                    "run {} was published with swap_partitions: its old version is spread over the archives {archive}; \
+                     a diff after such a publish is not available yet (review it before publishing, with publish.approval = \"manual\")",
+                    run.run_id
+                )));
+            }
             Ok((parse(archive)?, target.clone()))
         }
         state if state.is_open() => Ok((target.clone(), parse(&run.shadow_table)?)),

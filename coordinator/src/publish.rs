@@ -52,6 +52,7 @@ pub struct WindowGuard {
 /// Archive kinds in the control store.
 pub const ARCHIVE_TABLE: &str = "pre_publish";
 pub const ARCHIVE_WINDOW: &str = "pre_publish_window";
+pub const ARCHIVE_PARTITION: &str = "pre_publish_partition";
 
 async fn check_window_guard(
     warehouse: &backfill_common::warehouse::Warehouse,
@@ -625,6 +626,352 @@ pub async fn swap_window(
     Ok((record, writes))
 }
 
+/// The condition selecting the rows of these partitions (alias `t`) of a partitioned table.
+pub fn in_partitions(partitions: &[TableName]) -> String {
+    format!(
+        "t.tableoid IN ({})",
+        partitions
+            .iter()
+            .map(|p| format!("CAST({} AS regclass)", string_literal(&p.quoted())))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The shadow's partitions, each with the target partition it replaces and its bound.
+async fn shadow_partitions(
+    conn: &mut AnyConnection,
+    shadow: &TableName,
+    run_id: &str,
+) -> Result<Vec<(TableName, TableName, String)>, BackfillError> {
+    let rows = fetch_all(
+        conn,
+        "SELECT CAST(n.nspname AS text), CAST(c.relname AS text), pg_get_expr(c.relpartbound, c.oid) \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE i.inhparent = CAST($1 AS regclass) ORDER BY 2",
+        &[shadow.quoted().into()],
+    )
+    .await?;
+    let suffix = format!("__bfs_{run_id}");
+    let mut out = Vec::new();
+    for row in &rows {
+        let (schema, name, bound): (String, String, String) =
+            (get(row, 0)?, get(row, 1)?, get(row, 2)?);
+        let replaces = name.strip_suffix(&suffix).ok_or_else(|| {
+            BackfillError::Invalid(format!("unexpected partition {schema}.{name} in {shadow}"))
+        })?;
+        let parse = |n: &str| {
+            TableName::parse(&format!("{schema}.{n}"))
+                .map_err(|e| BackfillError::Invalid(e.to_string()))
+        };
+        out.push((parse(&name)?, parse(replaces)?, bound));
+    }
+    Ok(out)
+}
+
+/// Publishes a partitioned shadow (natively partitioned PostgreSQL targets), in one
+/// transaction: for each partition the window touches, the target's partition is detached and
+/// kept as `<partition>__bf_archive_<run>`, and the shadow's partition (its rows outside the
+/// window copied, the window recomputed) is renamed in and attached with the same bounds. The
+/// other partitions, the parent, its views and grants are untouched.
+pub async fn swap_partitions(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    shadow: &TableName,
+    retention_days: u32,
+    outside: Option<OutsideGuard>,
+    window: Option<WindowGuard>,
+) -> Result<Vec<ArchiveRecord>, BackfillError> {
+    let warehouse = &store.warehouse;
+    let mut tx = warehouse.pool.begin().await?;
+    execute(
+        &mut tx,
+        "SELECT set_config('lock_timeout', '30s', true)",
+        &[],
+    )
+    .await?;
+    // Writers wait from here; detaching takes the exclusive lock at the end, briefly.
+    execute(
+        &mut tx,
+        &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()),
+        &[],
+    )
+    .await?;
+    check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
+    let pairs = shadow_partitions(&mut tx, shadow, &run.run_id).await?;
+    if pairs.is_empty() {
+        return Err(BackfillError::Invalid(format!(
+            "{shadow} has no partitions to publish"
+        )));
+    }
+    let replaced: Vec<TableName> = pairs.iter().map(|(_, old, _)| old.clone()).collect();
+    if let Some(guard) = &outside {
+        let filter = format!("{} AND {}", in_partitions(&replaced), guard.filter);
+        let now = warehouse
+            .checksum(&mut tx, target, Some(&filter), &guard.binds)
+            .await?;
+        if now.to_string() != guard.expected {
+            return Err(BackfillError::Conflict(format!(
+                "the partitions {} of {target} changed outside the window since the shadow was built ({} then, {now} now): \
+                 publishing would discard those writes. Nothing was published; abandon this run and run again",
+                replaced
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                guard.expected
+            )));
+        }
+    }
+    let now = Utc::now();
+    let mut records = Vec::new();
+    for (new_partition, old_partition, bound) in &pairs {
+        let archive = archive_name(old_partition, &run.run_id)?;
+        let old = warehouse
+            .checksum(&mut tx, old_partition, None, &[])
+            .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DETACH PARTITION {}",
+                shadow.quoted(),
+                new_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DETACH PARTITION {}",
+                target.quoted(),
+                old_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                old_partition.quoted(),
+                archive.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                new_partition.quoted(),
+                old_partition.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} ATTACH PARTITION {} {bound}",
+                target.quoted(),
+                old_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        let record = ArchiveRecord {
+            archive_table: archive.to_string(),
+            run_id: run.run_id.clone(),
+            source_table: old_partition.to_string(),
+            kind: ARCHIVE_PARTITION.into(),
+            row_count: old.rows,
+            checksum: old.to_string(),
+            created_at: now_text(),
+            expires_at: (now + Duration::days(retention_days as i64))
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            restored_at: None,
+            dropped_at: None,
+        };
+        store.insert_archive(&mut tx, &record).await?;
+        records.push(record);
+    }
+    execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
+    execute(
+        &mut tx,
+        &format!(
+            "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
+            store.table("runs")
+        ),
+        &[
+            run.run_id.as_str().into(),
+            records
+                .iter()
+                .map(|r| r.archive_table.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+            now_text().into(),
+        ],
+    )
+    .await?;
+    store
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &PUBLISHABLE,
+            RunState::Published,
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(records)
+}
+
+/// Puts swap_partitions archives back: each current partition is detached and kept as
+/// `<partition>__bf_undone_<run>`, its archive renamed back and attached with the same bounds;
+/// every restored partition's checksum must equal the one recorded at publish, or nothing
+/// changes.
+async fn rollback_partitions(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    archives: &[ArchiveRecord],
+) -> Result<RollbackReport, BackfillError> {
+    let warehouse = &store.warehouse;
+    let mut tx = warehouse.pool.begin().await?;
+    execute(
+        &mut tx,
+        "SELECT set_config('lock_timeout', '30s', true)",
+        &[],
+    )
+    .await?;
+    let mut restored_from = Vec::new();
+    let mut kept_as = Vec::new();
+    let mut checksums = Vec::new();
+    let now = Utc::now();
+    for archive in archives {
+        let archive_table = TableName::parse(&archive.archive_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        let partition = TableName::parse(&archive.source_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        if !warehouse.table_exists(&mut tx, &archive_table).await? {
+            return Err(BackfillError::Invalid(format!(
+                "the archive table {archive_table} no longer exists"
+            )));
+        }
+        let row = fetch_one(
+            &mut tx,
+            "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid \
+             WHERE c.oid = CAST($1 AS regclass) AND i.inhparent = CAST($2 AS regclass)",
+            &[partition.quoted().into(), target.quoted().into()],
+        )
+        .await
+        .map_err(|e| e.context(format!("{partition} is no longer a partition of {target}")))?;
+        let bound: String = get(&row, 0)?;
+        let undone = undone_name(&partition, &run.run_id)?;
+        let current = warehouse.checksum(&mut tx, &partition, None, &[]).await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DETACH PARTITION {}",
+                target.quoted(),
+                partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                partition.quoted(),
+                undone.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                archive_table.quoted(),
+                partition.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} ATTACH PARTITION {} {bound}",
+                target.quoted(),
+                partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        let restored = warehouse.checksum(&mut tx, &partition, None, &[]).await?;
+        if restored.to_string() != archive.checksum {
+            tx.rollback().await?;
+            return Err(BackfillError::Conflict(format!(
+                "the archive {archive_table} has checksum {restored} but {} was recorded at publish; nothing was restored",
+                archive.checksum
+            )));
+        }
+        store
+            .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Restored)
+            .await?;
+        let retention = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
+            .map(|e| {
+                e.with_timezone(&Utc)
+                    - chrono::DateTime::parse_from_rfc3339(&archive.created_at)
+                        .map(|c| c.with_timezone(&Utc))
+                        .unwrap_or(now)
+            })
+            .unwrap_or(Duration::days(30));
+        store
+            .insert_archive(
+                &mut tx,
+                &ArchiveRecord {
+                    archive_table: undone.to_string(),
+                    run_id: run.run_id.clone(),
+                    source_table: partition.to_string(),
+                    kind: "rolled_back".into(),
+                    row_count: current.rows,
+                    checksum: current.to_string(),
+                    created_at: now_text(),
+                    expires_at: (now + retention)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    restored_at: None,
+                    dropped_at: None,
+                },
+            )
+            .await?;
+        restored_from.push(archive_table.to_string());
+        kept_as.push(undone.to_string());
+        checksums.push(restored.to_string());
+    }
+    store
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &[RunState::Published],
+            RunState::RolledBack,
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(RollbackReport {
+        run_id: run.run_id.clone(),
+        target: target.to_string(),
+        restored_from: restored_from.join(", "),
+        kept_as: kept_as.join(", "),
+        checksum: checksums.join(", "),
+    })
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RollbackReport {
     pub run_id: String,
@@ -669,11 +1016,28 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
             later.run_id, run.target
         )));
     }
-    let archive = store
+    let archives: Vec<ArchiveRecord> = store
         .archives()
         .await?
         .into_iter()
-        .find(|a| a.run_id == run.run_id && (a.kind == ARCHIVE_TABLE || a.kind == ARCHIVE_WINDOW))
+        .filter(|a| {
+            a.run_id == run.run_id
+                && [ARCHIVE_TABLE, ARCHIVE_WINDOW, ARCHIVE_PARTITION].contains(&a.kind.as_str())
+        })
+        .collect();
+    if let Some(dropped) = archives.iter().find(|a| a.dropped_at.is_some()) {
+        return Err(BackfillError::Conflict(format!(
+            "the archive {} of run {run_id} was dropped by gc on {}; it cannot be restored",
+            dropped.archive_table,
+            dropped.dropped_at.clone().unwrap_or_default()
+        )));
+    }
+    if !archives.is_empty() && archives.iter().all(|a| a.kind == ARCHIVE_PARTITION) {
+        return rollback_partitions(store, &run, &target, &archives).await;
+    }
+    let archive = archives
+        .into_iter()
+        .next()
         .ok_or_else(|| BackfillError::Invalid(format!("run {run_id} has no archive record")))?;
     if archive.dropped_at.is_some() {
         return Err(BackfillError::Conflict(format!(

@@ -172,12 +172,23 @@ impl Backfill {
         } else {
             (0, 0)
         };
+        let partitioned = findings.iter().any(|f| f.what == "native partitioning");
+        let partition_swap = if partitioned
+            && matches!(
+                self.spec.publish.mode,
+                PublishMode::Auto | PublishMode::SwapPartitions
+            ) {
+            Some(self.rows_beside_the_window(&mut conn).await?)
+        } else {
+            None
+        };
         let (publish_mode, publish_reason) = shadow::choose_publish_mode(
             &self.spec,
             &self.target,
             &findings,
             window_rows,
             table_rows,
+            partition_swap,
         )?;
         let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
         let has_control_store = warehouse
@@ -248,6 +259,35 @@ impl Backfill {
             publish_mode,
             publish_reason,
         })
+    }
+
+    /// For a natively partitioned target: the rows the partitions touched by the window hold
+    /// outside it (what swap_partitions would copy), or why swap_partitions cannot be used.
+    async fn rows_beside_the_window(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+    ) -> Result<Result<i64, String>, BackfillError> {
+        let partitions = self.spec.planned_partitions();
+        let affected =
+            match shadow::partitions_in_window(conn, &self.spec, &self.target, &partitions).await {
+                Ok(affected) => affected,
+                Err(BackfillError::Invalid(why)) => return Ok(Err(why)),
+                Err(other) => return Err(other),
+            };
+        let tables: Vec<TableName> = affected.into_iter().map(|p| p.table).collect();
+        let (outside, binds) =
+            shadow::outside_window(self.store.dialect(), &self.spec, &partitions);
+        let row = backfill_common::warehouse::fetch_one(
+            conn,
+            &format!(
+                "SELECT CAST(count(*) AS bigint) FROM {} AS t WHERE {} AND {outside}",
+                self.target.quoted(),
+                publish::in_partitions(&tables)
+            ),
+            &binds,
+        )
+        .await?;
+        Ok(Ok(backfill_common::warehouse::get(&row, 0)?))
     }
 
     /// The target's rows in the window and in all, for `auto` to weigh the publish modes.
@@ -627,6 +667,42 @@ impl Backfill {
                 publish_span.record("rows.updated", writes.updated);
                 publish_span.record("rows.inserted", writes.inserted);
                 archive
+            }
+            PublishMode::SwapPartitions => {
+                let outside = self
+                    .store
+                    .run_note(&run.run_id, RunNote::OutsideChecksum)
+                    .await?
+                    .map(|expected| {
+                        let (filter, binds) =
+                            shadow::outside_window(self.store.dialect(), &self.spec, partitions);
+                        publish::OutsideGuard {
+                            filter,
+                            binds,
+                            expected,
+                        }
+                    });
+                let archives = publish::swap_partitions(
+                    &self.store,
+                    run,
+                    &self.target,
+                    &shadow,
+                    self.spec.publish.archive_retention_days,
+                    outside,
+                    window_guard,
+                )
+                .instrument(publish_span.clone())
+                .await?;
+                let names = archives
+                    .iter()
+                    .map(|a| a.archive_table.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut first = archives.into_iter().next().ok_or_else(|| {
+                    BackfillError::Invalid("swap_partitions archived nothing".into())
+                })?;
+                first.archive_table = names;
+                first
             }
             _ => {
                 let outside = match self

@@ -10,6 +10,7 @@ use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
 use backfill_common::spec::{PublishMode, Spec};
 use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_all, fetch_one, get};
+use chrono::NaiveDateTime;
 use sqlx::AnyConnection;
 
 use crate::window::window_condition;
@@ -24,6 +25,11 @@ pub async fn build_shadow(
     mode: PublishMode,
 ) -> Result<Option<Checksum>, BackfillError> {
     let target_columns = warehouse.table_columns(conn, target).await?;
+    if mode == PublishMode::SwapPartitions {
+        return build_partitioned_shadow(warehouse, conn, spec, target, shadow, partitions)
+            .await
+            .map(Some);
+    }
     match warehouse.dialect {
         Dialect::Postgres => {
             execute(
@@ -418,20 +424,28 @@ const WINDOW_MODE_MIN_ROWS: i64 = 10_000;
 
 /// `auto`: the mode a run of `spec` will publish with, and why. `window_rows` and
 /// `table_rows` are the target's current counts.
+/// `partition_swap`: for a natively partitioned target, how many rows the partitions the
+/// window touches hold outside it (what swap_partitions copies), or why it cannot be used.
 pub fn choose_publish_mode(
     spec: &Spec,
     target: &TableName,
     findings: &[ShapeFinding],
     window_rows: i64,
     table_rows: i64,
+    partition_swap: Option<Result<i64, String>>,
 ) -> Result<(PublishMode, String), BackfillError> {
     match spec.publish.mode {
         PublishMode::SwapPartitions => {
-            return Err(BackfillError::Invalid(
-                "publish.mode: swap_partitions (detach and attach native partitions) is not available yet; \
-                 swap_window publishes natively partitioned targets through their parent in one transaction"
-                    .into(),
-            ));
+            return match partition_swap {
+                Some(Ok(_)) => Ok((
+                    PublishMode::SwapPartitions,
+                    "set in the spec (publish.mode)".into(),
+                )),
+                Some(Err(why)) => Err(BackfillError::Invalid(why)),
+                None => Err(BackfillError::Invalid(format!(
+                    "publish.mode: swap_partitions needs a natively partitioned PostgreSQL target; {target} is not: use swap_table or swap_window"
+                ))),
+            };
         }
         PublishMode::SwapTable | PublishMode::SwapWindow => {
             check_mode_allowed(target, spec.publish.mode, findings)?;
@@ -444,6 +458,24 @@ pub fn choose_publish_mode(
         return Ok((
             PublishMode::SwapTable,
             "the spec adds columns, which only a new table can have".into(),
+        ));
+    }
+    if let Some(Ok(outside_rows)) = partition_swap {
+        if outside_rows <= window_rows {
+            return Ok((
+                PublishMode::SwapPartitions,
+                format!(
+                    "natively partitioned, and the window fills the partitions it touches ({window_rows} rows in the window, {outside_rows} beside it): \
+                     swapping those partitions copies the least"
+                ),
+            ));
+        }
+        check_mode_allowed(target, PublishMode::SwapWindow, findings)?;
+        return Ok((
+            PublishMode::SwapWindow,
+            format!(
+                "natively partitioned, but the partitions the window touches hold {outside_rows} rows beside its {window_rows}: merging the window writes less than swapping them"
+            ),
         ));
     }
     let table_blockers: Vec<&ShapeFinding> =
@@ -484,4 +516,217 @@ pub fn choose_publish_mode(
             ),
         ))
     }
+}
+
+/// A partition of a natively partitioned (RANGE, one column) PostgreSQL table.
+#[derive(Debug, Clone)]
+pub struct NativePartition {
+    pub table: TableName,
+    /// `FOR VALUES FROM (…) TO (…)`, as PostgreSQL prints it: reused verbatim to attach.
+    pub bound: String,
+    pub from: NaiveDateTime,
+    pub to: NaiveDateTime,
+}
+
+impl NativePartition {
+    fn overlaps(&self, start: NaiveDateTime, end: NaiveDateTime) -> bool {
+        self.from < end && start < self.to
+    }
+}
+
+/// The shadow's partition standing in for `partition`.
+pub fn shadow_partition_name(
+    partition: &TableName,
+    run_id: &str,
+) -> Result<TableName, BackfillError> {
+    partition
+        .with_suffix(&format!("__bfs_{run_id}"))
+        .map_err(|e| BackfillError::Invalid(format!("partition {partition}: {e}")))
+}
+
+/// Parses one bound value of `FOR VALUES FROM ('2024-01-01') TO (MAXVALUE)`.
+fn bound_value(text: &str) -> Option<NaiveDateTime> {
+    let text = text.trim();
+    match text {
+        "MINVALUE" => return Some(NaiveDateTime::MIN),
+        "MAXVALUE" => return Some(NaiveDateTime::MAX),
+        _ => {}
+    }
+    let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(inner, "%Y-%m-%d") {
+        return day.and_hms_opt(0, 0, 0);
+    }
+    [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%#z",
+    ]
+    .iter()
+    .find_map(|format| NaiveDateTime::parse_from_str(inner, format).ok())
+}
+
+/// Parses `FOR VALUES FROM (a) TO (b)` of a single-column range partition.
+pub fn parse_range_bound(bound: &str) -> Option<(NaiveDateTime, NaiveDateTime)> {
+    let rest = bound.trim().strip_prefix("FOR VALUES FROM (")?;
+    let (from, rest) = rest.split_once(") TO (")?;
+    let to = rest.strip_suffix(')')?;
+    if from.contains(',') || to.contains(',') {
+        return None;
+    }
+    Some((bound_value(from)?, bound_value(to)?))
+}
+
+/// The target's partitions that hold rows of the window, when the target is range-partitioned
+/// on the spec's partition column; an error says why swap_partitions cannot be used.
+pub async fn partitions_in_window(
+    conn: &mut AnyConnection,
+    spec: &Spec,
+    target: &TableName,
+    partitions: &[Partition],
+) -> Result<Vec<NativePartition>, BackfillError> {
+    let refuse = |why: String| {
+        BackfillError::Invalid(format!(
+            "publish.mode: swap_partitions cannot publish {target}: {why}; use swap_window"
+        ))
+    };
+    let strategy = fetch_all(
+        conn,
+        "SELECT CAST(p.partstrat AS text), CAST(p.partnatts AS bigint), CAST(a.attname AS text) FROM pg_partitioned_table p \
+         LEFT JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0] WHERE p.partrelid = CAST($1 AS regclass)",
+        &[target.quoted().into()],
+    )
+    .await?;
+    let Some(row) = strategy.first() else {
+        return Err(refuse("it is not natively partitioned".into()));
+    };
+    let (kind, columns, column): (String, i64, Option<String>) =
+        (get(row, 0)?, get(row, 1)?, get(row, 2)?);
+    if kind != "r" || columns != 1 || column.as_deref() != Some(spec.partition.column.as_str()) {
+        return Err(refuse(format!(
+            "it is not range-partitioned on `{}` alone",
+            spec.partition.column
+        )));
+    }
+    let rows = fetch_all(
+        conn,
+        "SELECT CAST(n.nspname AS text), CAST(c.relname AS text), pg_get_expr(c.relpartbound, c.oid), CAST(c.relkind AS text) \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE i.inhparent = CAST($1 AS regclass) ORDER BY 2",
+        &[target.quoted().into()],
+    )
+    .await?;
+    let mut affected = Vec::new();
+    for row in &rows {
+        let (schema, name, bound, kind): (String, String, String, String) =
+            (get(row, 0)?, get(row, 1)?, get(row, 2)?, get(row, 3)?);
+        let table = TableName::parse(&format!("{schema}.{name}"))
+            .map_err(|e| refuse(format!("partition {schema}.{name}: {e}")))?;
+        if bound.trim() == "DEFAULT" {
+            let (window, binds) = window_condition(
+                Dialect::Postgres,
+                spec.partition.grain,
+                &spec.partition.column,
+                "t",
+                partitions,
+                1,
+            );
+            let row = fetch_one(
+                conn,
+                &format!(
+                    "SELECT count(*) FROM {} AS t WHERE {window}",
+                    table.quoted()
+                ),
+                &binds,
+            )
+            .await?;
+            if get::<i64>(&row, 0)? > 0 {
+                return Err(refuse(format!(
+                    "the default partition {table} holds rows of the window"
+                )));
+            }
+            continue;
+        }
+        let (from, to) = parse_range_bound(&bound)
+            .ok_or_else(|| refuse(format!("cannot read the bounds of {table} ({bound})")))?;
+        let partition = NativePartition {
+            table,
+            bound,
+            from,
+            to,
+        };
+        if partitions
+            .iter()
+            .any(|p| partition.overlaps(p.start, p.end))
+        {
+            if kind != "r" {
+                return Err(refuse(format!("{} is itself partitioned", partition.table)));
+            }
+            affected.push(partition);
+        }
+    }
+    if affected.is_empty() {
+        return Err(refuse("none of its partitions covers the window".into()));
+    }
+    Ok(affected)
+}
+
+/// swap_partitions: the shadow is a partitioned table with one partition per target partition
+/// the window touches, holding that partition's rows outside the window (the window's rows
+/// come from the partition tasks). Returns the checksum of the copied rows, for the publish
+/// guard.
+async fn build_partitioned_shadow(
+    warehouse: &Warehouse,
+    conn: &mut AnyConnection,
+    spec: &Spec,
+    target: &TableName,
+    shadow: &TableName,
+    partitions: &[Partition],
+) -> Result<Checksum, BackfillError> {
+    let affected = partitions_in_window(conn, spec, target, partitions).await?;
+    let column = spec.partition.column.quoted();
+    execute(
+        conn,
+        &format!(
+            "CREATE TABLE {} (LIKE {} INCLUDING ALL) PARTITION BY RANGE ({column})",
+            shadow.quoted(),
+            target.quoted()
+        ),
+        &[],
+    )
+    .await?;
+    let run_id = shadow.name.as_str().rsplit('_').next().unwrap_or("run");
+    let (outside, binds) = outside_window(Dialect::Postgres, spec, partitions);
+    for partition in &affected {
+        let child = shadow_partition_name(&partition.table, run_id)?;
+        execute(
+            conn,
+            &format!(
+                "CREATE TABLE {} PARTITION OF {} {}",
+                child.quoted(),
+                shadow.quoted(),
+                partition.bound
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            conn,
+            &format!(
+                "INSERT INTO {} SELECT * FROM {} AS t WHERE {outside}",
+                shadow.quoted(),
+                partition.table.quoted()
+            ),
+            &binds,
+        )
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "copying the rows of {} outside the window",
+                partition.table
+            ))
+        })?;
+    }
+    execute(conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
+    // What the copy was taken from: the same rows are checksummed again at publish.
+    warehouse.checksum(conn, shadow, None, &[]).await
 }

@@ -279,3 +279,207 @@ async fn auto_keeps_a_referenced_table_in_place() {
         2
     );
 }
+
+/// `sales` partitioned by month (and an empty default partition), a view over it.
+async fn seed_sales(warehouse: &Warehouse) {
+    for sql in [
+        "CREATE TABLE sales (id bigint NOT NULL, day date NOT NULL, amount numeric(12,2) NOT NULL, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)",
+        "CREATE TABLE sales_2024_01 PARTITION OF sales FOR VALUES FROM ('2024-01-01') TO ('2024-02-01')",
+        "CREATE TABLE sales_2024_02 PARTITION OF sales FOR VALUES FROM ('2024-02-01') TO ('2024-03-01')",
+        "CREATE TABLE sales_2024_03 PARTITION OF sales FOR VALUES FROM ('2024-03-01') TO ('2024-04-01')",
+        "CREATE TABLE sales_other PARTITION OF sales DEFAULT",
+        "INSERT INTO sales SELECT g, DATE '2024-01-01' + CAST((g - 1) / 200 AS integer), (g % 500) / 10.0 FROM generate_series(1, 91 * 200) AS g",
+        "CREATE VIEW monthly_sales AS SELECT date_trunc('month', day) AS month, sum(amount) AS total FROM sales GROUP BY 1",
+        "CREATE TABLE sales_fixed AS SELECT id, day, amount * 2 AS amount FROM sales WHERE day >= DATE '2024-02-01' AND day < DATE '2024-03-01'",
+        "CREATE TABLE sales_expected AS SELECT * FROM sales WHERE NOT (day >= DATE '2024-02-01' AND day < DATE '2024-03-01') UNION ALL SELECT * FROM sales_fixed",
+    ] {
+        exec(warehouse, sql).await;
+    }
+}
+
+fn sales_spec(first: &str, last: &str) -> String {
+    format!(
+        r#"
+name = "fix_sales"
+
+[target]
+table = "sales"
+key = ["id", "day"]
+
+[partition]
+column = "day"
+grain = "day"
+first = "{first}"
+last = "{last}"
+
+[source]
+query = "SELECT id, day, amount FROM sales_fixed WHERE day >= :partition_start AND day < :partition_end"
+
+[warehouse]
+name = "sales"
+concurrency = 2
+
+[[audit]]
+kind = "unique_key"
+
+[[audit]]
+kind = "rowcount_delta"
+max_change_rows = 0
+"#
+    )
+}
+
+async fn oid(warehouse: &Warehouse, table: &str) -> i64 {
+    count(
+        warehouse,
+        &format!("SELECT CAST(CAST(CAST('{table}' AS regclass) AS oid) AS bigint)"),
+    )
+    .await
+}
+
+const SALES_TOTAL: &str = "SELECT CAST(sum(amount) * 100 AS bigint) FROM sales";
+const VIEW_TOTAL: &str = "SELECT CAST(sum(total) * 100 AS bigint) FROM monthly_sales";
+
+/// A window that fills February: `auto` swaps that one partition (copying nothing beside the
+/// window), the other partitions and the view keep their identity, readers see old or new
+/// totals only, the old partition is archived with its checksum, and rollback restores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_partitions_replaces_only_the_partitions_of_the_window() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_sales(&warehouse).await;
+    let before = checksum(&warehouse, "sales", None).await;
+    let february_before = checksum(&warehouse, "sales_2024_02", None).await;
+    let untouched = [
+        oid(&warehouse, "sales_2024_01").await,
+        oid(&warehouse, "sales_2024_03").await,
+        oid(&warehouse, "monthly_sales").await,
+    ];
+    let old_total = count(&warehouse, SALES_TOTAL).await;
+    let new_total = count(
+        &warehouse,
+        "SELECT CAST(sum(amount) * 100 AS bigint) FROM sales_expected",
+    )
+    .await;
+    let spec = sales_spec("2024-02-01", "2024-02-29");
+    let backfill = Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &db.url)
+        .await
+        .unwrap();
+    let plan = backfill.plan().await.unwrap();
+    assert_eq!(
+        plan.publish_mode,
+        PublishMode::SwapPartitions,
+        "{}",
+        plan.publish_reason
+    );
+
+    let reader_pool = Warehouse::connect(&db.url, 2).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (pool, stop) = (reader_pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut conn = pool.acquire().await.unwrap();
+                let row = backfill_common::warehouse::fetch_one(
+                    &mut conn,
+                    &format!("SELECT ({SALES_TOTAL}), ({VIEW_TOTAL})"),
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string());
+                seen.push(row.map(|r| (get::<i64>(&r, 0).unwrap(), get::<i64>(&r, 1).unwrap())));
+            }
+            seen
+        })
+    };
+    let outcome = backfill.run("test", &Quiet).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await.unwrap();
+    assert!(seen.len() > 5);
+    for observation in &seen {
+        let (table, view) = observation.as_ref().expect("no reader error");
+        assert_eq!(table, view);
+        assert!(
+            *table == old_total || *table == new_total,
+            "saw {table}, allowed {old_total} or {new_total}"
+        );
+    }
+    let RunOutcome::Published {
+        run_id, archive, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        archive,
+        format!("public.sales_2024_02__bf_archive_{run_id}")
+    );
+    assert_eq!(
+        checksum(&warehouse, "sales", None).await,
+        checksum(&warehouse, "sales_expected", None).await
+    );
+    assert_eq!(count(&warehouse, VIEW_TOTAL).await, new_total);
+    assert_eq!(
+        [
+            oid(&warehouse, "sales_2024_01").await,
+            oid(&warehouse, "sales_2024_03").await,
+            oid(&warehouse, "monthly_sales").await,
+        ],
+        untouched,
+        "other partitions and the view keep their identity"
+    );
+    assert_eq!(checksum(&warehouse, &archive, None).await, february_before);
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = CAST('sales' AS regclass)"
+        )
+        .await,
+        4,
+        "the new February is attached in place of the old one"
+    );
+
+    let store = control_store(&warehouse);
+    publish::rollback(&store, &run_id).await.unwrap();
+    assert_eq!(checksum(&warehouse, "sales", None).await, before);
+    assert_eq!(count(&warehouse, VIEW_TOTAL).await, old_total);
+}
+
+/// A few days of a large partition: auto merges the window instead of copying the partition;
+/// swap_partitions on a table that is not partitioned is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_merges_a_small_window_of_a_partitioned_table() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_sales(&warehouse).await;
+    let spec = sales_spec("2024-02-10", "2024-02-12");
+    let backfill = Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &db.url)
+        .await
+        .unwrap();
+    let plan = backfill.plan().await.unwrap();
+    assert_eq!(
+        plan.publish_mode,
+        PublishMode::SwapWindow,
+        "{}",
+        plan.publish_reason
+    );
+    let outcome = backfill.run("test", &Quiet).await.unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM sales s JOIN sales_fixed f USING (id, day) WHERE s.amount <> f.amount AND s.day BETWEEN DATE '2024-02-10' AND DATE '2024-02-12'").await,
+        0
+    );
+
+    seed_events(&warehouse).await;
+    let forced = SPEC.replace("mode = \"auto\"", "mode = \"swap_partitions\"");
+    let backfill = Backfill::open(Spec::parse(&forced).unwrap(), forced.clone(), &db.url)
+        .await
+        .unwrap();
+    let error = backfill.plan().await.unwrap_err().to_string();
+    assert!(error.contains("natively partitioned"), "{error}");
+}
