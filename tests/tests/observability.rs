@@ -683,3 +683,85 @@ async fn errors_are_recorded_on_spans() {
     }
     assert_no_secret("stderr", &String::from_utf8_lossy(&output.stderr));
 }
+
+/// While a distributed run waits for workers (none are running), `backfill serve` reports the
+/// run's pending partitions and the depth of the warehouse's task queue from the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_queue_depth_of_open_runs() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let cluster = Cluster::new("demo", &db.url);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = mini_challenge_spec(&dir);
+    let mut coordinator = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let broker = cluster.broker().await;
+    let queue = broker.topology.task_queue("demo");
+    let started = Instant::now();
+    while broker.queue_depth(&queue).await.unwrap_or(0) < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "tasks never published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut serve = cluster
+        .backfill(&["serve", "--listen", "127.0.0.1:0"])
+        .env("BACKFILL_WAREHOUSE_URL", &db.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = {
+        use std::io::BufRead;
+        let stderr = serve.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("serve prints its address").unwrap();
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+    };
+    let (status, text) = get_text(&format!("http://{address}/metrics")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &text,
+            "backfill_queue_depth",
+            &[("warehouse", "demo"), ("queue", "tasks")]
+        ),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "backfill_queue_depth",
+            &[("warehouse", "demo"), ("queue", "dead")]
+        ),
+        0.0
+    );
+    let run = control_store(&warehouse)
+        .all_runs()
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        metric(
+            &text,
+            "backfill_run_partitions",
+            &[("run", run.run_id.as_str()), ("state", "pending")]
+        ),
+        4.0
+    );
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+}
