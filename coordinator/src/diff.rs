@@ -51,6 +51,17 @@ pub struct ChangedRow {
     pub changes: Vec<(String, Option<String>, Option<String>)>,
 }
 
+impl ChangedRow {
+    /// `order_id=301, item_id=1`
+    fn key_text(&self) -> String {
+        self.key
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// Where the old and new versions of the window are, for this run's state.
 fn sources(run: &RunRecord, target: &TableName) -> Result<(TableName, TableName), BackfillError> {
     let parse =
@@ -358,12 +369,7 @@ pub fn render(report: &DiffReport) -> String {
             report.sample.len()
         ));
         for row in &report.sample {
-            let key = row
-                .key
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let key = row.key_text();
             let changes = row
                 .changes
                 .iter()
@@ -530,12 +536,7 @@ pub fn render_html(report: &DiffReport) -> String {
     if !report.sample.is_empty() {
         sample.push_str("<h2>Sample of changed rows</h2><table><thead><tr><th>key</th><th>column</th><th>old</th><th>new</th></tr></thead><tbody>");
         for row in &report.sample {
-            let key = row
-                .key
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let key = row.key_text();
             for (column, old, new) in &row.changes {
                 sample.push_str(&format!(
                     "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

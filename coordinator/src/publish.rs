@@ -355,20 +355,7 @@ pub async fn swap_table(
         if let Some(dependents) = &dependents {
             restore_dependents(&mut tx, target, dependents, true).await?;
         }
-        let now = Utc::now();
-        let record = ArchiveRecord {
-            archive_table: archive.to_string(),
-            run_id: run.run_id.clone(),
-            source_table: target.to_string(),
-            kind: ARCHIVE_TABLE.into(),
-            row_count: old.rows,
-            checksum: old.to_string(),
-            created_at: now_text(),
-            expires_at: (now + Duration::days(retention_days as i64))
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            restored_at: None,
-            dropped_at: None,
-        };
+        let record = archive_record(&run.run_id, &archive, target, ARCHIVE_TABLE, &old, Duration::days(retention_days as i64));
         store.insert_archive(&mut tx, &record).await?;
         execute(
             &mut tx,
@@ -573,20 +560,14 @@ pub async fn swap_window(
     let merge = window_merge(dialect, target, shadow, &columns, key, window_on_t);
     let writes = apply_window_merge(&mut tx, &merge, binds).await?;
     execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
-    let now = Utc::now();
-    let record = ArchiveRecord {
-        archive_table: archive.to_string(),
-        run_id: run.run_id.clone(),
-        source_table: target.to_string(),
-        kind: ARCHIVE_WINDOW.into(),
-        row_count: old.rows,
-        checksum: old.to_string(),
-        created_at: now_text(),
-        expires_at: (now + Duration::days(retention_days as i64))
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        restored_at: None,
-        dropped_at: None,
-    };
+    let record = archive_record(
+        &run.run_id,
+        &archive,
+        target,
+        ARCHIVE_WINDOW,
+        &old,
+        Duration::days(retention_days as i64),
+    );
     store.insert_archive(&mut tx, &record).await?;
     execute(
         &mut tx,
@@ -724,7 +705,6 @@ pub async fn swap_partitions(
             )));
         }
     }
-    let now = Utc::now();
     let mut records = Vec::new();
     for (new_partition, old_partition, bound) in &pairs {
         let archive = archive_name(old_partition, &run.run_id)?;
@@ -781,19 +761,14 @@ pub async fn swap_partitions(
             &[],
         )
         .await?;
-        let record = ArchiveRecord {
-            archive_table: archive.to_string(),
-            run_id: run.run_id.clone(),
-            source_table: old_partition.to_string(),
-            kind: ARCHIVE_PARTITION.into(),
-            row_count: old.rows,
-            checksum: old.to_string(),
-            created_at: now_text(),
-            expires_at: (now + Duration::days(retention_days as i64))
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            restored_at: None,
-            dropped_at: None,
-        };
+        let record = archive_record(
+            &run.run_id,
+            &archive,
+            old_partition,
+            ARCHIVE_PARTITION,
+            &old,
+            Duration::days(retention_days as i64),
+        );
         store.insert_archive(&mut tx, &record).await?;
         records.push(record);
     }
@@ -850,7 +825,6 @@ async fn rollback_partitions(
     let mut restored_from = Vec::new();
     let mut kept_as = Vec::new();
     let mut checksums = Vec::new();
-    let now = Utc::now();
     for archive in archives {
         let archive_table = TableName::parse(&archive.archive_table)
             .map_err(|e| BackfillError::Invalid(e.to_string()))?;
@@ -920,35 +894,16 @@ async fn rollback_partitions(
                 archive.checksum
             )));
         }
-        store
-            .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Restored)
-            .await?;
-        let retention = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
-            .map(|e| {
-                e.with_timezone(&Utc)
-                    - chrono::DateTime::parse_from_rfc3339(&archive.created_at)
-                        .map(|c| c.with_timezone(&Utc))
-                        .unwrap_or(now)
-            })
-            .unwrap_or(Duration::days(30));
-        store
-            .insert_archive(
-                &mut tx,
-                &ArchiveRecord {
-                    archive_table: undone.to_string(),
-                    run_id: run.run_id.clone(),
-                    source_table: partition.to_string(),
-                    kind: "rolled_back".into(),
-                    row_count: current.rows,
-                    checksum: current.to_string(),
-                    created_at: now_text(),
-                    expires_at: (now + retention)
-                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    restored_at: None,
-                    dropped_at: None,
-                },
-            )
-            .await?;
+        record_restore(
+            store,
+            &mut tx,
+            &run.run_id,
+            archive,
+            &undone,
+            &partition,
+            &current,
+        )
+        .await?;
         restored_from.push(archive_table.to_string());
         kept_as.push(undone.to_string());
         checksums.push(restored.to_string());
@@ -970,6 +925,57 @@ async fn rollback_partitions(
         kept_as: kept_as.join(", "),
         checksum: checksums.join(", "),
     })
+}
+
+/// The record of an archive: `table` keeps what `source` held (`checksum`) for `retention`.
+fn archive_record(
+    run_id: &str,
+    table: &TableName,
+    source: &TableName,
+    kind: &str,
+    checksum: &Checksum,
+    retention: Duration,
+) -> ArchiveRecord {
+    ArchiveRecord {
+        archive_table: table.to_string(),
+        run_id: run_id.to_string(),
+        source_table: source.to_string(),
+        kind: kind.to_string(),
+        row_count: checksum.rows,
+        checksum: checksum.to_string(),
+        created_at: now_text(),
+        expires_at: (Utc::now() + retention).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        restored_at: None,
+        dropped_at: None,
+    }
+}
+
+/// Marks `archive` restored and records what the restore replaced (`undone`, holding
+/// `current`), kept as long as the archive itself was to be kept.
+async fn record_restore(
+    store: &ControlStore,
+    conn: &mut AnyConnection,
+    run_id: &str,
+    archive: &ArchiveRecord,
+    undone: &TableName,
+    source: &TableName,
+    current: &Checksum,
+) -> Result<(), BackfillError> {
+    store
+        .mark_archive(conn, &archive.archive_table, ArchiveMark::Restored)
+        .await?;
+    let parse =
+        |text: &str| chrono::DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc));
+    let retention = match (parse(&archive.expires_at), parse(&archive.created_at)) {
+        (Ok(expires), Ok(created)) => expires - created,
+        _ => Duration::days(30),
+    };
+    store
+        .insert_archive(
+            conn,
+            &archive_record(run_id, undone, source, "rolled_back", current, retention),
+        )
+        .await
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -1084,28 +1090,7 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
                 archive.checksum
             )));
         }
-        store.mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Restored).await?;
-        let now = Utc::now();
-        let retention = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
-            .map(|e| e.with_timezone(&Utc) - chrono::DateTime::parse_from_rfc3339(&archive.created_at).map(|c| c.with_timezone(&Utc)).unwrap_or(now))
-            .unwrap_or(Duration::days(30));
-        store
-            .insert_archive(
-                &mut tx,
-                &ArchiveRecord {
-                    archive_table: undone.to_string(),
-                    run_id: run.run_id.clone(),
-                    source_table: target.to_string(),
-                    kind: "rolled_back".into(),
-                    row_count: current.rows,
-                    checksum: current.to_string(),
-                    created_at: now_text(),
-                    expires_at: (now + retention).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    restored_at: None,
-                    dropped_at: None,
-                },
-            )
-            .await?;
+        record_restore(store, &mut tx, &run.run_id, &archive, &undone, &target, &current).await?;
         store.set_run_state(&mut tx, &run.run_id, &[RunState::Published], RunState::RolledBack, None).await?;
         tx.commit().await?;
         Ok(RollbackReport {
@@ -1207,35 +1192,16 @@ async fn rollback_window(
             archive.checksum
         )));
     }
-    store
-        .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Restored)
-        .await?;
-    let now = Utc::now();
-    let retention = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
-        .map(|e| {
-            e.with_timezone(&Utc)
-                - chrono::DateTime::parse_from_rfc3339(&archive.created_at)
-                    .map(|c| c.with_timezone(&Utc))
-                    .unwrap_or(now)
-        })
-        .unwrap_or(Duration::days(30));
-    store
-        .insert_archive(
-            &mut tx,
-            &ArchiveRecord {
-                archive_table: undone.to_string(),
-                run_id: run.run_id.clone(),
-                source_table: target.to_string(),
-                kind: "rolled_back".into(),
-                row_count: current.rows,
-                checksum: current.to_string(),
-                created_at: now_text(),
-                expires_at: (now + retention).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                restored_at: None,
-                dropped_at: None,
-            },
-        )
-        .await?;
+    record_restore(
+        store,
+        &mut tx,
+        &run.run_id,
+        archive,
+        undone,
+        target,
+        &current,
+    )
+    .await?;
     store
         .set_run_state(
             &mut tx,

@@ -373,6 +373,19 @@ fn http_get(url: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// The address `backfill serve --listen 127.0.0.1:0` says it listens on.
+fn served_address(serve: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let stderr = serve.stderr.take().expect("serve's stderr is piped");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        let line = lines.next().expect("serve prints its address").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            return rest.split_whitespace().next().unwrap().to_string();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -523,17 +536,7 @@ async fn metrics_match_the_control_store() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let address = {
-        use std::io::BufRead;
-        let stderr = serve.stderr.take().unwrap();
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        loop {
-            let line = lines.next().expect("serve prints its address").unwrap();
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-    };
+    let address = served_address(&mut serve);
     let started = Instant::now();
     while get_text(&format!("http://{address}/readyz")).await.0 != 200 {
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -717,17 +720,7 @@ async fn serve_reports_queue_depth_of_open_runs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let address = {
-        use std::io::BufRead;
-        let stderr = serve.stderr.take().unwrap();
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        loop {
-            let line = lines.next().expect("serve prints its address").unwrap();
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-    };
+    let address = served_address(&mut serve);
     let (status, text) = get_text(&format!("http://{address}/metrics")).await;
     assert_eq!(status, 200);
     assert_eq!(
