@@ -157,6 +157,7 @@ struct RawHook {
     url_env: Option<String>,
     timeout: Option<String>,
     retries: Option<u32>,
+    pass_env: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -426,6 +427,10 @@ pub struct Hook {
     #[serde(with = "duration_ms")]
     pub timeout: Duration,
     pub retries: u32,
+    /// Environment variables a command hook may see besides its `BACKFILL_*` run details and
+    /// PATH, HOME, LANG, TZ, TMPDIR, USER (the coordinator's secrets are never passed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pass_env: Vec<String>,
 }
 
 mod duration_ms {
@@ -447,8 +452,22 @@ impl Spec {
     /// The canonical text of the validated spec: defaults filled in, fields in a fixed order,
     /// formatting and comments of the file gone. Two files that mean the same thing have the
     /// same canonical text.
+    /// The canonical form the hash is taken of. Fields added after runs existed are left out
+    /// while they hold their default (no hooks, automatic approval), so a spec that does not
+    /// use them hashes as it did before they existed and its open run can still be resumed.
     pub fn canonical(&self) -> String {
-        serde_json::to_string(self).expect("a validated spec always serialises")
+        let mut value = serde_json::to_value(self).expect("a validated spec always serialises");
+        if let Some(object) = value.as_object_mut() {
+            if self.hooks.is_empty() {
+                object.remove("hooks");
+            }
+            if self.publish.approval == Approval::Auto
+                && let Some(publish) = object.get_mut("publish").and_then(|p| p.as_object_mut())
+            {
+                publish.remove("approval");
+            }
+        }
+        serde_json::to_string(&value).expect("a JSON value always serialises")
     }
 
     /// SHA-256 of the canonical text, in hex. A run pins this.
@@ -816,11 +835,36 @@ fn parse_hook(index: usize, raw: &RawHook) -> Result<Hook, SpecError> {
     if retries > 10 {
         return Err(field_error(&field("retries"), retries, "at most 10"));
     }
+    let pass_env = raw.pass_env.clone().unwrap_or_default();
+    if !matches!(action, HookAction::Command(_)) && !pass_env.is_empty() {
+        return Err(field_error(
+            &field("pass_env"),
+            "a list on a webhook",
+            "pass_env only applies to command hooks",
+        ));
+    }
+    for name in &pass_env {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(field_error(
+                &field("pass_env"),
+                format!("`{name}`"),
+                "names of environment variables, e.g. [\"DASHBOARD_API_TOKEN\"]",
+            ));
+        }
+        if name.starts_with("BACKFILL_") {
+            return Err(field_error(
+                &field("pass_env"),
+                format!("`{name}`"),
+                "BACKFILL_* variables hold the coordinator's own settings and secrets and are never passed to hooks",
+            ));
+        }
+    }
     Ok(Hook {
         event,
         action,
         timeout,
         retries,
+        pass_env,
     })
 }
 

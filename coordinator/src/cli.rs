@@ -369,6 +369,7 @@ async fn watch_run(
             RunState::Published
                 | RunState::Failed
                 | RunState::AuditFailed
+                | RunState::AwaitingApproval
                 | RunState::RolledBack
                 | RunState::Abandoned
         ) {
@@ -688,8 +689,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
         } => {
             let (backfill, url) = open_run(&connection, &run).await?;
             let bar = Bar::new(false);
-            tracing::info!(target: "backfill::state", run = %run, approved_by = %owner, "publish approved");
-            let outcome = backfill.publish_approved(&run, &bar).await?;
+            let outcome = backfill.publish_approved(&run, &owner, &bar).await?;
             Ok(report_outcome(&outcome, &url))
         }
         Command::Rollback { run, connection } => {
@@ -716,7 +716,10 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 report.dropped.len(),
                 report.kept
             );
-            Ok(0)
+            for (table, error) in &report.failed {
+                eprintln!("could not drop {table}: {error}");
+            }
+            Ok(if report.failed.is_empty() { 0 } else { 1 })
         }
         Command::Archives { json, connection } => {
             let store = open_store(&connection).await?;

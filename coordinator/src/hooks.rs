@@ -183,7 +183,9 @@ fn url_host(url: &str) -> String {
 
 async fn run_once(hook: &Hook, context: &HookContext) -> Result<(), String> {
     match &hook.action {
-        HookAction::Command(command) => run_command(command, hook.timeout, context).await,
+        HookAction::Command(command) => {
+            run_command(command, &hook.pass_env, hook.timeout, context).await
+        }
         HookAction::Webhook(url) => post(url, hook.timeout, context).await,
         HookAction::WebhookFromEnv(variable) => {
             let url = std::env::var(variable).map_err(|_| {
@@ -197,12 +199,27 @@ async fn run_once(hook: &Hook, context: &HookContext) -> Result<(), String> {
 /// At most this much of a failing command's output goes into the error.
 const OUTPUT_SHOWN: usize = 500;
 
+/// What every command hook inherits from the coordinator's environment.
+const INHERITED: [&str; 7] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
+
 async fn run_command(
     command: &[String],
+    pass_env: &[String],
     timeout: Duration,
     context: &HookContext,
 ) -> Result<(), String> {
     let mut process = tokio::process::Command::new(&command[0]);
+    // Only what a hook needs: never the coordinator's URLs, passwords or signing key.
+    process.env_clear();
+    for name in INHERITED
+        .iter()
+        .copied()
+        .chain(pass_env.iter().map(String::as_str))
+    {
+        if let Some(value) = std::env::var_os(name) {
+            process.env(name, value);
+        }
+    }
     process
         .args(&command[1..])
         .envs(context.env())
@@ -316,6 +333,7 @@ mod tests {
                 "-c".into(),
                 "echo no downstream >&2; exit 3".into(),
             ],
+            &[],
             Duration::from_secs(5),
             &context,
         )
@@ -328,6 +346,7 @@ mod tests {
         let started = std::time::Instant::now();
         let error = run_command(
             &["sleep".into(), "30".into()],
+            &[],
             Duration::from_millis(200),
             &context,
         )
@@ -335,6 +354,27 @@ mod tests {
         .unwrap_err();
         assert!(error.contains("did not finish"), "{error}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn commands_see_only_what_they_are_given() {
+        // Names no other test uses: the environment is shared by the test threads.
+        unsafe {
+            std::env::set_var("BFTEST_HOOK_SECRET", "hunter2");
+            std::env::set_var("BFTEST_HOOK_TOKEN", "visible");
+        }
+        run_command(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "test -z \"$BFTEST_HOOK_SECRET\" && test \"$BFTEST_HOOK_TOKEN\" = visible && test -n \"$PATH\"".into(),
+            ],
+            &["BFTEST_HOOK_TOKEN".into()],
+            Duration::from_secs(5),
+            &HookContext::default(),
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test]
@@ -351,6 +391,7 @@ mod tests {
                 "test \"$BACKFILL_RUN_ID\" = abc123 && test \"$BACKFILL_TARGET\" = public.orders"
                     .into(),
             ],
+            &[],
             Duration::from_secs(5),
             &context,
         )

@@ -68,7 +68,8 @@ async fn check_window_guard(
         .await?;
     if now.to_string() != guard.expected {
         return Err(BackfillError::Conflict(format!(
-            "{target} changed inside the window since the audits compared against it ({} then, {now} now):              the approval no longer holds. Nothing was published; run the same spec again to audit the new state",
+            "{target} changed inside the window since the audits compared against it ({} then, {now} now): \
+             the approval no longer holds. Nothing was published; run the same spec again to audit the new state",
             guard.expected
         )));
     }
@@ -405,6 +406,7 @@ fn window_merge(
     target: &TableName,
     from: &TableName,
     columns: &[String],
+    text_compared: &[String],
     key: &[backfill_common::ident::Ident],
     window_on_t: &str,
 ) -> WindowMerge {
@@ -442,8 +444,16 @@ fn window_merge(
             non_key
                 .iter()
                 .map(|c| {
-                    let c = quote_catalog_name(c);
-                    dialect.distinct(&format!("t.{c}"), &format!("s.{c}"))
+                    let quoted = quote_catalog_name(c);
+                    if text_compared.contains(c) {
+                        // json has no equality operator: compare its text
+                        dialect.distinct(
+                            &format!("CAST(t.{quoted} AS text)"),
+                            &format!("CAST(s.{quoted} AS text)"),
+                        )
+                    } else {
+                        dialect.distinct(&format!("t.{quoted}"), &format!("s.{quoted}"))
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(" OR "),
@@ -467,6 +477,60 @@ fn window_merge(
         update_changed,
         insert_new,
     }
+}
+
+/// Columns without an equality operator (PostgreSQL `json`), compared as text by merges.
+async fn json_columns(
+    dialect: Dialect,
+    conn: &mut AnyConnection,
+    table: &TableName,
+) -> Result<Vec<String>, BackfillError> {
+    if dialect != Dialect::Postgres {
+        return Ok(Vec::new());
+    }
+    let rows = fetch_all(
+        conn,
+        "SELECT CAST(attname AS text) FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 \
+         AND NOT attisdropped AND atttypid = CAST('json' AS regtype)",
+        &[table.quoted().into()],
+    )
+    .await?;
+    rows.iter().map(|r| get::<String>(r, 0)).collect()
+}
+
+/// Refuses a window whose new keys exist outside it in the target: merging would skip those
+/// rows (a row moved between partitions: both partitions belong in the window).
+async fn check_no_key_outside_window(
+    conn: &mut AnyConnection,
+    target: &TableName,
+    from: &TableName,
+    key: &[backfill_common::ident::Ident],
+    window_on_t: &str,
+    binds: &[backfill_common::warehouse::Bind],
+) -> Result<(), BackfillError> {
+    let key_match = key
+        .iter()
+        .map(|k| format!("t.{k} = s.{k}", k = k.quoted()))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let row = fetch_one(
+        conn,
+        &format!(
+            "SELECT count(*) FROM {} AS s WHERE EXISTS (SELECT 1 FROM {} AS t WHERE {key_match} AND NOT coalesce({window_on_t}, false))",
+            from.quoted(),
+            target.quoted()
+        ),
+        binds,
+    )
+    .await?;
+    let collisions: i64 = get(&row, 0)?;
+    if collisions > 0 {
+        return Err(BackfillError::Conflict(format!(
+            "{collisions} key(s) of the new window already exist outside it in {target} (rows moved between partitions?): \
+             merging would skip them. Nothing was published; include the partitions those rows come from in the window"
+        )));
+    }
+    Ok(())
 }
 
 /// Rows written by a window merge.
@@ -557,7 +621,9 @@ pub async fn swap_window(
     )
     .await?;
     let old = warehouse.checksum(&mut tx, &archive, None, &[]).await?;
-    let merge = window_merge(dialect, target, shadow, &columns, key, window_on_t);
+    check_no_key_outside_window(&mut tx, target, shadow, key, window_on_t, binds).await?;
+    let json = json_columns(dialect, &mut tx, target).await?;
+    let merge = window_merge(dialect, target, shadow, &columns, &json, key, window_on_t);
     let writes = apply_window_merge(&mut tx, &merge, binds).await?;
     execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
     let record = archive_record(
@@ -672,7 +738,9 @@ pub async fn swap_partitions(
         &[],
     )
     .await?;
-    // Writers wait from here; detaching takes the exclusive lock at the end, briefly.
+    // Writers wait from here; readers go on until the first DETACH, which holds the parent
+    // exclusively until commit (renames and attaches only: the new partitions carry CHECK
+    // constraints equal to their bounds, so attaching them scans nothing).
     execute(
         &mut tx,
         &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()),
@@ -706,11 +774,18 @@ pub async fn swap_partitions(
         }
     }
     let mut records = Vec::new();
-    for (new_partition, old_partition, bound) in &pairs {
+    // Everything that reads whole partitions happens before the first DETACH, which locks
+    // the parent against readers until commit.
+    let mut old_checksums = Vec::new();
+    for (_, old_partition, _) in &pairs {
+        old_checksums.push(
+            warehouse
+                .checksum(&mut tx, old_partition, None, &[])
+                .await?,
+        );
+    }
+    for ((new_partition, old_partition, bound), old) in pairs.iter().zip(old_checksums) {
         let archive = archive_name(old_partition, &run.run_id)?;
-        let old = warehouse
-            .checksum(&mut tx, old_partition, None, &[])
-            .await?;
         execute(
             &mut tx,
             &format!(
@@ -757,6 +832,17 @@ pub async fn swap_partitions(
                 "ALTER TABLE {} ATTACH PARTITION {} {bound}",
                 target.quoted(),
                 old_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        // The shadow partition's copy of the bound (it made ATTACH skip its scan).
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                old_partition.quoted(),
+                crate::shadow::BOUND_CHECK
             ),
             &[],
         )
@@ -1173,11 +1259,13 @@ async fn rollback_window(
     .await?;
     let current = warehouse.checksum(&mut tx, undone, None, &[]).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
+    let json = json_columns(dialect, &mut tx, target).await?;
     let merge = window_merge(
         dialect,
         target,
         archive_table,
         &columns,
+        &json,
         &spec.target.key,
         &window,
     );
@@ -1225,19 +1313,26 @@ async fn rollback_window(
 pub struct GcReport {
     pub dropped: Vec<String>,
     pub kept: usize,
+    /// Expired archives that could not be dropped, with the reason.
+    pub failed: Vec<(String, String)>,
 }
 
-/// Drops archives whose retention has passed (restored archives are the live table again and
-/// are never dropped). `dry_run` only lists them.
+/// Drops archives whose retention has passed. An archive that was renamed back into place by
+/// a rollback (swap_table, swap_partitions) is the live table again and never dropped; a
+/// swap_window archive is only copied from, so it expires like any other. An archive that
+/// cannot be dropped (e.g. a view still reads it) is reported and the others still go.
+/// `dry_run` only lists them.
 pub async fn gc(
     store: &ControlStore,
     now: chrono::DateTime<Utc>,
     dry_run: bool,
 ) -> Result<GcReport, BackfillError> {
     let mut dropped = Vec::new();
+    let mut failed = Vec::new();
     let mut kept = 0;
     for archive in store.archives().await? {
-        if archive.dropped_at.is_some() || archive.restored_at.is_some() {
+        let live_again = archive.restored_at.is_some() && archive.kind != ARCHIVE_WINDOW;
+        if archive.dropped_at.is_some() || live_again {
             continue;
         }
         let expired = chrono::DateTime::parse_from_rfc3339(&archive.expires_at)
@@ -1247,33 +1342,43 @@ pub async fn gc(
             kept += 1;
             continue;
         }
-        if !dry_run {
-            let table = TableName::parse(&archive.archive_table)
-                .map_err(|e| BackfillError::Invalid(e.to_string()))?;
-            let mut tx = store.warehouse.pool.begin().await?;
-            execute(
-                &mut tx,
-                &format!("DROP TABLE IF EXISTS {}", table.quoted()),
-                &[],
-            )
-            .await?;
-            store
-                .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Dropped)
-                .await?;
-            store
-                .record_event(
-                    &mut tx,
-                    &archive.run_id,
-                    None,
-                    "archive_dropped",
-                    &archive.archive_table,
-                )
-                .await?;
-            tx.commit().await?;
+        if !dry_run && let Err(error) = drop_archive(store, &archive).await {
+            failed.push((archive.archive_table, error.to_string()));
+            continue;
         }
         dropped.push(archive.archive_table);
     }
-    Ok(GcReport { dropped, kept })
+    Ok(GcReport {
+        dropped,
+        kept,
+        failed,
+    })
+}
+
+async fn drop_archive(store: &ControlStore, archive: &ArchiveRecord) -> Result<(), BackfillError> {
+    let table = TableName::parse(&archive.archive_table)
+        .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let mut tx = store.warehouse.pool.begin().await?;
+    execute(
+        &mut tx,
+        &format!("DROP TABLE IF EXISTS {}", table.quoted()),
+        &[],
+    )
+    .await?;
+    store
+        .mark_archive(&mut tx, &archive.archive_table, ArchiveMark::Dropped)
+        .await?;
+    store
+        .record_event(
+            &mut tx,
+            &archive.run_id,
+            None,
+            "archive_dropped",
+            &archive.archive_table,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Drops the shadow of a run that will never publish.

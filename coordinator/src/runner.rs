@@ -166,7 +166,9 @@ impl Backfill {
                 self.target
             )));
         }
-        let findings = shadow::target_findings(warehouse, &mut conn, &self.target).await?;
+        let findings =
+            shadow::target_findings(warehouse, &mut conn, &self.target, &self.spec.target.key)
+                .await?;
         let (window_rows, table_rows) = if self.spec.publish.mode == PublishMode::Auto {
             self.count_window_rows(&mut conn).await?
         } else {
@@ -626,7 +628,11 @@ impl Backfill {
             return self
                 .block(
                     run,
-                    &[RunState::Auditing, RunState::AwaitingApproval],
+                    &[
+                        RunState::Auditing,
+                        RunState::AuditFailed,
+                        RunState::AwaitingApproval,
+                    ],
                     failure,
                 )
                 .await;
@@ -704,7 +710,7 @@ impl Backfill {
                 first.archive_table = names;
                 first
             }
-            _ => {
+            PublishMode::SwapTable | PublishMode::Auto => {
                 let outside = match self
                     .store
                     .run_note(&run.run_id, RunNote::OutsideChecksum)
@@ -755,6 +761,7 @@ impl Backfill {
     pub async fn publish_approved(
         &self,
         run_id: &str,
+        approver: &str,
         progress: &dyn Progress,
     ) -> Result<RunOutcome, BackfillError> {
         let run = self.store.find_run(run_id).await?.ok_or_else(|| {
@@ -784,11 +791,30 @@ impl Backfill {
             expected,
         };
         let hooks = self.hook_context(&run, &partitions, mode);
+        {
+            let mut conn = self.store.warehouse.acquire().await?;
+            self.store
+                .record_event(&mut conn, run_id, None, "publish_approved", approver)
+                .await?;
+        }
         let span = tracing::info_span!("backfill.approved_publish", run.id = %run_id);
         let result = self
             .publish_audited(&run, &partitions, mode, Some(guard), &hooks, progress)
             .instrument(span)
             .await;
+        if let Err(BackfillError::Conflict(message)) = &result
+            && message.contains("the approval no longer holds")
+        {
+            // The audits saw another window: audit again on the next run of the spec.
+            self.store
+                .set_run_state_now(
+                    run_id,
+                    &[RunState::AwaitingApproval],
+                    RunState::Auditing,
+                    Some(message),
+                )
+                .await?;
+        }
         self.report_failure(&hooks, &result, progress).await;
         result
     }
@@ -854,7 +880,16 @@ impl Backfill {
                 .run_note(&run.run_id, RunNote::PublishMode)
                 .await?
             {
-                Some(mode) => PublishMode::parse(&mode).unwrap_or(PublishMode::SwapTable),
+                Some(text) => match PublishMode::parse(&text) {
+                    Some(PublishMode::Auto) | None => {
+                        return Err(BackfillError::Invalid(format!(
+                            "run {} records the publish mode `{text}`, which this version cannot publish; \
+                             finish it with the version that started it, or abandon it",
+                            run.run_id
+                        )));
+                    }
+                    Some(mode) => mode,
+                },
                 // Runs created before publish modes existed copied the whole table.
                 None => PublishMode::SwapTable,
             },

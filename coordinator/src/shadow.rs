@@ -270,6 +270,7 @@ pub struct ShapeFinding {
     pub what: String,
     pub why: &'static str,
     pub blocks_swap_table: bool,
+    /// Also blocks swap_partitions, which moves rows by key like swap_window.
     pub blocks_swap_window: bool,
 }
 
@@ -282,7 +283,12 @@ pub async fn target_findings(
     warehouse: &Warehouse,
     conn: &mut AnyConnection,
     target: &TableName,
+    key: &[Ident],
 ) -> Result<Vec<ShapeFinding>, BackfillError> {
+    // Merging by key (swap_window) and replacing partitions (swap_partitions, where a unique
+    // index must include the partition column) both rely on the key being unique in the
+    // target; a copy (swap_table) makes it unique.
+    let unique_key = has_unique_index_on(warehouse, conn, target, key).await?;
     let mut findings = Vec::new();
     let mut add = |rows: &[sqlx::any::AnyRow], why: &'static str, table: bool, window: bool| {
         for row in rows {
@@ -385,6 +391,20 @@ pub async fn target_findings(
             );
         }
     }
+    if !unique_key {
+        findings.push(ShapeFinding {
+            what: format!(
+                "no unique index on the key ({})",
+                key.iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            why: "rows are merged or moved by key, so the key must be unique in the target",
+            blocks_swap_table: false,
+            blocks_swap_window: true,
+        });
+    }
     Ok(findings)
 }
 
@@ -398,8 +418,8 @@ pub fn check_mode_allowed(
         .iter()
         .filter(|f| match mode {
             PublishMode::SwapTable => f.blocks_swap_table,
-            PublishMode::SwapWindow => f.blocks_swap_window,
-            PublishMode::Auto | PublishMode::SwapPartitions => false,
+            PublishMode::SwapWindow | PublishMode::SwapPartitions => f.blocks_swap_window,
+            PublishMode::Auto => false,
         })
         .map(|f| format!("{} ({})", f.what, f.why))
         .collect();
@@ -436,6 +456,12 @@ pub fn choose_publish_mode(
 ) -> Result<(PublishMode, String), BackfillError> {
     match spec.publish.mode {
         PublishMode::SwapPartitions => {
+            if !spec.target.add_columns.is_empty() {
+                return Err(BackfillError::Invalid(
+                    "publish.mode: swap_partitions replaces partitions of the existing table, which cannot gain columns: use swap_table".into(),
+                ));
+            }
+            check_mode_allowed(target, PublishMode::SwapPartitions, findings)?;
             return match partition_swap {
                 Some(Ok(_)) => Ok((
                     PublishMode::SwapPartitions,
@@ -460,8 +486,9 @@ pub fn choose_publish_mode(
             "the spec adds columns, which only a new table can have".into(),
         ));
     }
+    let window_allowed = check_mode_allowed(target, PublishMode::SwapWindow, findings).is_ok();
     if let Some(Ok(outside_rows)) = partition_swap {
-        if outside_rows <= window_rows {
+        if outside_rows <= window_rows && window_allowed {
             return Ok((
                 PublishMode::SwapPartitions,
                 format!(
@@ -499,7 +526,7 @@ pub fn choose_publish_mode(
     } else {
         1.0
     };
-    if table_rows >= WINDOW_MODE_MIN_ROWS && share <= 0.25 {
+    if table_rows >= WINDOW_MODE_MIN_ROWS && share <= 0.25 && window_allowed {
         Ok((
             PublishMode::SwapWindow,
             format!(
@@ -667,8 +694,75 @@ pub async fn partitions_in_window(
     if affected.is_empty() {
         return Err(refuse("none of its partitions covers the window".into()));
     }
+    // Every backfilled partition must land in one of them (not in a default partition).
+    for partition in partitions {
+        if !affected
+            .iter()
+            .any(|native| native.from <= partition.start && partition.end <= native.to)
+        {
+            return Err(refuse(format!(
+                "{} is not inside one of its partitions (only a default partition, or several, would hold it)",
+                partition.key
+            )));
+        }
+    }
+    // What is attached to a partition itself (not inherited from the parent) would stay with
+    // the archived partition.
+    for native in &affected {
+        let rows = fetch_all(
+            conn,
+            "SELECT DISTINCT 'view ' || CAST(CAST(v.oid AS regclass) AS text) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid \
+             JOIN pg_class v ON v.oid = r.ev_class WHERE d.classid = CAST('pg_rewrite' AS regclass) AND d.refobjid = CAST($1 AS regclass) AND v.oid <> CAST($1 AS regclass) \
+             UNION ALL SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = CAST($1 AS regclass) AND NOT tgisinternal AND tgparentid = 0 \
+             UNION ALL SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' AND conparentid = 0 \
+             UNION ALL SELECT 'index ' || CAST(CAST(i.indexrelid AS regclass) AS text) FROM pg_index i WHERE i.indrelid = CAST($1 AS regclass) \
+               AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid) \
+             UNION ALL SELECT 'grants' FROM pg_class WHERE oid = CAST($1 AS regclass) AND relacl IS NOT NULL",
+            &[native.table.quoted().into()],
+        )
+        .await?;
+        let found: Vec<String> = rows
+            .iter()
+            .filter_map(|r| get::<Option<String>>(r, 0).ok().flatten())
+            .collect();
+        if !found.is_empty() {
+            return Err(refuse(format!(
+                "{} has its own {} that would stay with the archived partition",
+                native.table,
+                found.join(", ")
+            )));
+        }
+    }
     Ok(affected)
 }
+
+/// A CHECK constraint equal to a partition's bound, so attaching the partition needs no
+/// validation scan while the parent is locked. None when the bound's literals are not plain
+/// date/time literals as PostgreSQL prints them.
+fn bound_check(column: &Ident, bound: &str) -> Option<String> {
+    let rest = bound.trim().strip_prefix("FOR VALUES FROM (")?;
+    let (from, rest) = rest.split_once(") TO (")?;
+    let to = rest.strip_suffix(')')?;
+    let literal = |text: &str| {
+        let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
+        inner
+            .chars()
+            .all(|c| c.is_ascii_digit() || " -:.+T".contains(c))
+            .then(|| format!("'{inner}'"))
+    };
+    let column = column.quoted();
+    let mut parts = vec![format!("{column} IS NOT NULL")];
+    if from.trim() != "MINVALUE" {
+        parts.push(format!("{column} >= {}", literal(from.trim())?));
+    }
+    if to.trim() != "MAXVALUE" {
+        parts.push(format!("{column} < {}", literal(to.trim())?));
+    }
+    Some(parts.join(" AND "))
+}
+
+/// The name of the CHECK constraint `bound_check` adds to a shadow partition.
+pub const BOUND_CHECK: &str = "bf_partition_bound";
 
 /// swap_partitions: the shadow is a partitioned table with one partition per target partition
 /// the window touches, holding that partition's rows outside the window (the window's rows
@@ -696,6 +790,13 @@ async fn build_partitioned_shadow(
     .await?;
     let run_id = shadow.name.as_str().rsplit('_').next().unwrap_or("run");
     let (outside, binds) = outside_window(Dialect::Postgres, spec, partitions);
+    let columns = warehouse
+        .table_columns(conn, target)
+        .await?
+        .iter()
+        .map(|c| quote_catalog_name(c))
+        .collect::<Vec<_>>()
+        .join(", ");
     for partition in &affected {
         let child = shadow_partition_name(&partition.table, run_id)?;
         execute(
@@ -709,10 +810,22 @@ async fn build_partitioned_shadow(
             &[],
         )
         .await?;
+        if let Some(check) = bound_check(&spec.partition.column, &partition.bound) {
+            // Checked now, on an empty table; publish attaches without a validation scan.
+            execute(
+                conn,
+                &format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {BOUND_CHECK} CHECK ({check})",
+                    child.quoted()
+                ),
+                &[],
+            )
+            .await?;
+        }
         execute(
             conn,
             &format!(
-                "INSERT INTO {} SELECT * FROM {} AS t WHERE {outside}",
+                "INSERT INTO {} ({columns}) SELECT {columns} FROM {} AS t WHERE {outside}",
                 shadow.quoted(),
                 partition.table.quoted()
             ),

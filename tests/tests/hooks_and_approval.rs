@@ -307,10 +307,10 @@ async fn manual_approval_waits_then_publishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approval_is_refused_when_the_target_changed_since_the_audits() {
-    let db = TestDatabase::postgres().await;
-    let warehouse = db.warehouse().await;
-    demo::seed_mini_challenge(&warehouse).await.unwrap();
     for mode in ["swap_table", "swap_window"] {
+        let db = TestDatabase::postgres().await;
+        let warehouse = db.warehouse().await;
+        demo::seed_mini_challenge(&warehouse).await.unwrap();
         let spec = demo::MINI_CHALLENGE_SPEC
             .replace("[publish]\n", "[publish]\napproval = \"manual\"\n")
             .replace("mode = \"swap_table\"", &format!("mode = \"{mode}\""));
@@ -332,7 +332,7 @@ async fn approval_is_refused_when_the_target_changed_since_the_audits() {
         .await;
         let changed = checksum(&warehouse, "fact_order_items", None).await;
         let error = backfill
-            .publish_approved(&run_id, &Quiet)
+            .publish_approved(&run_id, "test", &Quiet)
             .await
             .unwrap_err();
         assert!(
@@ -343,16 +343,31 @@ async fn approval_is_refused_when_the_target_changed_since_the_audits() {
             checksum(&warehouse, "fact_order_items", None).await,
             changed
         );
-        let store = control_store(&warehouse);
-        let run = store.find_run(&run_id).await.unwrap().unwrap();
-        assert_eq!(run.state, RunState::AwaitingApproval);
-        backfill_coordinator::publish::drop_shadow(&store, &run)
+        // The advice works: running the same spec again audits the new state, and that
+        // approval publishes.
+        let outcome = backfill.run("test", &Quiet).await.unwrap();
+        let RunOutcome::AwaitingApproval { run_id: again, .. } = outcome else {
+            panic!("{mode}: {outcome:?}")
+        };
+        assert_eq!(again, run_id, "the same run, audited again");
+        let outcome = backfill
+            .publish_approved(&run_id, "test", &Quiet)
             .await
             .unwrap();
-        exec(
+        assert!(
+            matches!(outcome, RunOutcome::Published { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            checksum(&warehouse, "fact_order_items", None).await,
+            checksum(&warehouse, "expected_order_items", None).await,
+            "{mode}: the published window is the backfilled one"
+        );
+        let approved = count(
             &warehouse,
-            "UPDATE fact_order_items SET quantity = quantity - 100 WHERE order_id = 400 AND item_id = 1",
+            &format!("SELECT count(*) FROM backfill.events WHERE run_id = '{run_id}' AND kind = 'publish_approved' AND detail = 'test'"),
         )
         .await;
+        assert_eq!(approved, 2, "each approval is recorded with its approver");
     }
 }
