@@ -483,3 +483,170 @@ async fn auto_merges_a_small_window_of_a_partitioned_table() {
     let error = backfill.plan().await.unwrap_err().to_string();
     assert!(error.contains("natively partitioned"), "{error}");
 }
+
+/// A row the fix moves into the window from a day outside it (same key) would be skipped by
+/// the merge: swap_window refuses inside its transaction, even without a unique_key audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_window_refuses_a_key_that_moved_into_the_window() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_events(&warehouse).await;
+    // id 5 lives on 2024-01-01; the fixed source puts it on 2024-05-11.
+    exec(&warehouse, "INSERT INTO events_fixed SELECT 5, DATE '2024-05-11', customer_id, amount, note FROM events WHERE id = 5").await;
+    let before = checksum(&warehouse, "events", None).await;
+    let spec = SPEC
+        .replace("[[audit]]\nkind = \"unique_key\"\n\n", "")
+        .replace("max_change_pct = 1.0", "max_change_pct = 5.0")
+        .replace("mode = \"auto\"", "mode = \"swap_window\"");
+    assert!(!spec.contains("unique_key"));
+    let backfill = Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &db.url)
+        .await
+        .unwrap();
+    let error = backfill.run("test", &Quiet).await.unwrap_err().to_string();
+    assert!(error.contains("already exist outside it"), "{error}");
+    assert_eq!(
+        checksum(&warehouse, "events", None).await,
+        before,
+        "nothing published"
+    );
+}
+
+/// Without a unique index on the key, merging by key is unsafe (duplicates would survive):
+/// auto copies the table instead, and swap_window is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merging_modes_need_a_unique_key() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_events(&warehouse).await;
+    exec(&warehouse, "ALTER TABLE events DROP CONSTRAINT events_pkey").await;
+    let backfill = Backfill::open(Spec::parse(SPEC).unwrap(), SPEC.into(), &db.url)
+        .await
+        .unwrap();
+    let plan = backfill.plan().await.unwrap();
+    assert_eq!(
+        plan.publish_mode,
+        PublishMode::SwapTable,
+        "{}",
+        plan.publish_reason
+    );
+    let forced = SPEC.replace("mode = \"auto\"", "mode = \"swap_window\"");
+    let backfill = Backfill::open(Spec::parse(&forced).unwrap(), forced.clone(), &db.url)
+        .await
+        .unwrap();
+    let error = backfill.plan().await.unwrap_err().to_string();
+    assert!(error.contains("no unique index on the key (id)"), "{error}");
+}
+
+/// A json column has no equality operator: swap_window compares it as text, publishes, and
+/// rolls back exactly; after the rollback, gc drops the expired window archive (it was only
+/// copied from) along with the kept backfilled rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_window_with_json_then_rollback_then_gc() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_events(&warehouse).await;
+    exec(&warehouse, "ALTER TABLE events ADD COLUMN payload json").await;
+    exec(
+        &warehouse,
+        "UPDATE events SET payload = json_build_object('n', id % 7)",
+    )
+    .await;
+    exec(
+        &warehouse,
+        "ALTER TABLE events_fixed ADD COLUMN payload json",
+    )
+    .await;
+    exec(
+        &warehouse,
+        "UPDATE events_fixed SET payload = json_build_object('n', id % 5)",
+    )
+    .await;
+    let before = checksum(&warehouse, "events", None).await;
+    let spec = SPEC
+        .replace(
+            "SELECT id, day, customer_id, amount, note FROM",
+            "SELECT id, day, customer_id, amount, note, payload FROM",
+        )
+        .replace("mode = \"auto\"", "mode = \"swap_window\"");
+    let backfill = Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &db.url)
+        .await
+        .unwrap();
+    let outcome = backfill.run("test", &Quiet).await.unwrap();
+    let RunOutcome::Published {
+        run_id, archive, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM events e JOIN events_fixed f USING (id) WHERE CAST(e.payload AS text) <> CAST(f.payload AS text)").await,
+        0
+    );
+    let store = control_store(&warehouse);
+    let report = publish::rollback(&store, &run_id).await.unwrap();
+    assert_eq!(checksum(&warehouse, "events", None).await, before);
+    let later = chrono::Utc::now() + chrono::Duration::days(400);
+    let gc = publish::gc(&store, later, false).await.unwrap();
+    assert!(gc.failed.is_empty(), "{gc:?}");
+    assert!(gc.dropped.contains(&archive), "{gc:?}");
+    assert!(gc.dropped.contains(&report.kept_as), "{gc:?}");
+    assert!(!table_exists(&warehouse, &archive).await);
+}
+
+/// What swap_partitions cannot carry is refused at plan time and `auto` merges instead: a key
+/// without the partition column (nothing would keep a moved key unique), a view reading one
+/// partition directly (it would keep reading the archive), and a window that reaches a range
+/// only the default partition holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_partitions_refuses_what_it_cannot_carry() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    seed_sales(&warehouse).await;
+    let february = sales_spec("2024-02-01", "2024-02-29");
+    let plan_of = |spec: String| {
+        let url = db.url.clone();
+        async move {
+            Backfill::open(Spec::parse(&spec).unwrap(), spec.clone(), &url)
+                .await
+                .unwrap()
+                .plan()
+                .await
+        }
+    };
+    let forced = |spec: &str| {
+        spec.replace(
+            "[[audit]]\nkind = \"unique_key\"",
+            "[publish]\nmode = \"swap_partitions\"\n\n[[audit]]\nkind = \"unique_key\"",
+        )
+    };
+
+    // The key without the partition column has no unique index.
+    let id_only = february.replace("key = [\"id\", \"day\"]", "key = [\"id\"]");
+    let error = plan_of(forced(&id_only)).await.unwrap_err().to_string();
+    assert!(error.contains("no unique index on the key (id)"), "{error}");
+
+    // A view on one partition.
+    exec(
+        &warehouse,
+        "CREATE VIEW feb_only AS SELECT * FROM sales_2024_02",
+    )
+    .await;
+    let error = plan_of(forced(&february)).await.unwrap_err().to_string();
+    assert!(error.contains("feb_only"), "{error}");
+    let plan = plan_of(february.clone()).await.unwrap();
+    assert_eq!(
+        plan.publish_mode,
+        PublishMode::SwapWindow,
+        "{}",
+        plan.publish_reason
+    );
+    exec(&warehouse, "DROP VIEW feb_only").await;
+
+    // A window reaching April, which only the default partition holds.
+    let april = sales_spec("2024-03-30", "2024-04-02");
+    let error = plan_of(forced(&april)).await.unwrap_err().to_string();
+    assert!(
+        error.contains("2024-04-01") && error.contains("default"),
+        "{error}"
+    );
+}
