@@ -639,7 +639,10 @@ impl ControlStore {
             &[run_id.into(), partition.map(str::to_string).into(), kind.into(), detail.into(), now_text().into()],
         )
         .await?;
-        log_state_change(run_id, partition, kind, detail);
+        // The partition checkpoint's line is written by the worker once it committed.
+        if kind != "partition_done" {
+            log_state_change(run_id, partition, kind, detail);
+        }
         Ok(())
     }
 
@@ -1076,7 +1079,7 @@ pub enum ArchiveMark {
 /// One log line per state change, under the `backfill::state` target, with the run and the
 /// partition as fields: what a log pipeline follows. `detail` never holds a secret (errors are
 /// redacted before they are recorded).
-fn log_state_change(run_id: &str, partition: Option<&str>, kind: &str, detail: &str) {
+pub fn log_state_change(run_id: &str, partition: Option<&str>, kind: &str, detail: &str) {
     tracing::info!(
         target: "backfill::state",
         run = run_id,

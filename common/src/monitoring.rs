@@ -17,10 +17,14 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
-/// Partition tasks finished by this process, by `warehouse` and `outcome` (done, stale, failed).
+/// Partition tasks this process settled, by `warehouse` and `outcome`: done, stale, failed
+/// (dead-lettered), requeued (a transient failure handed back for a later delivery),
+/// handed_back (stopping before it started), rejected.
 pub const PARTITIONS: &str = "backfill_partitions_total";
-/// Wall time of a partition attempt that committed, by `warehouse`.
+/// Wall time of a task from its delivery to its checkpoint (lease waits and retries included),
+/// by `warehouse`.
 pub const PARTITION_SECONDS: &str = "backfill_partition_duration_seconds";
 /// Rows written into shadows, by `warehouse` and `kind` (inserted, updated, deleted).
 pub const ROWS_WRITTEN: &str = "backfill_rows_written_total";
@@ -34,8 +38,6 @@ pub const RETRIES: &str = "backfill_retries_total";
 pub const DEAD_LETTERS: &str = "backfill_dead_letters_total";
 /// Tasks handed back to the queue (transient failure, warehouse unreachable), by `warehouse`.
 pub const REQUEUED: &str = "backfill_tasks_requeued_total";
-/// Audit checks evaluated by this process, by `verdict` (pass, warn, fail).
-pub const AUDIT_CHECKS: &str = "backfill_audit_checks_total";
 /// Partitions of a run by `state`, from the control store (`backfill serve`), with `run` and
 /// `target`.
 pub const RUN_PARTITIONS: &str = "backfill_run_partitions";
@@ -45,6 +47,9 @@ pub const RUN_ROWS: &str = "backfill_run_rows";
 pub const RUN_AUDITS: &str = "backfill_run_audits";
 /// Messages in a warehouse's `tasks` or `dead` queue (`backfill serve` with a broker).
 pub const QUEUE_DEPTH: &str = "backfill_queue_depth";
+
+/// How long a gauge nobody sets stays exported.
+const GAUGE_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Histogram buckets for durations, in seconds: from a fast empty partition to the longest
 /// allowed one.
@@ -58,7 +63,10 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Gauges not set for a while (runs no longer shown by `serve`, queues of
+            // warehouses without open runs) disappear instead of freezing at a stale value.
             let recorder = PrometheusBuilder::new()
+                .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT))
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
                 .map(PrometheusBuilder::build_recorder)
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
@@ -73,11 +81,11 @@ pub fn prometheus() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(PARTITIONS, "Partition tasks finished, by outcome");
+    describe_counter!(PARTITIONS, "Partition tasks settled, by outcome");
     describe_histogram!(
         PARTITION_SECONDS,
         Unit::Seconds,
-        "Wall time of committed partition attempts"
+        "Wall time of a task from delivery to checkpoint, lease waits and retries included"
     );
     describe_counter!(ROWS_WRITTEN, "Rows written into shadow tables, by kind");
     describe_histogram!(
@@ -92,7 +100,6 @@ fn describe() {
     );
     describe_counter!(DEAD_LETTERS, "Tasks dead-lettered, by reason");
     describe_counter!(REQUEUED, "Tasks handed back to the queue");
-    describe_counter!(AUDIT_CHECKS, "Audit checks evaluated, by verdict");
     describe_gauge!(RUN_PARTITIONS, "Partitions of a run, by state");
     describe_gauge!(RUN_ROWS, "Rows written by a run, by kind");
     describe_gauge!(RUN_AUDITS, "Audit checks of a run, by verdict");

@@ -455,10 +455,6 @@ pub fn trace_results(audit_span: &tracing::Span, records: &[AuditRecord]) {
             );
         }
     }
-    for r in records {
-        metrics::counter!(backfill_common::monitoring::AUDIT_CHECKS, "verdict" => r.verdict.clone())
-            .increment(1);
-    }
     audit_span.record("checks", records.len());
     audit_span.record("failed", failed_checks);
     if failed_checks > 0 {

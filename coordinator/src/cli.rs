@@ -345,8 +345,20 @@ async fn watch_run(
     }
     let redraw = std::io::stdout().is_terminal() && !json;
     let mut meter = None;
+    // Reading dead letters sweeps the dead-letter queue: at most every 30 s, not every frame.
+    let mut dead_letters: Option<(std::time::Instant, Option<Vec<status::DeadLetterView>>)> = None;
     loop {
-        let status = status::load_with_broker(store, run, broker).await?;
+        let sweep = broker.filter(|_| {
+            dead_letters
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= std::time::Duration::from_secs(30))
+        });
+        let mut status = status::load_with_broker(store, run, sweep).await?;
+        if sweep.is_some() {
+            dead_letters = Some((std::time::Instant::now(), status.dead_letters.clone()));
+        } else if let Some((_, letters)) = &dead_letters {
+            status.dead_letters = letters.clone();
+        }
         let meter = meter.get_or_insert_with(|| status::PaceMeter::new(&status));
         let pace = meter.pace(&status);
         if json {

@@ -166,36 +166,28 @@ impl Backfill {
                 self.target
             )));
         }
-        let findings =
-            shadow::target_findings(warehouse, &mut conn, &self.target, &self.spec.target.key)
-                .await?;
-        let (window_rows, table_rows) = if self.spec.publish.mode == PublishMode::Auto {
-            self.count_window_rows(&mut conn).await?
-        } else {
-            (0, 0)
-        };
-        let partitioned = findings.iter().any(|f| f.what == "native partitioning");
-        let partition_swap = if partitioned
-            && matches!(
-                self.spec.publish.mode,
-                PublishMode::Auto | PublishMode::SwapPartitions
-            ) {
-            Some(self.rows_beside_the_window(&mut conn).await?)
-        } else {
-            None
-        };
-        let (publish_mode, publish_reason) = shadow::choose_publish_mode(
-            &self.spec,
-            &self.target,
-            &findings,
-            window_rows,
-            table_rows,
-            partition_swap,
-        )?;
-        let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
         let has_control_store = warehouse
             .table_exists(&mut conn, &self.store.table_name("runs"))
             .await?;
+        let resumes = if has_control_store {
+            self.store
+                .runs_for_target(&self.target.to_string())
+                .await?
+                .into_iter()
+                .find(|r| r.state.is_open() && r.spec_hash == self.spec.hash())
+        } else {
+            None
+        };
+        let (publish_mode, publish_reason) = match &resumes {
+            // The run's mode was chosen when it started; its shadow is built for it.
+            Some(run) => (
+                self.frozen_publish_mode(run).await?,
+                format!("chosen when run {} started", run.run_id),
+            ),
+            None => self.choose_publish_mode(&mut conn).await?,
+        };
+        let resumes = resumes.map(|r| r.run_id);
+        let target_columns = warehouse.table_columns(&mut conn, &self.target).await?;
         drop(conn);
         let partition_sql = self.partition_sql()?;
         let source_columns = warehouse
@@ -234,16 +226,6 @@ impl Backfill {
         }
         shadow_name(&self.target, "00000000")?;
         publish::undone_name(&self.target, "00000000")?;
-        let resumes = if has_control_store {
-            self.store
-                .runs_for_target(&self.target.to_string())
-                .await?
-                .into_iter()
-                .find(|r| r.state.is_open() && r.spec_hash == self.spec.hash())
-                .map(|r| r.run_id)
-        } else {
-            None
-        };
         Ok(Plan {
             spec_name: self.spec.name.clone(),
             spec_hash: self.spec.hash(),
@@ -261,6 +243,40 @@ impl Backfill {
             publish_mode,
             publish_reason,
         })
+    }
+
+    /// The publish mode a new run would use, and why (`auto` weighs the target's shape and
+    /// the window's share of it).
+    async fn choose_publish_mode(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+    ) -> Result<(PublishMode, String), BackfillError> {
+        let warehouse = &self.store.warehouse;
+        let findings =
+            shadow::target_findings(warehouse, conn, &self.target, &self.spec.target.key).await?;
+        let (window_rows, table_rows) = if self.spec.publish.mode == PublishMode::Auto {
+            self.count_window_rows(conn).await?
+        } else {
+            (0, 0)
+        };
+        let partitioned = findings.iter().any(|f| f.what == "native partitioning");
+        let partition_swap = if partitioned
+            && matches!(
+                self.spec.publish.mode,
+                PublishMode::Auto | PublishMode::SwapPartitions
+            ) {
+            Some(self.rows_beside_the_window(conn).await?)
+        } else {
+            None
+        };
+        shadow::choose_publish_mode(
+            &self.spec,
+            &self.target,
+            &findings,
+            window_rows,
+            table_rows,
+            partition_swap,
+        )
     }
 
     /// For a natively partitioned target: the rows the partitions touched by the window hold

@@ -2,14 +2,14 @@
 //! probes. `/metrics` reads the runs' partition states, rows and audit verdicts from the
 //! control store at each scrape (plus queue depths when a broker is given), so the numbers are
 //! the store's, never a second bookkeeping; `/api/runs` and `/api/runs/{run}` return what
-//! `backfill status --json` prints.
+//! `backfill status --json` prints (`?dead_letters=true` adds the run's dead letters).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -94,7 +94,19 @@ async fn list_runs(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn run_status(State(shared): State<Arc<Shared>>, Path(run): Path<String>) -> Response {
+/// `?dead_letters=true` adds the run's dead letters (a sweep of the dead-letter queue: not for
+/// every dashboard refresh).
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    #[serde(default)]
+    dead_letters: bool,
+}
+
+async fn run_status(
+    State(shared): State<Arc<Shared>>,
+    Path(run): Path<String>,
+    Query(query): Query<StatusQuery>,
+) -> Response {
     match shared.store.find_run(&run).await {
         Ok(Some(_)) => {}
         Ok(None) => {
@@ -102,7 +114,8 @@ async fn run_status(State(shared): State<Arc<Shared>>, Path(run): Path<String>) 
         }
         Err(error) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &error),
     }
-    match status::load_with_broker(&shared.store, &run, shared.broker.as_ref()).await {
+    let broker = shared.broker.as_ref().filter(|_| query.dead_letters);
+    match status::load_with_broker(&shared.store, &run, broker).await {
         Ok(status) => Json(status).into_response(),
         Err(error) => error_response(StatusCode::SERVICE_UNAVAILABLE, &error),
     }

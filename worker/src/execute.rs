@@ -304,6 +304,21 @@ async fn attempt(
     }
     .instrument(tracing::info_span!("backfill.checkpoint", rows_after))
     .await?;
+    // Logged once committed: a checkpoint rolled back with its attempt is no state change.
+    backfill_common::control::log_state_change(
+        &task.run_id,
+        Some(&task.partition_key),
+        "partition_done",
+        &format!(
+            "attempt {} token {}: inserted {} updated {} deleted {} unchanged {}",
+            task.attempt,
+            task.fencing_token,
+            counts.inserted,
+            counts.updated,
+            counts.deleted,
+            counts.unchanged
+        ),
+    );
     Ok(PartitionOutcome::Done { counts, rows_after })
 }
 
@@ -600,6 +615,8 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
         Err(ContextError::Reject(rejection)) => {
             tracing::warn!(reason = rejection.as_str(), %rejection, "task rejected");
             span.record("outcome", "rejected");
+            metrics::counter!(monitoring::PARTITIONS, "warehouse" => warehouse.clone(), "outcome" => "rejected")
+                .increment(1);
             telemetry::record_error(&span, &rejection.to_string());
             count_dead_letter(&warehouse, rejection.as_str());
             return delivery
@@ -617,7 +634,20 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
     let started = Instant::now();
     let report =
         run_partition_until(&ctx, semaphore, delivery.message.task.clone(), Some(stop)).await;
-    record_outcome(&span, &warehouse, &report.outcome, started.elapsed());
+    let requeued = matches!(
+        report.outcome,
+        PartitionOutcome::Failed {
+            retry: Retry::Transient,
+            ..
+        }
+    ) && delivery.delivery_count < delivery_limit;
+    record_outcome(
+        &span,
+        &warehouse,
+        &report.outcome,
+        requeued,
+        started.elapsed(),
+    );
     match &report.outcome {
         PartitionOutcome::HandedBack => {
             tracing::info!(partition = %report.task.partition_key, "stopping: task handed back before it started");
@@ -668,6 +698,7 @@ fn record_outcome(
     span: &tracing::Span,
     warehouse: &str,
     outcome: &PartitionOutcome,
+    requeued: bool,
     elapsed: Duration,
 ) {
     let name = match outcome {
@@ -689,7 +720,7 @@ fn record_outcome(
         PartitionOutcome::HandedBack => "handed_back",
         PartitionOutcome::Failed { error, .. } => {
             telemetry::record_error(span, error);
-            "failed"
+            if requeued { "requeued" } else { "failed" }
         }
     };
     span.record("outcome", name);

@@ -13,7 +13,7 @@ use backfill_common::monitoring::{self, Readiness};
 use backfill_common::queue::DEFAULT_DELIVERY_LIMIT;
 use backfill_common::redis_semaphore::RedisSemaphore;
 use backfill_common::spec::parse_duration;
-use backfill_common::telemetry;
+use backfill_common::telemetry::{self, LogFormat};
 use backfill_common::warehouse::redact_secrets;
 use backfill_worker::consume;
 use backfill_worker::distributed::{ResultPublisher, StoreContexts};
@@ -76,15 +76,21 @@ struct Args {
 fn main() {
     let args = Args::parse();
     let runtime = telemetry::runtime_or_exit();
-    let format = args.log_format.parse().unwrap_or_default();
+    let format: LogFormat = args.log_format.parse().unwrap_or_default();
     let telemetry = {
         let _context = runtime.enter();
         telemetry::init("backfill-worker", "info", format)
     };
     let result = runtime.block_on(run(args));
+    if let Err(e) = &result {
+        let message = redact_secrets(&format!("{e:#}"));
+        match format {
+            LogFormat::Json => tracing::error!(error = %message, "backfill-worker failed"),
+            LogFormat::Text => eprintln!("error: {message}"),
+        }
+    }
     telemetry.shutdown();
-    if let Err(e) = result {
-        eprintln!("error: {}", redact_secrets(&format!("{e:#}")));
+    if result.is_err() {
         std::process::exit(1);
     }
 }
