@@ -727,9 +727,10 @@ fn source_query(query: &str) -> Result<String, SpecError> {
     let trimmed = query.trim();
     let body = sql::strip_leading_comments(trimmed)
         .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
+    // `get`, not indexing: the query may start with a multi-byte character.
     let starts_like_select = ["select", "with"].iter().any(|kw| {
-        body.len() >= kw.len()
-            && body[..kw.len()].eq_ignore_ascii_case(kw)
+        body.get(..kw.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(kw))
             && body[kw.len()..]
                 .chars()
                 .next()
