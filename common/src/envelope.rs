@@ -193,15 +193,23 @@ impl Keyring {
         mac.update(body);
         mac.verify_slice(&signature)
             .map_err(|_| Rejection::BadSignature)?;
-        let (version, _): (u16, serde::de::IgnoredAny) =
-            rmp_serde::from_slice(body).map_err(|e| Rejection::Undecodable(e.to_string()))?;
+        let (version, _): (u16, serde::de::IgnoredAny) = decode(body)?;
         if version != ENVELOPE_VERSION {
             return Err(Rejection::UnknownVersion(version));
         }
-        let (_, message): (u16, Message) =
-            rmp_serde::from_slice(body).map_err(|e| Rejection::Undecodable(e.to_string()))?;
+        let (_, message): (u16, Message) = decode(body)?;
         Ok(message)
     }
+}
+
+/// How deep a body may nest. A message is 4 levels deep; msgpack's own limit (1024) lets a
+/// 64 KiB body of nested arrays overflow a worker thread's stack, which aborts the process.
+const MAX_BODY_DEPTH: usize = 16;
+
+fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Rejection> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(body);
+    deserializer.set_max_depth(MAX_BODY_DEPTH);
+    T::deserialize(&mut deserializer).map_err(|e| Rejection::Undecodable(e.to_string()))
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
