@@ -793,7 +793,7 @@ fn source_query(query: &str) -> Result<String, SpecError> {
             ));
         }
     }
-    Ok(trimmed.to_string())
+    Ok(sql::embeddable(trimmed))
 }
 
 fn sql_fragment(field: &str, value: &str) -> Result<String, SpecError> {
@@ -806,7 +806,7 @@ fn sql_fragment(field: &str, value: &str) -> Result<String, SpecError> {
             "allowed: one SQL expression, without `;` or parameters",
         ));
     }
-    Ok(value.trim().to_string())
+    Ok(sql::embeddable(value.trim()))
 }
 
 /// Parses `500ms`, `30s`, `10m`, `2h`.
