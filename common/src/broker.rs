@@ -747,7 +747,8 @@ impl TaskQueue for RabbitTaskQueue {
                 }
                 Ok(Message::Task(message)) => Rejection::Misrouted(format!(
                     "task for warehouse `{}` arrived on the queue of `{}`",
-                    message.warehouse, self.warehouse
+                    crate::envelope::excerpt(&message.warehouse),
+                    self.warehouse
                 )),
                 Ok(Message::Result(_)) => {
                     Rejection::Misrouted("a result message arrived on a task queue".into())

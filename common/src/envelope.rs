@@ -96,6 +96,19 @@ impl Rejection {
     }
 }
 
+/// A value taken from a message, as an error may quote it: at most 64 characters, and how
+/// long it was when it is longer, so a huge field cannot crowd out the rest of the reason.
+pub fn excerpt(value: &str) -> String {
+    const LONGEST: usize = 64;
+    let length = value.chars().count();
+    if length <= LONGEST {
+        value.to_string()
+    } else {
+        let head: String = value.chars().take(LONGEST).collect();
+        format!("{head}… ({length} characters)")
+    }
+}
+
 /// A signing key with its id. Its Debug never shows the secret.
 #[derive(Clone)]
 pub struct SigningKey {
@@ -187,7 +200,7 @@ impl Keyring {
         let key = self
             .accepted
             .get(key_id)
-            .ok_or_else(|| Rejection::UnknownKey(key_id.chars().take(64).collect()))?;
+            .ok_or_else(|| Rejection::UnknownKey(excerpt(key_id)))?;
         let signature = decode_hex(signature).ok_or(Rejection::BadSignature)?;
         let mut mac = key.mac();
         mac.update(body);
@@ -334,6 +347,16 @@ mod tests {
         assert!(
             format!("{receiver:?}").contains("***")
                 && !format!("{receiver:?}").contains("secret key")
+        );
+    }
+
+    #[test]
+    fn excerpts_say_how_long_a_value_was() {
+        assert_eq!(excerpt("ab12cd34"), "ab12cd34");
+        let long = "é".repeat(100);
+        assert_eq!(
+            excerpt(&long),
+            format!("{}… (100 characters)", "é".repeat(64))
         );
     }
 
