@@ -232,3 +232,42 @@ pub fn mini_challenge_spec(replacements: &[(&str, &str)]) -> String {
     }
     text
 }
+
+/// Loads `bench/reference-workload.sql` (the benchmark's data: `staging.orders` and the
+/// production table `analytics.fact_orders` computed with the old pricing) at a small scale.
+pub async fn load_reference_workload(warehouse: &Warehouse, days: u32, per_day: u32) {
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../bench/reference-workload.sql"
+    ))
+    .expect("the reference workload's SQL");
+    let sql = sql
+        .replace(":days", &days.to_string())
+        .replace(":per_day", &per_day.to_string());
+    let mut conn = warehouse.acquire().await.expect("connection");
+    for statement in sql
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
+    {
+        execute(&mut conn, statement, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
+
+/// Rows and an order-independent hash of a table with the reference workload's columns,
+/// without `updated_at` (the source stamps now()).
+pub async fn reference_content(warehouse: &Warehouse, table_name: &str) -> (i64, String) {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    let row = fetch_one(
+        &mut conn,
+        &format!(
+            "SELECT count(*), CAST(sum(hashtextextended(CAST(ROW(order_id, order_date, customer_id, sku, quantity, revenue) AS text), 0)) AS text) FROM {table_name}"
+        ),
+        &[],
+    )
+    .await
+    .expect("reference content");
+    (get(&row, 0).expect("count"), get(&row, 1).expect("hash"))
+}
