@@ -7,8 +7,9 @@ pub mod cluster;
 pub mod otlp;
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use backfill_common::control::ControlStore;
 use backfill_common::ident::{Ident, TableName};
@@ -270,4 +271,55 @@ pub async fn reference_content(warehouse: &Warehouse, table_name: &str) -> (i64,
     .await
     .expect("reference content");
     (get(&row, 0).expect("count"), get(&row, 1).expect("hash"))
+}
+
+/// Waits for a process at most `within`: a hung process fails the test at once, killed, with
+/// what it printed, instead of running into the test runner's timeout.
+pub fn wait_within(mut child: Child, within: Duration, what: &str) -> Output {
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the process") {
+            break Some(status);
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = Output {
+        status: status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(9)),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    assert!(
+        status.is_some(),
+        "{what} did not finish within {within:?}; killed. It printed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs a command to its end, at most `within` (see `wait_within`).
+pub fn output_within(command: &mut Command, within: Duration, what: &str) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    wait_within(child, within, what)
 }

@@ -185,7 +185,7 @@ async fn control_store_rows(warehouse: &backfill_common::warehouse::Warehouse) -
 
 /// A command that must fail; its outputs are kept.
 fn failing(what: &str, mut command: Command, outputs: &mut Outputs) {
-    let output = command.stdin(Stdio::null()).output().unwrap();
+    let output = output_within(&mut command, Duration::from_secs(60), what);
     assert!(
         !output.status.success(),
         "{what} should fail: {}",
@@ -208,7 +208,7 @@ fn start_failing(what: &str, mut command: Command) -> (String, std::process::Chi
 
 fn finish_failing(started: Vec<(String, std::process::Child)>, outputs: &mut Outputs) {
     for (what, child) in started {
-        let output = child.wait_with_output().unwrap();
+        let output = wait_within(child, Duration::from_secs(60), &what);
         assert!(
             !output.status.success(),
             "{what} should fail: {}",
@@ -271,9 +271,11 @@ async fn no_secret_in_any_output_of_a_run_or_its_failures() {
     slow_failures.push(start_failing("worker with an unreachable Redis", command));
 
     // The run: one partition fails (division by zero) and is dead-lettered.
-    let output = backfill_command(&cluster, &["run", &spec, "--no-progress"])
-        .output()
-        .unwrap();
+    let output = output_within(
+        &mut backfill_command(&cluster, &["run", &spec, "--no-progress"]),
+        Duration::from_secs(60),
+        "the run",
+    );
     outputs.command("run", &output);
     assert_eq!(
         output.status.code(),
@@ -298,7 +300,11 @@ async fn no_secret_in_any_output_of_a_run_or_its_failures() {
         vec!["status", "--json", "--warehouse", "demo"],
         vec!["plan", spec.as_str()],
     ] {
-        let output = backfill_command(&cluster, &args).output().unwrap();
+        let output = output_within(
+            &mut backfill_command(&cluster, &args),
+            Duration::from_secs(60),
+            &args.join(" "),
+        );
         assert!(output.status.success(), "{args:?}: {output:?}");
         outputs.command(&args.join(" "), &output);
     }
@@ -306,19 +312,21 @@ async fn no_secret_in_any_output_of_a_run_or_its_failures() {
 
     // Fixed, resubmitted, published.
     exec(&warehouse, "UPDATE divisor SET d = 1").await;
-    let output = backfill_command(
-        &cluster,
-        &[
-            "resubmit",
-            &run_id,
-            "--dead-lettered",
-            "--no-progress",
-            "--warehouse",
-            "demo",
-        ],
-    )
-    .output()
-    .unwrap();
+    let output = output_within(
+        &mut backfill_command(
+            &cluster,
+            &[
+                "resubmit",
+                &run_id,
+                "--dead-lettered",
+                "--no-progress",
+                "--warehouse",
+                "demo",
+            ],
+        ),
+        Duration::from_secs(60),
+        "the resubmit",
+    );
     outputs.command("resubmit", &output);
     assert!(
         output.status.success(),
@@ -329,7 +337,11 @@ async fn no_secret_in_any_output_of_a_run_or_its_failures() {
         vec!["archives", "--warehouse", "demo"],
         vec!["status", run_id.as_str(), "--json", "--warehouse", "demo"],
     ] {
-        let output = backfill_command(&cluster, &args).output().unwrap();
+        let output = output_within(
+            &mut backfill_command(&cluster, &args),
+            Duration::from_secs(60),
+            &args.join(" "),
+        );
         outputs.command(&args.join(" "), &output);
     }
     outputs.add("control store", control_store_rows(&warehouse).await);

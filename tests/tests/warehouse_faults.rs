@@ -323,10 +323,11 @@ async fn backend_terminated_mid_partition_is_retried() {
         terminated, 1,
         "terminated the backend writing the partition"
     );
-    let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        wait_within(coordinator, Duration::from_secs(60), "the coordinator")
+    })
+    .await
+    .unwrap();
     assert!(
         output.status.success(),
         "{}\n{}",
@@ -435,10 +436,11 @@ async fn locked_partition_row_hits_the_lock_timeout_and_is_retried() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     locker.rollback().await.unwrap();
-    let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        wait_within(coordinator, Duration::from_secs(60), "the coordinator")
+    })
+    .await
+    .unwrap();
     let log = cluster.worker_log(0);
     assert!(output.status.success(), "{}\n{log}", text(&output));
     assert!(
@@ -487,11 +489,13 @@ async fn statement_timeout_on_every_delivery_is_dead_lettered_then_resubmitted()
             ("retries = 3", "retries = 0"),
         ]),
     );
-    let output = cluster
-        .backfill(&["run", &spec, "--no-progress"])
-        .env(limit.0, limit.1)
-        .output()
-        .unwrap();
+    let output = output_within(
+        cluster
+            .backfill(&["run", &spec, "--no-progress"])
+            .env(limit.0, limit.1),
+        Duration::from_secs(60),
+        "the run",
+    );
     let shown = text(&output);
     assert_eq!(
         output.status.code(),
@@ -537,18 +541,20 @@ async fn statement_timeout_on_every_delivery_is_dead_lettered_then_resubmitted()
 
     // The cause goes away; the dead letter is resubmitted and the run completes.
     exec(&warehouse, "UPDATE slowness SET seconds = 0").await;
-    let output = cluster
-        .backfill(&[
-            "resubmit",
-            &run_id,
-            "--dead-lettered",
-            "--no-progress",
-            "--warehouse",
-            "demo",
-        ])
-        .env(limit.0, limit.1)
-        .output()
-        .unwrap();
+    let output = output_within(
+        cluster
+            .backfill(&[
+                "resubmit",
+                &run_id,
+                "--dead-lettered",
+                "--no-progress",
+                "--warehouse",
+                "demo",
+            ])
+            .env(limit.0, limit.1),
+        Duration::from_secs(60),
+        "the resubmit",
+    );
     assert!(
         output.status.success(),
         "{}\n{}",
