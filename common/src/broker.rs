@@ -29,6 +29,8 @@ use crate::warehouse::redact_secrets;
 const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 /// Longer trace headers are dropped, not parsed (W3C tracestate is at most 512 characters).
 const MAX_TRACE_HEADER_LEN: usize = 1024;
+/// How long closing a connection or channel may wait for the broker.
+const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn broker_error(error: lapin::Error) -> BackfillError {
     BackfillError::Queue(redact_secrets(&error.to_string()))
@@ -132,8 +134,11 @@ impl Broker {
         })
     }
 
+    /// Closes the connection, waiting at most `CLOSE_WITHIN` for the broker's answer: closing
+    /// is best effort, and lapin's close can wait forever when the socket goes away during
+    /// the handshake (a coordinator hung there after its barrier, with its run done).
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(CLOSE_WITHIN, self.connection.close(200, "bye".into())).await;
     }
 
     /// Declares the exchanges and a warehouse's task and dead-letter queues. Idempotent.
@@ -618,7 +623,11 @@ impl RabbitTaskQueue {
     /// Stops receiving (SIGTERM): the broker redelivers nothing more to this consumer;
     /// unacked deliveries go back to the queue when the channel closes.
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "worker stopping".into()).await;
+        let _ = tokio::time::timeout(
+            CLOSE_WITHIN,
+            self.channel.close(200, "worker stopping".into()),
+        )
+        .await;
     }
 }
 
@@ -747,7 +756,8 @@ impl TaskQueue for RabbitTaskQueue {
                 }
                 Ok(Message::Task(message)) => Rejection::Misrouted(format!(
                     "task for warehouse `{}` arrived on the queue of `{}`",
-                    message.warehouse, self.warehouse
+                    crate::envelope::excerpt(&message.warehouse),
+                    self.warehouse
                 )),
                 Ok(Message::Result(_)) => {
                     Rejection::Misrouted("a result message arrived on a task queue".into())

@@ -788,6 +788,16 @@ impl ControlStore {
     ) -> Result<(), BackfillError> {
         let error = &crate::warehouse::redact_secrets(error);
         let mut tx = self.warehouse.pool.begin().await?;
+        if self.dialect() == Dialect::Postgres {
+            // The row may be locked by the very statement that failed (a killed process's) or
+            // by another session: recording is bookkeeping, never a reason to hang a worker.
+            execute(
+                &mut tx,
+                "SELECT set_config('lock_timeout', '2s', true)",
+                &[],
+            )
+            .await?;
+        }
         let updated = execute(
             &mut tx,
             &format!(

@@ -96,6 +96,19 @@ impl Rejection {
     }
 }
 
+/// A value taken from a message, as an error may quote it: at most 64 characters, and how
+/// long it was when it is longer, so a huge field cannot crowd out the rest of the reason.
+pub fn excerpt(value: &str) -> String {
+    const LONGEST: usize = 64;
+    let length = value.chars().count();
+    if length <= LONGEST {
+        value.to_string()
+    } else {
+        let head: String = value.chars().take(LONGEST).collect();
+        format!("{head}… ({length} characters)")
+    }
+}
+
 /// A signing key with its id. Its Debug never shows the secret.
 #[derive(Clone)]
 pub struct SigningKey {
@@ -187,21 +200,29 @@ impl Keyring {
         let key = self
             .accepted
             .get(key_id)
-            .ok_or_else(|| Rejection::UnknownKey(key_id.chars().take(64).collect()))?;
+            .ok_or_else(|| Rejection::UnknownKey(excerpt(key_id)))?;
         let signature = decode_hex(signature).ok_or(Rejection::BadSignature)?;
         let mut mac = key.mac();
         mac.update(body);
         mac.verify_slice(&signature)
             .map_err(|_| Rejection::BadSignature)?;
-        let (version, _): (u16, serde::de::IgnoredAny) =
-            rmp_serde::from_slice(body).map_err(|e| Rejection::Undecodable(e.to_string()))?;
+        let (version, _): (u16, serde::de::IgnoredAny) = decode(body)?;
         if version != ENVELOPE_VERSION {
             return Err(Rejection::UnknownVersion(version));
         }
-        let (_, message): (u16, Message) =
-            rmp_serde::from_slice(body).map_err(|e| Rejection::Undecodable(e.to_string()))?;
+        let (_, message): (u16, Message) = decode(body)?;
         Ok(message)
     }
+}
+
+/// How deep a body may nest. A message is 4 levels deep; msgpack's own limit (1024) lets a
+/// 64 KiB body of nested arrays overflow a worker thread's stack, which aborts the process.
+const MAX_BODY_DEPTH: usize = 16;
+
+fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Rejection> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(body);
+    deserializer.set_max_depth(MAX_BODY_DEPTH);
+    T::deserialize(&mut deserializer).map_err(|e| Rejection::Undecodable(e.to_string()))
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -369,6 +390,16 @@ mod tests {
         assert!(
             format!("{receiver:?}").contains("***")
                 && !format!("{receiver:?}").contains("secret key")
+        );
+    }
+
+    #[test]
+    fn excerpts_say_how_long_a_value_was() {
+        assert_eq!(excerpt("ab12cd34"), "ab12cd34");
+        let long = "é".repeat(100);
+        assert_eq!(
+            excerpt(&long),
+            format!("{}… (100 characters)", "é".repeat(64))
         );
     }
 

@@ -102,14 +102,28 @@ impl From<sqlx::Error> for BackfillError {
 /// 55P03 (lock not available), 57014 (statement timeout / cancel), 57P01..57P03 (admin
 /// shutdown, crash shutdown, cannot connect now), 53 (insufficient resources).
 /// SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) and their extended codes.
+///
+/// Each rule applies to its own database only: read as a SQLite code, the all-digit SQLSTATEs
+/// 42501 (insufficient privilege), 22021 (character not in repertoire) and 22022 end in the
+/// byte of SQLITE_BUSY or SQLITE_LOCKED, and were retried as transient.
 pub fn classify_sqlx_error(error: &sqlx::Error) -> (Retry, Option<String>) {
     match error {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.to_string());
-            let retry = match code.as_deref() {
-                Some(c) if is_transient_sqlstate(c) => Retry::Transient,
-                Some(c) if is_transient_sqlite_code(c) => Retry::Transient,
-                _ => Retry::Permanent,
+            let postgres = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some();
+            let transient = code.as_deref().is_some_and(|c| {
+                if postgres {
+                    is_transient_sqlstate(c)
+                } else {
+                    is_transient_sqlite_code(c)
+                }
+            });
+            let retry = if transient {
+                Retry::Transient
+            } else {
+                Retry::Permanent
             };
             (retry, code)
         }

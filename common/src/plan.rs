@@ -1,7 +1,7 @@
 //! The partition planner: a scope (range or list) and a grain become the exact list of
 //! partitions, each a half-open interval [start, end). Pure functions, property-tested.
 
-use chrono::{Duration, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
+use chrono::{Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 use serde::Serialize;
 
 use crate::spec::Scope;
@@ -63,8 +63,18 @@ pub fn bound_value(grain: Grain, at: NaiveDateTime) -> String {
     }
 }
 
-/// Parses the start of a partition; `None` when the text is not aligned to the grain.
+/// Years a partition may start in: what every supported warehouse stores as a date, leaving
+/// room for the end of the last partition (chrono's calendar stops in year 262142, and
+/// planning the partition after its last day would overflow).
+pub const PARTITION_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
+
+/// Parses the start of a partition; `None` when the text is not aligned to the grain or lies
+/// outside `PARTITION_YEARS`.
 pub fn parse_partition_start(grain: Grain, value: &str) -> Option<NaiveDateTime> {
+    parse_aligned_start(grain, value).filter(|start| PARTITION_YEARS.contains(&start.year()))
+}
+
+fn parse_aligned_start(grain: Grain, value: &str) -> Option<NaiveDateTime> {
     match grain {
         Grain::Day => NaiveDate::parse_from_str(value, "%Y-%m-%d")
             .ok()
@@ -189,5 +199,8 @@ mod tests {
         );
         assert_eq!(parse_partition_start(Grain::Hour, "2024-03-01T05:30"), None);
         assert_eq!(parse_partition_start(Grain::Day, "2024-02-30"), None);
+        assert_eq!(parse_partition_start(Grain::Day, "+262142-12-31"), None);
+        assert_eq!(parse_partition_start(Grain::Day, "0000-12-31"), None);
+        assert!(parse_partition_start(Grain::Hour, "9999-12-31T23").is_some());
     }
 }

@@ -1012,9 +1012,10 @@ fn source_query(query: &str) -> Result<String, SpecError> {
     let trimmed = query.trim();
     let body = sql::strip_leading_comments(trimmed)
         .trim_start_matches(|c: char| c == '(' || c.is_whitespace());
+    // `get`, not indexing: the query may start with a multi-byte character.
     let starts_like_select = ["select", "with"].iter().any(|kw| {
-        body.len() >= kw.len()
-            && body[..kw.len()].eq_ignore_ascii_case(kw)
+        body.get(..kw.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(kw))
             && body[kw.len()..]
                 .chars()
                 .next()
@@ -1077,7 +1078,7 @@ fn source_query(query: &str) -> Result<String, SpecError> {
             ));
         }
     }
-    Ok(trimmed.to_string())
+    Ok(sql::embeddable(trimmed))
 }
 
 fn sql_fragment(field: &str, value: &str) -> Result<String, SpecError> {
@@ -1090,7 +1091,7 @@ fn sql_fragment(field: &str, value: &str) -> Result<String, SpecError> {
             "allowed: one SQL expression, without `;` or parameters",
         ));
     }
-    Ok(value.trim().to_string())
+    Ok(sql::embeddable(value.trim()))
 }
 
 /// Parses `500ms`, `30s`, `10m`, `2h`.

@@ -180,6 +180,24 @@ pub fn rewrite_parameters(
     Ok(out)
 }
 
+/// The fragment as it can be embedded in a larger statement: a fragment that ends in a `--`
+/// comment gets a newline, or the comment would swallow whatever the statement puts after it
+/// (a closing parenthesis, `AS bf_q`, the rest of the query).
+pub fn embeddable(fragment: &str) -> String {
+    let ends_in_line_comment = lex(fragment).is_ok_and(|(pieces, _)| {
+        pieces
+            .iter()
+            .rev()
+            .find(|piece| !matches!(piece, Piece::Code(code) if code.is_empty()))
+            .is_some_and(|piece| matches!(piece, Piece::Quoted(text) if text.starts_with("--")))
+    });
+    if ends_in_line_comment {
+        format!("{fragment}\n")
+    } else {
+        fragment.to_string()
+    }
+}
+
 /// The query without leading whitespace and comments, to see which statement it is.
 pub fn strip_leading_comments(sql: &str) -> &str {
     let mut rest = sql.trim_start();
@@ -272,6 +290,15 @@ mod tests {
     fn unterminated_literals_say_where() {
         let error = scan_placeholders("SELECT 1\nFROM t WHERE a = 'x").unwrap_err();
         assert!(error.contains("line 2, column 18"), "{error}");
+    }
+
+    #[test]
+    fn fragments_ending_in_a_line_comment_get_a_newline() {
+        assert_eq!(embeddable("a DESC -- newest"), "a DESC -- newest\n");
+        assert_eq!(embeddable("a -- x\nAND b"), "a -- x\nAND b");
+        assert_eq!(embeddable("a /* -- */"), "a /* -- */");
+        assert_eq!(embeddable("a = '--'"), "a = '--'");
+        assert_eq!(embeddable("a--"), "a--\n");
     }
 
     #[test]

@@ -353,7 +353,7 @@ impl Warehouse {
                 let mut sum: u128 = 0;
                 let mut count: i64 = 0;
                 while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
-                    sum = sum.wrapping_add(row_hash(&get::<String>(&row, 0)?));
+                    sum = sum.wrapping_add(row_hash(&get::<Vec<u8>>(&row, 0)?));
                     count += 1;
                 }
                 Ok(Checksum {
@@ -401,7 +401,7 @@ impl Warehouse {
                 let mut rows = query_with(&sql, binds).fetch(&mut *conn);
                 let (mut all, mut all_count, mut part, mut part_count) = (0u128, 0i64, 0u128, 0i64);
                 while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
-                    let hash = row_hash(&get::<String>(&row, 0)?);
+                    let hash = row_hash(&get::<Vec<u8>>(&row, 0)?);
                     all = all.wrapping_add(hash);
                     all_count += 1;
                     if get::<i64>(&row, 1)? == 1 {
@@ -425,24 +425,27 @@ impl Warehouse {
 }
 
 impl Warehouse {
-    /// SQLite: one row of `table` (alias `t`) as text, every value `quote()`d, for hashing here.
+    /// SQLite: one row of `table` (alias `t`) as bytes, every value `quote()`d, for hashing
+    /// here. Bytes, not text: SQLite's TEXT may hold bytes that are not UTF-8, which the
+    /// driver cannot decode as a string (the checksum then failed every partition).
     async fn sqlite_row_text(
         &self,
         conn: &mut AnyConnection,
         table: &TableName,
     ) -> Result<String, BackfillError> {
         let columns = self.table_columns(conn, table).await?;
-        Ok(columns
+        let quoted = columns
             .iter()
             .map(|c| format!("quote(t.\"{}\")", c.replace('"', "\"\"")))
             .collect::<Vec<_>>()
-            .join(" || '|' || "))
+            .join(" || '|' || ");
+        Ok(format!("CAST({quoted} AS BLOB)"))
     }
 }
 
 /// A row's contribution to a SQLite checksum: the first 8 bytes of its SHA-256.
-fn row_hash(text: &str) -> u128 {
-    let digest = Sha256::digest(text.as_bytes());
+fn row_hash(row: &[u8]) -> u128 {
+    let digest = Sha256::digest(row);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_be_bytes(first) as u128

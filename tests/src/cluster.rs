@@ -135,16 +135,36 @@ impl Drop for Cluster {
         }
         let prefix = self.prefix.clone();
         let warehouse = self.warehouse.clone();
+        let warehouse_url = self.warehouse_url.clone();
         let handle = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
+                // A coordinator deletes its run's result queue when it is done; one that was
+                // killed, or a test that failed, leaves it: delete those of every known run.
+                let connect = backfill_common::warehouse::Warehouse::connect(&warehouse_url, 2);
+                let runs = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+                    Ok(Ok(store)) => {
+                        let runs = crate::control_store(&store)
+                            .all_runs()
+                            .await
+                            .unwrap_or_default();
+                        store.pool.close().await;
+                        runs
+                    }
+                    _ => Vec::new(),
+                };
                 if let Ok(broker) =
                     Broker::connect(&broker_url(), &prefix, Cluster::keyring(), 5).await
                 {
                     let _ = broker.delete_topology(&warehouse).await;
+                    for run in runs {
+                        let _ = broker
+                            .delete_queue(&broker.topology.results_queue(&run.run_id))
+                            .await;
+                    }
                     broker.close().await;
                 }
                 if let Ok(client) = redis::Client::open(redis_url())

@@ -7,8 +7,9 @@ pub mod cluster;
 pub mod otlp;
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use backfill_common::control::ControlStore;
 use backfill_common::ident::{Ident, TableName};
@@ -231,4 +232,94 @@ pub fn mini_challenge_spec(replacements: &[(&str, &str)]) -> String {
         text = text.replace(from, to);
     }
     text
+}
+
+/// Loads `bench/reference-workload.sql` (the benchmark's data: `staging.orders` and the
+/// production table `analytics.fact_orders` computed with the old pricing) at a small scale.
+pub async fn load_reference_workload(warehouse: &Warehouse, days: u32, per_day: u32) {
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../bench/reference-workload.sql"
+    ))
+    .expect("the reference workload's SQL");
+    let sql = sql
+        .replace(":days", &days.to_string())
+        .replace(":per_day", &per_day.to_string());
+    let mut conn = warehouse.acquire().await.expect("connection");
+    for statement in sql
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
+    {
+        execute(&mut conn, statement, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
+
+/// Rows and an order-independent hash of a table with the reference workload's columns,
+/// without `updated_at` (the source stamps now()).
+pub async fn reference_content(warehouse: &Warehouse, table_name: &str) -> (i64, String) {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    let row = fetch_one(
+        &mut conn,
+        &format!(
+            "SELECT count(*), CAST(sum(hashtextextended(CAST(ROW(order_id, order_date, customer_id, sku, quantity, revenue) AS text), 0)) AS text) FROM {table_name}"
+        ),
+        &[],
+    )
+    .await
+    .expect("reference content");
+    (get(&row, 0).expect("count"), get(&row, 1).expect("hash"))
+}
+
+/// Waits for a process at most `within`: a hung process fails the test at once, killed, with
+/// what it printed, instead of running into the test runner's timeout.
+pub fn wait_within(mut child: Child, within: Duration, what: &str) -> Output {
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the process") {
+            break Some(status);
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = Output {
+        status: status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(9)),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    assert!(
+        status.is_some(),
+        "{what} did not finish within {within:?}; killed. It printed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs a command to its end, at most `within` (see `wait_within`).
+pub fn output_within(command: &mut Command, within: Duration, what: &str) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    wait_within(child, within, what)
 }

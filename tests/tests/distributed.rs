@@ -537,48 +537,6 @@ fn consumer_timeout_is_checked_at_start() {
     );
 }
 
-/// Loads `bench/reference-workload.sql` (the benchmark's data) at a small scale.
-async fn load_reference_workload(
-    warehouse: &backfill_common::warehouse::Warehouse,
-    days: u32,
-    per_day: u32,
-) {
-    let sql = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../bench/reference-workload.sql"
-    ))
-    .unwrap();
-    let sql = sql
-        .replace(":days", &days.to_string())
-        .replace(":per_day", &per_day.to_string());
-    let mut conn = warehouse.acquire().await.unwrap();
-    for statement in sql
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
-    {
-        backfill_common::warehouse::execute(&mut conn, statement, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
-}
-
-/// Content of the published table without `updated_at` (the source stamps now()).
-async fn reference_content(warehouse: &backfill_common::warehouse::Warehouse) -> (i64, String) {
-    let mut conn = warehouse.acquire().await.unwrap();
-    let row = backfill_common::warehouse::fetch_one(
-        &mut conn,
-        "SELECT count(*), CAST(sum(hashtextextended(CAST(ROW(order_id, order_date, customer_id, sku, quantity, revenue) AS text), 0)) AS text) FROM analytics.fact_orders",
-        &[],
-    )
-    .await
-    .unwrap();
-    (
-        backfill_common::warehouse::get(&row, 0).unwrap(),
-        backfill_common::warehouse::get(&row, 1).unwrap(),
-    )
-}
-
 /// The reference workload (scaled down: 120 days of 100 orders, 90 partitions) run embedded
 /// and run by a coordinator with 3 workers publishes the same table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,7 +571,7 @@ async fn reference_workload_distributed_equals_embedded() {
     let distributed_db = TestDatabase::postgres().await;
     let distributed = distributed_db.warehouse().await;
     load_reference_workload(&distributed, 120, 100).await;
-    let before = reference_content(&distributed).await;
+    let before = reference_content(&distributed, "analytics.fact_orders").await;
     let mut cluster = Cluster::new("bench", &distributed_db.url);
     for _ in 0..3 {
         cluster.start_worker(&[]);
@@ -627,11 +585,11 @@ async fn reference_workload_distributed_equals_embedded() {
         .unwrap();
     assert!(output.status.success(), "{}", text(&output));
 
-    let result = reference_content(&distributed).await;
+    let result = reference_content(&distributed, "analytics.fact_orders").await;
     assert_ne!(result, before, "revenue was recomputed");
     assert_eq!(
         result,
-        reference_content(&embedded).await,
+        reference_content(&embedded, "analytics.fact_orders").await,
         "distributed equals embedded"
     );
     assert_eq!(result.0, 12_000);

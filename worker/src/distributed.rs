@@ -8,7 +8,7 @@ use std::sync::Arc;
 use backfill_common::broker::Broker;
 use backfill_common::config;
 use backfill_common::control::{ControlStore, RunState};
-use backfill_common::envelope::{Rejection, ResultKind, ResultMessage, TaskMessage};
+use backfill_common::envelope::{Rejection, ResultKind, ResultMessage, TaskMessage, excerpt};
 use backfill_common::ident::Ident;
 use backfill_common::spec::Spec;
 use backfill_common::warehouse::Warehouse;
@@ -65,7 +65,11 @@ impl StoreContexts {
         let reject = |text: String| ContextError::Reject(Rejection::UnknownRun(text));
         let unavailable = ContextError::Unavailable;
         let schema = Ident::new(&message.control_schema).map_err(|e| {
-            ContextError::Reject(Rejection::Permanent(format!("control schema: {e}")))
+            ContextError::Reject(Rejection::Permanent(format!(
+                "control schema `{}` is not a valid identifier: {}",
+                excerpt(&message.control_schema),
+                e.reason
+            )))
         })?;
         let warehouse = self.warehouse(&message.warehouse).await?;
         let store = ControlStore::new(warehouse.clone(), schema);
@@ -77,19 +81,22 @@ impl StoreContexts {
                 // e.g. the control tables do not exist in this warehouse
                 Retry::Permanent => reject(format!(
                     "cannot read run {} from the control store: {e}",
-                    task.run_id
+                    excerpt(&task.run_id)
                 )),
             })?
             .ok_or_else(|| {
                 reject(format!(
                     "run {} is unknown to the control store of warehouse `{}`",
-                    task.run_id, message.warehouse
+                    excerpt(&task.run_id),
+                    message.warehouse
                 ))
             })?;
         if run.spec_hash != task.spec_hash {
             return Err(reject(format!(
                 "run {} is pinned to spec {}, the task names spec {}",
-                run.run_id, run.spec_hash, task.spec_hash
+                run.run_id,
+                run.spec_hash,
+                excerpt(&task.spec_hash)
             )));
         }
         if run.state == RunState::Abandoned {

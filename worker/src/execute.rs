@@ -230,6 +230,19 @@ async fn attempt(
 ) -> Result<PartitionOutcome, BackfillError> {
     let started = Instant::now();
     let mut tx = ctx.store.warehouse.pool.begin().await?;
+    // The timeouts come first: the claim waits for the partition's row lock, which a
+    // statement of a killed process may hold for minutes. Unbounded, it ran into the
+    // client-side timeout, which cannot cancel a statement whose backend it does not know.
+    if ctx.store.dialect() == Dialect::Postgres {
+        let millis = ctx.timeout.as_millis().to_string();
+        let row = fetch_one(
+            &mut tx,
+            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true), CAST(pg_backend_pid() AS bigint)",
+            &[millis.into()],
+        )
+        .await?;
+        backend.store(get::<i64>(&row, 2)?, std::sync::atomic::Ordering::SeqCst);
+    }
     let claimed = ctx
         .store
         .claim_partition(&mut tx, task)
@@ -242,16 +255,6 @@ async fn attempt(
         tx.rollback().await?;
         return Ok(PartitionOutcome::Stale);
     };
-    if ctx.store.dialect() == Dialect::Postgres {
-        let millis = ctx.timeout.as_millis().to_string();
-        let row = fetch_one(
-            &mut tx,
-            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true), CAST(pg_backend_pid() AS bigint)",
-            &[millis.into()],
-        )
-        .await?;
-        backend.store(get::<i64>(&row, 2)?, std::sync::atomic::Ordering::SeqCst);
-    }
     let bounds = [
         Bind::Text(task.range_start.clone()),
         Bind::Text(task.range_end.clone()),
