@@ -430,7 +430,8 @@ async fn locked_partition_row_hits_the_lock_timeout_and_is_retried() {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(25),
+            // A hang guard, not a timing assertion: a loaded CI machine is slow.
+            started.elapsed() < Duration::from_secs(120),
             "with the partition row locked: {done} other partition(s) done, {lock_timeouts} lock timeout(s)\n{partitions:?}\n{log}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
