@@ -770,10 +770,11 @@ async fn configuration_from_a_file() {
     );
 }
 
-/// Limit 1, two workers, one partition (2024-03-02) that holds the warehouse for 5 s: while
-/// one worker runs it, the other holds the next task and waits for the lease. SIGTERM to the
-/// waiting worker makes it hand that task back and exit while the slow partition is still
-/// running (it does not wait for the lease); the run still completes, every partition once.
+/// Limit 1, one partition (2024-03-01, the first) that holds the warehouse for 5 s: a worker
+/// starts on it, then a second worker joins, takes the next task and waits for the lease.
+/// SIGTERM to that second worker makes it hand the task back and exit while the slow partition
+/// is still running (it does not wait for the lease); the run still completes, every partition
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
     let db = TestDatabase::postgres().await;
@@ -781,12 +782,11 @@ async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     let mut cluster = Cluster::new("demo", &db.url);
     cluster.start_worker(&[]);
-    cluster.start_worker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("slow.toml");
     let one_slow_day = slow_spec(0.0, 1).replace(
         "CROSS JOIN (SELECT pg_sleep(0)) AS slow",
-        "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-02' THEN 5 ELSE 0 END)) AS slow",
+        "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-01' THEN 5 ELSE 0 END)) AS slow",
     );
     assert!(one_slow_day.contains("THEN 5"), "{one_slow_day}");
     std::fs::write(&spec, one_slow_day).unwrap();
@@ -796,70 +796,69 @@ async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until a worker is inside the slow partition: the other then waits for the lease.
-    let prefix = cluster.prefix.clone();
-    let busy = |index: usize| {
-        format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{prefix}-worker-{index}' AND state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'"
-        )
-    };
+    let slow_running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'",
+        cluster.prefix
+    );
     let started = Instant::now();
-    let running = loop {
-        if count(&warehouse, &busy(0)).await > 0 {
-            break 0;
-        }
-        if count(&warehouse, &busy(1)).await > 0 {
-            break 1;
-        }
+    while count(&warehouse, &slow_running).await == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the slow partition never started"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let waiting = 1 - running;
-    // Give the waiting worker time to take a delivery and start waiting for the lease.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Worker 1 joins, takes the next task and waits for the lease worker 0 holds.
+    cluster.start_worker(&[]);
+    let started = Instant::now();
+    while !cluster.worker_log(1).contains("worker ready") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker 1 never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 10 tasks: worker 0 holds one; worker 1 has taken its own once 8 are left ready.
+    let broker = cluster.broker().await;
+    let queue = broker.topology.task_queue("demo");
+    let started = Instant::now();
+    while broker.queue_depth(&queue).await.unwrap() > 8 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker 1 took no task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.close().await;
+    // It now waits for the lease (the slow partition holds it for seconds).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        cluster.terminate(waiting, Duration::from_secs(30)),
+        cluster.terminate(1, Duration::from_secs(30)),
         Some(0),
         "{}",
-        cluster.worker_log(waiting)
-    );
-    let run_id = control_store(&warehouse)
-        .all_runs()
-        .await
-        .unwrap()
-        .remove(0)
-        .run_id;
-    let slow = control_store(&warehouse)
-        .partitions(&run_id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|p| p.partition_key == "2024-03-02")
-        .unwrap();
-    // Its claim is not committed yet, so the store still says pending; the statement is live.
-    assert_ne!(
-        slow.state,
-        PartitionState::Done,
-        "the waiting worker stopped before the slow partition ended\n{}",
-        cluster.worker_log(waiting)
+        cluster.worker_log(1)
     );
     assert_eq!(
-        count(&warehouse, &busy(running)).await,
+        count(&warehouse, &slow_running).await,
         1,
-        "the slow partition is still running"
+        "worker 1 stopped while the slow partition was still running\n{}",
+        cluster.worker_log(1)
     );
     assert!(
-        cluster.worker_log(waiting).contains("handed back"),
+        cluster.worker_log(1).contains("handed back"),
         "{}",
-        cluster.worker_log(waiting)
+        cluster.worker_log(1)
     );
     let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
         .await
         .unwrap()
         .unwrap();
     assert!(output.status.success(), "{}", text(&output));
+    let run_id = control_store(&warehouse)
+        .all_runs()
+        .await
+        .unwrap()
+        .remove(0)
+        .run_id;
     assert_applied_once_and_correct(&warehouse, &run_id).await;
 }
