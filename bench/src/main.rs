@@ -49,9 +49,18 @@ struct Args {
     /// Rounds of the reference workload (default 3, or 2 with --quick)
     #[arg(long)]
     rounds: Option<usize>,
+    /// Systems of the reference workload besides the lower bound (default: all)
+    #[arg(long, value_delimiter = ',', value_parser = ["embedded", "distributed", "naive"])]
+    systems: Vec<String>,
     /// Orders per day of the reference workload (default 20000, or 100 with --quick)
     #[arg(long)]
     per_day: Option<u32>,
+    /// Slots per worker in the scaling section (default 3)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    scaling_slots: u32,
+    /// Worker counts of the scaling section (default 1,2,4,8)
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    scaling_workers: Vec<usize>,
     /// Directory holding the backfill and backfill-worker binaries (default: next to this one)
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -83,8 +92,7 @@ struct Sizes {
     overhead_partitions: usize,
     overhead_rounds: usize,
     scale_partitions: usize,
-    scaling_partitions: usize,
-    scaling_rounds: usize,
+    scaling: scaling::Plan,
 }
 
 impl Sizes {
@@ -95,12 +103,17 @@ impl Sizes {
                     days: 120,
                     per_day: 100,
                     rounds: 2,
+                    systems: args.systems.clone(),
                 },
                 overhead_partitions: 100,
                 overhead_rounds: 2,
                 scale_partitions: 300,
-                scaling_partitions: 32,
-                scaling_rounds: 1,
+                scaling: scaling::Plan {
+                    partitions: 32,
+                    rounds: 1,
+                    slots: args.scaling_slots,
+                    workers: args.scaling_workers.clone(),
+                },
             }
         } else {
             Sizes {
@@ -108,12 +121,17 @@ impl Sizes {
                     days: 120,
                     per_day: 20_000,
                     rounds: 3,
+                    systems: args.systems.clone(),
                 },
                 overhead_partitions: 2_000,
                 overhead_rounds: 2,
                 scale_partitions: 10_000,
-                scaling_partitions: 480,
-                scaling_rounds: 2,
+                scaling: scaling::Plan {
+                    partitions: 480,
+                    rounds: 2,
+                    slots: args.scaling_slots,
+                    workers: args.scaling_workers.clone(),
+                },
             }
         };
         if let Some(rounds) = args.rounds {
@@ -200,7 +218,7 @@ async fn run(args: Args) -> Result<bool> {
                     overhead::run(&ctx, sizes.overhead_partitions, sizes.overhead_rounds).await
                 }
                 "scale" => scale::run(&ctx, sizes.scale_partitions).await,
-                _ => scaling::run(&ctx, sizes.scaling_partitions, sizes.scaling_rounds).await,
+                _ => scaling::run(&ctx, &sizes.scaling).await,
             };
             match result {
                 Ok(section) => sections.push(section),

@@ -109,6 +109,8 @@ pub struct Sizes {
     pub days: u32,
     pub per_day: u32,
     pub rounds: usize,
+    /// Which systems to measure (the lower bound always runs: every ratio needs it).
+    pub systems: Vec<String>,
 }
 
 fn day(offset: i64) -> NaiveDate {
@@ -134,7 +136,14 @@ pub async fn run(ctx: &Ctx, sizes: &Sizes) -> Result<Section> {
 
     let mut runs: Vec<Measured> = Vec::new();
     for round in 0..sizes.rounds {
-        let mut order = System::ALL.to_vec();
+        let mut order: Vec<System> = System::ALL
+            .into_iter()
+            .filter(|s| {
+                *s == System::Smart
+                    || sizes.systems.is_empty()
+                    || sizes.systems.iter().any(|n| n == s.short())
+            })
+            .collect();
         if round % 2 == 1 {
             order.reverse();
         }
@@ -217,6 +226,9 @@ pub async fn run(ctx: &Ctx, sizes: &Sizes) -> Result<Section> {
     let mut summary = Vec::new();
     for system in System::ALL {
         let w = walls(system);
+        if w.is_empty() {
+            continue;
+        }
         let r = median(&ratios(system)).unwrap_or(f64::NAN);
         let rss: Vec<f64> = runs
             .iter()

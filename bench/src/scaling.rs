@@ -1,7 +1,7 @@
 //! Section 4: horizontal scaling. Each partition holds a warehouse connection for a fixed time
 //! (`pg_sleep`) inside its transaction; the spec's concurrency (the Redis semaphore's limit) is
-//! 16 and each worker has SLOTS slots, so 1, 2 and 4 workers are capped by their slots and 8
-//! workers (more slots than the limit) by the semaphore. Throughput is partitions per second
+//! 16 and each worker has 3 slots (by default), so 1, 2 and 4 workers are capped by their
+//! slots and 8 workers (more slots than the limit) by the semaphore. Throughput is partitions per second
 //! of the partition phase; the most holders at once is read from the semaphore's own peak
 //! record in Redis and, independently, by sampling pg_stat_activity every 20 ms.
 
@@ -19,9 +19,15 @@ use crate::procs::{self, Cluster};
 use crate::stats::{median, secs};
 
 pub const LIMIT: u32 = 16;
-pub const SLOTS: u32 = 3;
 pub const SLEEP: f64 = 0.2;
-pub const WORKERS: [usize; 4] = [1, 2, 4, 8];
+
+/// What to run: partitions per run, rounds, slots per worker, worker counts.
+pub struct Plan {
+    pub partitions: usize,
+    pub rounds: usize,
+    pub slots: u32,
+    pub workers: Vec<usize>,
+}
 
 fn setup(partitions: usize) -> String {
     format!(
@@ -75,8 +81,8 @@ kind = "unique_key"
 }
 
 /// Concurrency the configuration can reach: its slots, capped by the limit.
-fn expected_concurrency(workers: usize) -> f64 {
-    (workers as u32 * SLOTS).min(LIMIT) as f64
+fn expected_concurrency(workers: usize, slots: u32) -> f64 {
+    (workers as u32 * slots).min(LIMIT) as f64
 }
 
 struct Measured {
@@ -91,7 +97,9 @@ struct Measured {
     samples: usize,
 }
 
-pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section> {
+pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Section> {
+    let (partitions, rounds, slots) = (plan.partitions, plan.rounds, plan.slots);
+    let concurrency = |workers: usize| expected_concurrency(workers, slots);
     let mut section = Section::new("4. Horizontal scaling");
     let load_before = crate::machine::load_average();
     let template = ctx.dbs.create("scaling_tmpl").await?;
@@ -103,7 +111,7 @@ pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section>
     let spec_path = ctx.write_spec("scaling", &spec(partitions))?;
     let mut runs = Vec::new();
     for round in 0..rounds {
-        let mut order = WORKERS.to_vec();
+        let mut order = plan.workers.clone();
         if round % 2 == 1 {
             order.reverse();
         }
@@ -114,34 +122,47 @@ pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section>
                 .copy(&template, &format!("scaling_r{round}_w{workers}"))
                 .await?;
             let url = ctx.dbs.url(&db)?;
-            runs.push(run_one(ctx, &db, &url, &spec_path, workers, round, partitions).await?);
+            runs.push(
+                run_one(
+                    ctx, &db, &url, &spec_path, workers, slots, round, partitions,
+                )
+                .await?,
+            );
             ctx.dbs.drop_database(&db).await?;
         }
     }
     ctx.dbs.drop_database(&template).await?;
     let load_after = crate::machine::load_average();
 
+    let capped: Vec<String> = plan
+        .workers
+        .iter()
+        .map(|&w| {
+            let by = if w as u32 * slots > LIMIT {
+                "the limit"
+            } else {
+                "their slots"
+            };
+            format!("{w} by {by} ({})", concurrency(w))
+        })
+        .collect();
     section.line(format!(
         "{partitions} hour partitions, each holding its warehouse connection for `pg_sleep({SLEEP})` inside its transaction; \
-         semaphore limit (spec concurrency) {LIMIT}; {SLOTS} slots per worker, so 1, 2 and 4 workers are capped by \
-         their slots ({}, {}, {}) and 8 workers ({} slots) by the limit. {rounds} round(s), worker counts in \
-         ascending then descending order. Throughput = partitions / partition phase (first partition started to \
-         last finished, control store). Mean holders = sum of in-transaction seconds / partition phase. \
-         Ideal throughput = min(workers x {SLOTS}, {LIMIT}) / {SLEEP} s. Scaling efficiency = (throughput / \
-         throughput with 1 worker) / (expected concurrency / expected concurrency with 1 worker). \
+         semaphore limit (spec concurrency) {LIMIT}; {slots} slots per worker, so the workers are capped: {}. \
+         {rounds} round(s), worker counts in ascending then descending order. Throughput = partitions / partition phase \
+         (first partition started to last finished, control store). Mean holders = sum of in-transaction seconds / \
+         partition phase. Ideal throughput = min(workers x {slots}, {LIMIT}) / {SLEEP} s. Scaling efficiency = \
+         (throughput / throughput with the fewest workers) / (expected concurrency / expected concurrency with the fewest workers). \
          Load average before: {load_before}; after: {load_after}. The machine has {} cores: `pg_sleep` holds a connection \
          without using CPU, so the scaling measured is the orchestration's, not the CPU's.",
-        expected_concurrency(1),
-        expected_concurrency(2),
-        expected_concurrency(4),
-        8 * SLOTS,
+        capped.join(", "),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     ));
     section.line("");
     section.line("| workers | round | partition phase | run wall time | throughput | ideal | of ideal | mean holders | peak holders (Redis) | peak holders (pg_stat_activity, samples) |");
     section.line("|---|---|---|---|---|---|---|---|---|---|");
     for run in &runs {
-        let ideal = expected_concurrency(run.workers) / SLEEP;
+        let ideal = concurrency(run.workers) / SLEEP;
         section.line(format!(
             "| {} | {} | {} | {} | {:.1}/s | {:.0}/s | {:.0}% | {:.1} | {} | {} ({}) |",
             run.workers,
@@ -158,7 +179,7 @@ pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section>
         ));
     }
     section.line("");
-    section.line("| workers | median throughput | speedup vs 1 worker | expected speedup | scaling efficiency |");
+    section.line("| workers | median throughput | speedup vs the fewest workers | expected speedup | scaling efficiency |");
     section.line("|---|---|---|---|---|");
     let throughput = |workers: usize| {
         median(
@@ -170,11 +191,12 @@ pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section>
         )
         .unwrap_or(f64::NAN)
     };
-    let base = throughput(1);
+    let base = throughput(plan.workers.iter().copied().min().unwrap_or(1));
     let mut worst_efficiency: f64 = 1.0;
-    for workers in WORKERS {
+    let first = plan.workers.iter().copied().min().unwrap_or(1);
+    for &workers in &plan.workers {
         let speedup = throughput(workers) / base;
-        let expected = expected_concurrency(workers) / expected_concurrency(1);
+        let expected = concurrency(workers) / concurrency(first);
         let efficiency = speedup / expected;
         worst_efficiency = worst_efficiency.min(efficiency);
         section.line(format!(
@@ -187,11 +209,18 @@ pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section>
     let top_sampled = runs.iter().map(|r| r.sampled_peak).max().unwrap_or(0);
     let at_limit: Vec<&Measured> = runs
         .iter()
-        .filter(|r| expected_concurrency(r.workers) >= LIMIT as f64)
+        .filter(|r| concurrency(r.workers) >= LIMIT as f64)
         .collect();
     let reached = at_limit.iter().all(|r| r.redis_peak == LIMIT as u64);
     section.target(
-        "scaling efficiency, 1 to 8 workers",
+        &format!(
+            "scaling efficiency, {} workers",
+            plan.workers
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        ),
         ">= 90% up to the limit",
         format!("{:.0}% at worst", 100.0 * worst_efficiency),
         worst_efficiency >= 0.9,
@@ -210,12 +239,14 @@ pub async fn run(ctx: &Ctx, partitions: usize, rounds: usize) -> Result<Section>
     Ok(section)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_one(
     ctx: &Ctx,
     db: &str,
     url: &str,
     spec: &str,
     workers: usize,
+    slots: u32,
     round: usize,
     partitions: usize,
 ) -> Result<Measured> {
@@ -228,7 +259,7 @@ async fn run_one(
         url,
         &ctx.logs,
     );
-    cluster.start_workers(workers, SLOTS, &[]).await?;
+    cluster.start_workers(workers, slots, &[]).await?;
     let coordinator = procs::spawn(
         cluster.coordinator(&["run", spec, "--no-progress"]),
         &ctx.logs,
