@@ -185,28 +185,93 @@ pub fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     (to - from).num_microseconds().unwrap_or(0) as f64 / 1e6
 }
 
-/// Timestamps of `partition_done` state changes in a JSON log (one object per line).
-pub fn done_times_from_json_log(log: &str) -> Result<Vec<DateTime<Utc>>> {
-    let mut times = Vec::new();
+/// One partition state change read from a JSON log line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateChange {
+    pub at: DateTime<Utc>,
+    pub change: String,
+    pub partition: String,
+}
+
+/// The partition state changes (`partition_running` at the claim, `partition_done` at the
+/// checkpoint) of a JSON log (one object per line), in time order.
+pub fn state_changes_from_json_log(log: &str) -> Result<Vec<StateChange>> {
+    let mut changes = Vec::new();
     for line in log.lines() {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if value.get("change").and_then(|c| c.as_str()) != Some("partition_done") {
+        let Some(change) = value.get("change").and_then(|c| c.as_str()) else {
+            continue;
+        };
+        if !change.starts_with("partition_") {
             continue;
         }
         let stamp = value
             .get("timestamp")
             .and_then(|t| t.as_str())
             .ok_or_else(|| anyhow!("a state change line has no timestamp: {line}"))?;
-        times.push(
-            DateTime::parse_from_rfc3339(stamp)
+        changes.push(StateChange {
+            at: DateTime::parse_from_rfc3339(stamp)
                 .with_context(|| format!("timestamp `{stamp}`"))?
                 .with_timezone(&Utc),
-        );
+            change: change.to_string(),
+            partition: value
+                .get("partition")
+                .and_then(|p| p.as_str())
+                .unwrap_or_default()
+                .to_string(),
+        });
     }
-    times.sort();
-    Ok(times)
+    changes.sort_by_key(|c| c.at);
+    Ok(changes)
+}
+
+/// For partitions run one at a time: the seconds between consecutive checkpoints (the whole
+/// cost of a partition), from each claim to its checkpoint (inside the transaction), and from
+/// each checkpoint to the next claim (commit, report, ack, next task, lease, BEGIN).
+pub struct SerialTimes {
+    pub cycles: Vec<f64>,
+    pub claim_to_checkpoint: Vec<f64>,
+    pub checkpoint_to_claim: Vec<f64>,
+    pub done: usize,
+}
+
+pub fn serial_times(changes: &[StateChange]) -> SerialTimes {
+    let mut times = SerialTimes {
+        cycles: Vec::new(),
+        claim_to_checkpoint: Vec::new(),
+        checkpoint_to_claim: Vec::new(),
+        done: 0,
+    };
+    let mut last_done: Option<DateTime<Utc>> = None;
+    let mut last_running: Option<&StateChange> = None;
+    for change in changes {
+        match change.change.as_str() {
+            "partition_running" => {
+                if let Some(done) = last_done {
+                    times
+                        .checkpoint_to_claim
+                        .push(seconds_between(done, change.at));
+                }
+                last_running = Some(change);
+            }
+            "partition_done" => {
+                if let Some(running) = last_running.filter(|r| r.partition == change.partition) {
+                    times
+                        .claim_to_checkpoint
+                        .push(seconds_between(running.at, change.at));
+                }
+                if let Some(done) = last_done {
+                    times.cycles.push(seconds_between(done, change.at));
+                }
+                last_done = Some(change.at);
+                times.done += 1;
+            }
+            _ => {}
+        }
+    }
+    times
 }
 
 #[cfg(test)]
@@ -214,13 +279,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_log_lines_give_done_times_in_order() {
+    fn json_log_lines_give_serial_partition_times() {
         let log = r#"{"timestamp":"2026-01-01T00:00:00.002500Z","level":"INFO","message":"state change","change":"partition_done","partition":"b"}
 not json
 {"timestamp":"2026-01-01T00:00:00.000100Z","level":"INFO","message":"state change","change":"partition_running","partition":"a"}
+{"timestamp":"2026-01-01T00:00:00.001500Z","level":"INFO","message":"state change","change":"partition_running","partition":"b"}
+{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","message":"worker ready"}
 {"timestamp":"2026-01-01T00:00:00.001000Z","level":"INFO","message":"state change","change":"partition_done","partition":"a"}"#;
-        let times = done_times_from_json_log(log).unwrap();
-        assert_eq!(times.len(), 2);
-        assert!((seconds_between(times[0], times[1]) - 0.0015).abs() < 1e-9);
+        let changes = state_changes_from_json_log(log).unwrap();
+        assert_eq!(changes.len(), 4);
+        assert_eq!(changes[0].partition, "a");
+        let times = serial_times(&changes);
+        assert_eq!(times.done, 2);
+        let close = |a: &[f64], b: &[f64]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9)
+        };
+        assert!(close(&times.cycles, &[0.0015]));
+        assert!(close(&times.claim_to_checkpoint, &[0.0009, 0.001]));
+        assert!(close(&times.checkpoint_to_claim, &[0.0005]));
     }
 }

@@ -173,8 +173,6 @@ async fn run(args: Args) -> Result<bool> {
             bench.join("RESULTS.md")
         }
     });
-    let logs = std::env::temp_dir().join(format!("backfill-bench-{run_id}"));
-    std::fs::create_dir_all(&logs)?;
     let services = Services {
         pg_admin: args.pg_url.clone(),
         redis: args.redis_url.clone(),
@@ -182,6 +180,15 @@ async fn run(args: Args) -> Result<bool> {
         hmac_key: format!("bench-{}", uuid::Uuid::new_v4().simple()),
     };
     let binaries = Binaries::locate(args.bin_dir.clone())?;
+    // Process logs next to the binaries (target/bench-logs/<id>), not in a shared /tmp.
+    let logs = binaries
+        .backfill
+        .parent()
+        .and_then(|dir| dir.parent())
+        .map(|target| target.join("bench-logs"))
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("backfill-bench-{run_id}"));
+    std::fs::create_dir_all(&logs)?;
     let machine = machine::describe(&services.pg_admin, &services.redis).await?;
     let sizes = Sizes::for_args(&args);
     let ctx = Ctx {
