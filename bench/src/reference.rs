@@ -250,7 +250,18 @@ pub async fn run(ctx: &Ctx, sizes: &Sizes) -> Result<Section> {
         ));
         summary.push((system, r));
     }
-    section.line("| dbt-core microbatch, SQLMesh | not measured: neither is installed on this machine | | | |");
+    let installed: Vec<&str> = ["dbt", "sqlmesh"]
+        .into_iter()
+        .filter(|p| on_path(p))
+        .collect();
+    section.line(if installed.is_empty() {
+        "| dbt-core microbatch, SQLMesh | not measured: neither `dbt` nor `sqlmesh` is installed on this machine | | | |".to_string()
+    } else {
+        format!(
+            "| dbt-core microbatch, SQLMesh | not measured: `{}` is installed, but this harness does not drive it | | | |",
+            installed.join("`, `")
+        )
+    });
     section.line("");
     section.line("Wall time of every run, in the order measured:");
     section.line("");
@@ -314,6 +325,12 @@ pub async fn run(ctx: &Ctx, sizes: &Sizes) -> Result<Section> {
         }
     }
     Ok(section)
+}
+
+/// Whether `program` is an executable file in one of PATH's directories.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// Loads the workload into `url` and returns the checksum of the correct result, computed
