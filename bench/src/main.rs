@@ -40,7 +40,7 @@ struct Args {
     /// Smoke size: every section, small data, one or two rounds
     #[arg(long)]
     quick: bool,
-    /// Where the report goes (default: bench/RESULTS.md, or target/bench-quick/RESULTS.md with --quick)
+    /// Where the report goes (default: bench/RESULTS.md, or <target dir>/bench-quick/RESULTS.md with --quick)
     #[arg(long)]
     out: Option<PathBuf>,
     /// Sections to run (default: all)
@@ -72,12 +72,14 @@ struct Args {
         hide_env_values = true
     )]
     pg_url: String,
+    /// Redis URL (the workers' semaphore)
     #[arg(
         long,
         env = "BACKFILL_TEST_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// RabbitMQ URL
     #[arg(
         long,
         env = "BACKFILL_TEST_BROKER_URL",
@@ -165,14 +167,6 @@ fn main() {
 /// Ok(false) when a section failed.
 async fn run(args: Args) -> Result<bool> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let out = args.out.clone().unwrap_or_else(|| {
-        let bench = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        if args.quick {
-            bench.join("../target/bench-quick/RESULTS.md")
-        } else {
-            bench.join("RESULTS.md")
-        }
-    });
     let services = Services {
         pg_admin: args.pg_url.clone(),
         redis: args.redis_url.clone(),
@@ -180,13 +174,24 @@ async fn run(args: Args) -> Result<bool> {
         hmac_key: format!("bench-{}", uuid::Uuid::new_v4().simple()),
     };
     let binaries = Binaries::locate(args.bin_dir.clone())?;
-    // Process logs next to the binaries (target/bench-logs/<id>), not in a shared /tmp.
-    let logs = binaries
+    // The target directory the binaries were built in (target/release -> target).
+    let target = binaries
         .backfill
         .parent()
         .and_then(|dir| dir.parent())
-        .map(|target| target.join("bench-logs"))
-        .unwrap_or_else(std::env::temp_dir)
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    // The full report is the committed bench/RESULTS.md; a smoke report never replaces it.
+    let out = args.out.clone().unwrap_or_else(|| {
+        if args.quick {
+            target.join("bench-quick/RESULTS.md")
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("RESULTS.md")
+        }
+    });
+    // Process logs next to the binaries (target/bench-logs/<id>), not in a shared /tmp.
+    let logs = target
+        .join("bench-logs")
         .join(format!("backfill-bench-{run_id}"));
     std::fs::create_dir_all(&logs)?;
     let machine = machine::describe(&services.pg_admin, &services.redis).await?;
