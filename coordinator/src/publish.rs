@@ -358,19 +358,7 @@ pub async fn swap_table(
         }
         let record = archive_record(&run.run_id, &archive, target, ARCHIVE_TABLE, &old, Duration::days(retention_days as i64));
         store.insert_archive(&mut tx, &record).await?;
-        execute(
-            &mut tx,
-            &format!(
-                "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
-                store.table("runs")
-            ),
-            &[
-                run.run_id.as_str().into(),
-                archive.to_string().into(),
-                now_text().into(),
-            ],
-        )
-        .await?;
+        record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
         store
             .set_run_state(&mut tx, &run.run_id, &PUBLISHABLE, RunState::Published, None)
             .await?;
@@ -635,19 +623,7 @@ pub async fn swap_window(
         Duration::days(retention_days as i64),
     );
     store.insert_archive(&mut tx, &record).await?;
-    execute(
-        &mut tx,
-        &format!(
-            "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
-            store.table("runs")
-        ),
-        &[
-            run.run_id.as_str().into(),
-            archive.to_string().into(),
-            now_text().into(),
-        ],
-    )
-    .await?;
+    record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
     store
         .record_event(
             &mut tx,
@@ -859,22 +835,15 @@ pub async fn swap_partitions(
         records.push(record);
     }
     execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
-    execute(
+    record_published(
+        store,
         &mut tx,
-        &format!(
-            "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
-            store.table("runs")
-        ),
-        &[
-            run.run_id.as_str().into(),
-            records
-                .iter()
-                .map(|r| r.archive_table.clone())
-                .collect::<Vec<_>>()
-                .join(",")
-                .into(),
-            now_text().into(),
-        ],
+        &run.run_id,
+        &records
+            .iter()
+            .map(|r| r.archive_table.clone())
+            .collect::<Vec<_>>()
+            .join(","),
     )
     .await?;
     store
@@ -1011,6 +980,25 @@ async fn rollback_partitions(
         kept_as: kept_as.join(", "),
         checksum: checksums.join(", "),
     })
+}
+
+/// Notes on the run where its old version went and when it was published.
+async fn record_published(
+    store: &ControlStore,
+    conn: &mut AnyConnection,
+    run_id: &str,
+    archive: &str,
+) -> Result<(), BackfillError> {
+    execute(
+        conn,
+        &format!(
+            "UPDATE {} SET archive_table = $2, published_at = $3 WHERE run_id = $1",
+            store.table("runs")
+        ),
+        &[run_id.into(), archive.into(), now_text().into()],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The record of an archive: `table` keeps what `source` held (`checksum`) for `retention`.
