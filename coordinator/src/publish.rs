@@ -585,29 +585,7 @@ pub async fn swap_window(
     lock_against_writers(dialect, &mut tx, target).await?;
     check_window_guard(warehouse, &mut tx, target, guard.as_ref()).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
-    let create_archive = match dialect {
-        Dialect::Postgres => format!(
-            "CREATE TABLE {} (LIKE {})",
-            archive.quoted(),
-            target.quoted()
-        ),
-        Dialect::Sqlite => format!(
-            "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
-            archive.quoted(),
-            target.quoted()
-        ),
-    };
-    execute(&mut tx, &create_archive, &[]).await?;
-    execute(
-        &mut tx,
-        &format!(
-            "INSERT INTO {} SELECT * FROM {} AS t WHERE {window_on_t}",
-            archive.quoted(),
-            target.quoted()
-        ),
-        binds,
-    )
-    .await?;
+    copy_window(dialect, &mut tx, target, &archive, window_on_t, binds).await?;
     let old = warehouse.checksum(&mut tx, &archive, None, &[]).await?;
     check_no_key_outside_window(&mut tx, target, shadow, key, window_on_t, binds).await?;
     let json = json_columns(dialect, &mut tx, target).await?;
@@ -982,6 +960,38 @@ async fn rollback_partitions(
     })
 }
 
+/// Copies the target's window rows (alias `t`) into the new plain table `into`: the archive of
+/// a window publish, or the backfilled rows a window rollback keeps.
+async fn copy_window(
+    dialect: Dialect,
+    conn: &mut AnyConnection,
+    target: &TableName,
+    into: &TableName,
+    window_on_t: &str,
+    binds: &[backfill_common::warehouse::Bind],
+) -> Result<(), BackfillError> {
+    let create = match dialect {
+        Dialect::Postgres => format!("CREATE TABLE {} (LIKE {})", into.quoted(), target.quoted()),
+        Dialect::Sqlite => format!(
+            "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
+            into.quoted(),
+            target.quoted()
+        ),
+    };
+    execute(conn, &create, &[]).await?;
+    execute(
+        conn,
+        &format!(
+            "INSERT INTO {} SELECT * FROM {} AS t WHERE {window_on_t}",
+            into.quoted(),
+            target.quoted()
+        ),
+        binds,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Notes on the run where its old version went and when it was published.
 async fn record_published(
     store: &ControlStore,
@@ -1222,29 +1232,7 @@ async fn rollback_window(
             "the archive table {archive_table} no longer exists"
         )));
     }
-    let create_undone = match dialect {
-        Dialect::Postgres => format!(
-            "CREATE TABLE {} (LIKE {})",
-            undone.quoted(),
-            target.quoted()
-        ),
-        Dialect::Sqlite => format!(
-            "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
-            undone.quoted(),
-            target.quoted()
-        ),
-    };
-    execute(&mut tx, &create_undone, &[]).await?;
-    execute(
-        &mut tx,
-        &format!(
-            "INSERT INTO {} SELECT * FROM {} AS t WHERE {window}",
-            undone.quoted(),
-            target.quoted()
-        ),
-        &binds,
-    )
-    .await?;
+    copy_window(dialect, &mut tx, target, undone, &window, &binds).await?;
     let current = warehouse.checksum(&mut tx, undone, None, &[]).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
     let json = json_columns(dialect, &mut tx, target).await?;
