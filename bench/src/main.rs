@@ -9,6 +9,7 @@
 
 mod context;
 mod facts;
+mod hourly;
 mod machine;
 mod overhead;
 mod pg;

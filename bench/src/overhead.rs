@@ -12,7 +12,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use chrono::NaiveDateTime;
 use sqlx::Connection;
 
 use crate::context::{Ctx, Section};
@@ -36,7 +35,6 @@ const SOURCE: &str =
     "SELECT id, at, v FROM ovh.src WHERE at >= :partition_start AND at < :partition_end";
 
 fn spec(partitions: usize) -> String {
-    let last = first_hour() + chrono::Duration::hours(partitions as i64 - 1);
     format!(
         r#"name = "bench_empty_partitions"
 
@@ -60,15 +58,8 @@ concurrency = 1
 [[audit]]
 kind = "unique_key"
 "#,
-        last.format("%Y-%m-%dT%H")
+        crate::hourly::last_hour(partitions)
     )
-}
-
-fn first_hour() -> NaiveDateTime {
-    chrono::NaiveDate::from_ymd_opt(2024, 1, 1)
-        .expect("date")
-        .and_hms_opt(0, 0, 0)
-        .expect("time")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,7 +217,7 @@ async fn sql_alone(url: &str, partitions: usize) -> Result<Vec<f64>> {
     let mut conn = pg::connect(url).await?;
     let mut times = Vec::with_capacity(partitions);
     for i in 0..partitions {
-        let start = first_hour() + chrono::Duration::hours(i as i64);
+        let start = crate::hourly::first_hour() + chrono::Duration::hours(i as i64);
         let end = start + chrono::Duration::hours(1);
         let began = Instant::now();
         pg::query(

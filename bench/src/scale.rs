@@ -16,26 +16,10 @@ use crate::stats::secs;
 const RSS_TARGET_MIB: f64 = 100.0;
 
 fn setup(partitions: usize) -> String {
-    format!(
-        "
-CREATE SCHEMA sc;
-CREATE TABLE sc.src (id bigint PRIMARY KEY, at timestamp NOT NULL, v int NOT NULL);
-INSERT INTO sc.src SELECT g, TIMESTAMP '2024-01-01' + (g - 1) * interval '1 hour', g % 1000 FROM generate_series(1, {partitions}) g;
-CREATE INDEX ON sc.src (at);
-CREATE TABLE sc.readings (id bigint PRIMARY KEY, at timestamp NOT NULL, v int NOT NULL);
-INSERT INTO sc.readings SELECT id, at, v - 1 FROM sc.src;
-CREATE INDEX ON sc.readings (at);
-ANALYZE;
-"
-    )
+    crate::hourly::readings_setup("sc", partitions)
 }
 
 fn spec(partitions: usize) -> String {
-    let last = chrono::NaiveDate::from_ymd_opt(2024, 1, 1)
-        .expect("date")
-        .and_hms_opt(0, 0, 0)
-        .expect("time")
-        + chrono::Duration::hours(partitions as i64 - 1);
     format!(
         r#"name = "bench_scale"
 
@@ -63,7 +47,7 @@ kind = "unique_key"
 kind = "rowcount_delta"
 max_change_rows = 0
 "#,
-        last.format("%Y-%m-%dT%H")
+        crate::hourly::last_hour(partitions)
     )
 }
 

@@ -30,26 +30,10 @@ pub struct Plan {
 }
 
 fn setup(partitions: usize) -> String {
-    format!(
-        "
-CREATE SCHEMA sl;
-CREATE TABLE sl.src (id bigint PRIMARY KEY, at timestamp NOT NULL, v int NOT NULL);
-INSERT INTO sl.src SELECT g, TIMESTAMP '2024-01-01' + (g - 1) * interval '1 hour', g % 1000 FROM generate_series(1, {partitions}) g;
-CREATE INDEX ON sl.src (at);
-CREATE TABLE sl.readings (id bigint PRIMARY KEY, at timestamp NOT NULL, v int NOT NULL);
-INSERT INTO sl.readings SELECT id, at, v - 1 FROM sl.src;
-CREATE INDEX ON sl.readings (at);
-ANALYZE;
-"
-    )
+    crate::hourly::readings_setup("sl", partitions)
 }
 
 fn spec(partitions: usize) -> String {
-    let last = chrono::NaiveDate::from_ymd_opt(2024, 1, 1)
-        .expect("date")
-        .and_hms_opt(0, 0, 0)
-        .expect("time")
-        + chrono::Duration::hours(partitions as i64 - 1);
     format!(
         r#"name = "bench_scaling"
 
@@ -76,7 +60,7 @@ concurrency = {LIMIT}
 [[audit]]
 kind = "unique_key"
 "#,
-        last.format("%Y-%m-%dT%H")
+        crate::hourly::last_hour(partitions)
     )
 }
 
