@@ -15,7 +15,7 @@ use backfill_common::control::{
 use backfill_common::dialect::Dialect;
 use backfill_common::ident::TableName;
 use backfill_common::sql::string_literal;
-use backfill_common::warehouse::{Checksum, execute, fetch_all, fetch_one, get};
+use backfill_common::warehouse::{Checksum, RowHash, execute, fetch_all, fetch_one, get};
 use chrono::{Duration, Utc};
 use sqlx::{AnyConnection, Connection};
 
@@ -64,7 +64,13 @@ async fn check_window_guard(
         return Ok(());
     };
     let now = warehouse
-        .checksum(conn, target, Some(&guard.filter), &guard.binds)
+        .checksum_like(
+            conn,
+            target,
+            Some(&guard.filter),
+            &guard.binds,
+            &guard.expected,
+        )
         .await?;
     if now.to_string() != guard.expected {
         return Err(BackfillError::Conflict(format!(
@@ -335,7 +341,7 @@ pub async fn swap_table(
         // to compare with what the shadow was built from.
         let old = match &outside {
             Some(guard) => {
-                let (old, now) = warehouse.checksum_with_subset(&mut tx, target, &guard.filter, &guard.binds).await?;
+                let (old, now) = warehouse.checksum_with_subset(&mut tx, target, &guard.filter, &guard.binds, RowHash::of_stored(&guard.expected)).await?;
                 if now.to_string() != guard.expected {
                 return Err(BackfillError::Conflict(format!(
                     "{target} changed outside the window since the shadow was built ({} then, {now} now): publishing would discard those writes. \
@@ -712,7 +718,13 @@ pub async fn swap_partitions(
     if let Some(guard) = &outside {
         let filter = format!("{} AND {}", in_partitions(&replaced), guard.filter);
         let now = warehouse
-            .checksum(&mut tx, target, Some(&filter), &guard.binds)
+            .checksum_like(
+                &mut tx,
+                target,
+                Some(&filter),
+                &guard.binds,
+                &guard.expected,
+            )
             .await?;
         if now.to_string() != guard.expected {
             return Err(BackfillError::Conflict(format!(
@@ -919,7 +931,9 @@ async fn rollback_partitions(
             &[],
         )
         .await?;
-        let restored = warehouse.checksum(&mut tx, &partition, None, &[]).await?;
+        let restored = warehouse
+            .checksum_like(&mut tx, &partition, None, &[], &archive.checksum)
+            .await?;
         if restored.to_string() != archive.checksum {
             tx.rollback().await?;
             return Err(BackfillError::Conflict(format!(
@@ -1166,7 +1180,9 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
         if let Some(dependents) = &dependents {
             restore_dependents(&mut tx, &target, dependents, false).await?;
         }
-        let restored: Checksum = warehouse.checksum(&mut tx, &target, None, &[]).await?;
+        let restored: Checksum = warehouse
+            .checksum_like(&mut tx, &target, None, &[], &archive.checksum)
+            .await?;
         if restored.to_string() != archive.checksum {
             tx.rollback().await?;
             return Err(BackfillError::Conflict(format!(
@@ -1247,7 +1263,7 @@ async fn rollback_window(
     );
     apply_window_merge(&mut tx, &merge, &binds).await?;
     let restored = warehouse
-        .checksum(&mut tx, target, Some(&window), &binds)
+        .checksum_like(&mut tx, target, Some(&window), &binds, &archive.checksum)
         .await?;
     if restored.to_string() != archive.checksum {
         tx.rollback().await?;

@@ -17,7 +17,9 @@ use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec};
 use backfill_common::telemetry;
 use backfill_common::warehouse::{Bind, Warehouse, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
-use backfill_worker::{FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume};
+use backfill_worker::{
+    FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume, shadow_row_hash,
+};
 use tracing::Instrument as _;
 
 use crate::audit::{self, FAIL};
@@ -539,11 +541,13 @@ impl Backfill {
         progress: &dyn Progress,
         executor: &Executor,
     ) -> Result<Option<RunOutcome>, BackfillError> {
+        let row_hash = shadow_row_hash(&self.store, run).await?;
         let ctx = Arc::new(PartitionContext::new(
             self.store.clone(),
             &self.spec,
             run,
             &plan.source_columns,
+            row_hash,
         )?);
         if run.state == RunState::Failed {
             self.store

@@ -9,6 +9,7 @@ use backfill_common::dialect::Dialect;
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Grain;
 use backfill_common::spec::Spec;
+use backfill_common::warehouse::RowHash;
 use backfill_common::{BackfillError, sql};
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct PartitionContext {
     pub merge: MergeSql,
     /// Filter over alias `t` selecting one partition of the shadow ($1/$2).
     pub partition_filter: String,
+    /// How checksums hash the shadow's rows (see `Warehouse::row_hash`).
+    pub row_hash: RowHash,
 }
 
 /// The statements of the general merge path, used when the partition may already hold rows.
@@ -57,14 +60,27 @@ pub fn source_sql(spec: &Spec, dialect: Dialect) -> Result<String, BackfillError
     .map_err(BackfillError::Invalid)
 }
 
+/// How checksums hash the rows of `run`'s shadow table (asks the warehouse's catalog).
+pub async fn shadow_row_hash(
+    store: &ControlStore,
+    run: &RunRecord,
+) -> Result<RowHash, BackfillError> {
+    let shadow =
+        TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let mut conn = store.warehouse.acquire().await?;
+    store.warehouse.row_hash(&mut conn, &shadow).await
+}
+
 impl PartitionContext {
     /// Builds the context for `run`. `source_columns` are the columns the source query
-    /// returns (described at plan time); they must all exist in the shadow.
+    /// returns (described at plan time); they must all exist in the shadow. `row_hash` is
+    /// what `Warehouse::row_hash` answers for the shadow.
     pub fn new(
         store: ControlStore,
         spec: &Spec,
         run: &RunRecord,
         source_columns: &[String],
+        row_hash: RowHash,
     ) -> Result<PartitionContext, BackfillError> {
         let dialect = store.dialect();
         let shadow = TableName::parse(&run.shadow_table)
@@ -126,9 +142,10 @@ impl PartitionContext {
                 "WITH ins AS (INSERT INTO {shadow_q} ({column_list}) {deduped} RETURNING *) \
                  SELECT count(*), coalesce(sum(CASE WHEN ins.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
                  coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0), \
-                 CAST(coalesce(sum(hashtextextended(CAST(ins AS text), 0)), 0) AS text) FROM ins",
+                 CAST(coalesce(sum({}), 0) AS text) FROM ins",
                 in_partition("ins"),
-                any_key_null("ins")
+                any_key_null("ins"),
+                row_hash.expr("ins")
             ),
             Dialect::Sqlite => format!("INSERT INTO {shadow_q} ({column_list}) {deduped}"),
         };
@@ -259,6 +276,7 @@ impl PartitionContext {
                 drop_source,
             },
             partition_filter,
+            row_hash,
         })
     }
 }

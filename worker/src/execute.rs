@@ -285,7 +285,13 @@ async fn attempt(
             let checksum = ctx
                 .store
                 .warehouse
-                .checksum(&mut tx, &ctx.shadow, Some(&ctx.partition_filter), &bounds)
+                .checksum_by(
+                    &mut tx,
+                    &ctx.shadow,
+                    Some(&ctx.partition_filter),
+                    &bounds,
+                    ctx.row_hash,
+                )
                 .instrument(tracing::info_span!("backfill.checksum"))
                 .await
                 .map_err(|e| e.context(format!("checksumming partition {}", task.partition_key)))?;
@@ -348,7 +354,11 @@ async fn fast_insert_checked(
         inserted,
         ..MergeCounts::default()
     };
-    Ok((counts, inserted, format!("{inserted}:{digest}")))
+    Ok((
+        counts,
+        inserted,
+        format!("{inserted}:{}", ctx.row_hash.digest(digest)),
+    ))
 }
 
 /// First application: the shadow was built without the window's partitions, so this one is
