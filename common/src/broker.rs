@@ -780,38 +780,60 @@ pub struct ResultStream {
     _channel: Channel,
 }
 
+/// A result message received but not yet acknowledged: [`ResultStream::recv`] hands it out,
+/// [`ResultStream::open`] acks and verifies it.
+pub struct ResultDelivery(lapin::message::Delivery);
+
 impl ResultStream {
+    /// The next result message that verifies.
     pub async fn next(&mut self) -> Result<ResultMessage, BackfillError> {
         loop {
-            let delivery = match self.consumer.next().await {
-                None => {
-                    return Err(BackfillError::Queue(
-                        "the broker closed the result consumer".into(),
-                    ));
-                }
-                Some(Err(error)) => return Err(broker_error(error)),
-                Some(Ok(delivery)) => delivery,
-            };
-            let headers = delivery.properties.headers().as_ref();
-            let opened = self.keyring.open(
-                &delivery.data,
-                header_text(headers, HEADER_KEY_ID).as_deref(),
-                header_text(headers, HEADER_SIGNATURE).as_deref(),
-            );
-            delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(broker_error)?;
-            match opened {
-                Ok(Message::Result(result)) => return Ok(result),
-                Ok(Message::Task(_)) => {
-                    tracing::warn!("a task message arrived on a result queue; ignored")
-                }
-                Err(rejection) => {
-                    tracing::warn!(reason = rejection.as_str(), %rejection, "result message refused; ignored")
-                }
+            let delivery = self.recv().await?;
+            if let Some(result) = self.open(delivery).await? {
+                return Ok(result);
             }
         }
+    }
+
+    /// The next delivery, not yet acknowledged. Cancel-safe (a `select!` may drop it): the
+    /// consumer keeps a delivery that was not handed out.
+    pub async fn recv(&mut self) -> Result<ResultDelivery, BackfillError> {
+        match self.consumer.next().await {
+            None => Err(BackfillError::Queue(
+                "the broker closed the result consumer".into(),
+            )),
+            Some(Err(error)) => Err(broker_error(error)),
+            Some(Ok(delivery)) => Ok(ResultDelivery(delivery)),
+        }
+    }
+
+    /// Acks a delivery and returns its result, or None when it does not verify (logged and
+    /// dropped: results are hints, the control store decides).
+    pub async fn open(
+        &self,
+        delivery: ResultDelivery,
+    ) -> Result<Option<ResultMessage>, BackfillError> {
+        let delivery = delivery.0;
+        let headers = delivery.properties.headers().as_ref();
+        let opened = self.keyring.open(
+            &delivery.data,
+            header_text(headers, HEADER_KEY_ID).as_deref(),
+            header_text(headers, HEADER_SIGNATURE).as_deref(),
+        );
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(broker_error)?;
+        match opened {
+            Ok(Message::Result(result)) => return Ok(Some(result)),
+            Ok(Message::Task(_)) => {
+                tracing::warn!("a task message arrived on a result queue; ignored")
+            }
+            Err(rejection) => {
+                tracing::warn!(reason = rejection.as_str(), %rejection, "result message refused; ignored")
+            }
+        }
+        Ok(None)
     }
 }

@@ -5,6 +5,7 @@
 //! run's current tasks count as failed partitions, so a task the broker gave up on does not
 //! hang the run either.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use backfill_common::BackfillError;
@@ -90,9 +91,12 @@ pub async fn run_partitions(
         tasks.len(),
         broker.topology.task_queue(&warehouse)
     ));
-    let broker = hold_barrier(store, run, &warehouse, broker, results, options, progress)
-        .instrument(crate::runner::barrier_span(&run.run_id))
-        .await?;
+    let published = tasks.iter().map(|t| t.task.partition_key.clone()).collect();
+    let broker = hold_barrier(
+        store, run, &warehouse, broker, results, published, options, progress,
+    )
+    .instrument(crate::runner::barrier_span(&run.run_id))
+    .await?;
     let _ = broker
         .delete_queue(&broker.topology.results_queue(&run.run_id))
         .await;
@@ -101,13 +105,21 @@ pub async fn run_partitions(
 }
 
 /// Waits for every partition to settle, counting results as they come and reconnecting to the
-/// broker when it goes away. Returns the broker connection in use at the end.
+/// broker when it goes away. `published` are the partitions whose tasks this coordinator
+/// published. Returns the broker connection in use at the end.
+///
+/// Results are hints, the control store decides; reading it costs a scan of the run's
+/// partitions (and of the dead-letter queue), so it is read on the reconcile tick and once
+/// every published partition has reported, not after each result (which made a run of N
+/// partitions read N² partition rows).
+#[allow(clippy::too_many_arguments)]
 async fn hold_barrier(
     store: &ControlStore,
     run: &RunRecord,
     warehouse: &str,
     broker: Broker,
     mut results: ResultStream,
+    mut unreported: HashSet<String>,
     options: &DistributedOptions,
     progress: &dyn Progress,
 ) -> Result<Broker, BackfillError> {
@@ -117,20 +129,29 @@ async fn hold_barrier(
     loop {
         let step: Result<bool, BackfillError> = async {
             tokio::select! {
-                result = results.next() => {
-                    let result = result?;
-                    if result.task.run_id == run.run_id {
-                        let outcome = match result.kind {
-                            ResultKind::Done => Some(PartitionOutcome::Done { counts: Default::default(), rows_after: 0 }),
-                            ResultKind::Stale => None,
-                            ResultKind::Failed | ResultKind::DeadLettered => Some(PartitionOutcome::Failed {
-                                error: result.error.unwrap_or_default(),
-                                retry: backfill_common::Retry::Permanent,
-                            }),
-                        };
-                        if let Some(outcome) = outcome {
-                            progress.partition_finished(&PartitionReport { task: result.task, outcome });
-                        }
+                // `recv` is cancel-safe: when the tick wins, no result is lost.
+                delivery = results.recv() => {
+                    let Some(result) = results.open(delivery?).await? else {
+                        return Ok(false);
+                    };
+                    if result.task.run_id != run.run_id {
+                        return Ok(false);
+                    }
+                    let outcome = match result.kind {
+                        ResultKind::Done => Some(PartitionOutcome::Done { counts: Default::default(), rows_after: 0 }),
+                        ResultKind::Stale => None,
+                        ResultKind::Failed | ResultKind::DeadLettered => Some(PartitionOutcome::Failed {
+                            error: result.error.unwrap_or_default(),
+                            retry: backfill_common::Retry::Permanent,
+                        }),
+                    };
+                    let Some(outcome) = outcome else {
+                        return Ok(false);
+                    };
+                    unreported.remove(&result.task.partition_key);
+                    progress.partition_finished(&PartitionReport { task: result.task, outcome });
+                    if !unreported.is_empty() {
+                        return Ok(false);
                     }
                 }
                 _ = ticker.tick() => {}
