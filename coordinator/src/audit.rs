@@ -350,12 +350,26 @@ pub async fn run_audits(
         &window,
         &shadow_binds,
         &shadow_extras,
-    )
-    .await?;
-    let current = if comparisons.is_empty() {
-        Stats::new()
+    );
+    let (proposed, current) = if comparisons.is_empty() {
+        (proposed.await?, Stats::new())
+    } else if dialect == Dialect::Postgres {
+        // The two scans are independent: on a second connection of the pool they run at
+        // the same time (each is one backend's work; the run's other connections are idle).
+        let mut other = warehouse.acquire().await?;
+        let current = partition_stats(
+            &mut other,
+            target,
+            &label,
+            &group,
+            &window,
+            &window_binds,
+            &on_current,
+        );
+        tokio::try_join!(proposed, current)?
     } else {
-        partition_stats(
+        let proposed = proposed.await?;
+        let current = partition_stats(
             conn,
             target,
             &label,
@@ -364,7 +378,8 @@ pub async fn run_audits(
             &window_binds,
             &on_current,
         )
-        .await?
+        .await?;
+        (proposed, current)
     };
 
     for (i, (audit, _, _, allowed)) in row_audits.iter().enumerate() {
