@@ -287,6 +287,37 @@ impl Broker {
         Ok(depth)
     }
 
+    /// Whether a queue exists. Only a broker's "not found" answers false; losing the
+    /// connection is an error, not an answer.
+    pub async fn queue_exists(&self, name: &str) -> Result<bool, BackfillError> {
+        // A failed passive declare closes its channel: use a throwaway one.
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(broker_error)?;
+        let declared = channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = tokio::time::timeout(CLOSE_WITHIN, channel.close(200, "done".into())).await;
+                Ok(true)
+            }
+            Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) => {
+                Ok(false)
+            }
+            Err(error) => Err(broker_error(error)),
+        }
+    }
+
     async fn publish_raw(
         &self,
         exchange: &str,

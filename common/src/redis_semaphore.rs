@@ -4,6 +4,13 @@
 //! (acquiring twice with the same holder id renews instead of taking a second slot). A dead
 //! worker's slot frees itself when its lease expires.
 //!
+//! Redis keeps leases in memory: a restarted (or replaced) server has lost them while their
+//! holders may still be working. A holder stops the work a lease guards before the lease
+//! could have expired when it cannot renew it, and at once when its renewal finds the lease
+//! gone; so every lease of the server's previous life is abandoned within the TTL of the
+//! server's start, and a server grants no lease during its first TTL (its uptime is read
+//! inside the acquire script). Together they keep the limit across a Redis restart.
+//!
 //! The semaphore bounds load; correctness never depends on it (the fencing token does).
 
 use std::sync::Arc;
@@ -21,6 +28,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
+-- A server younger than a lease may have lost (restart) leases still in use: grant nothing
+-- until their holders have given them up.
+local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)') or '0')
+if uptime * 1000 < ttl then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < limit then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
@@ -250,24 +261,32 @@ impl Semaphore for RedisSemaphore {
             loop {
                 tokio::time::sleep(period).await;
                 let mut connection = semaphore.connection.clone();
-                let alive: Result<i64, _> = semaphore
-                    .scripts
-                    .heartbeat
-                    .key(&beat_key)
+                let mut renewal = semaphore.scripts.heartbeat.key(&beat_key);
+                renewal
                     .arg(semaphore.ttl.as_millis() as u64)
-                    .arg(&beat_holder)
-                    .invoke_async(&mut connection)
-                    .await;
+                    .arg(&beat_holder);
+                // An unanswered renewal must not outlast the lease either.
+                let alive: Result<i64, String> =
+                    match tokio::time::timeout(period / 2, renewal.invoke_async(&mut connection))
+                        .await
+                    {
+                        Ok(Ok(alive)) => Ok(alive),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err(format!("no answer within {:?}", period / 2)),
+                    };
                 match alive {
                     Ok(1) => renewed = std::time::Instant::now(),
+                    // Expired, or gone with a Redis restart: others may hold the slot now.
                     Ok(_) => {
-                        tracing::warn!(holder = %beat_holder, "semaphore lease expired before its heartbeat; stopping the work it guards");
+                        tracing::warn!(holder = %beat_holder, "semaphore lease expired or lost before its heartbeat; stopping the work it guards");
                         let _ = lost_sender.send(true);
                         return;
                     }
-                    // Unreachable for longer than the TTL: others may already hold our slot.
-                    Err(error) if renewed.elapsed() > semaphore.ttl => {
-                        tracing::warn!(%error, "semaphore unreachable for longer than the lease; stopping the work it guards");
+                    // The lease may expire before the next renewal: stop now, while it still
+                    // holds (waiting a period past the TTL let another worker take the slot
+                    // while this one still worked).
+                    Err(error) if renewed.elapsed() + period >= semaphore.ttl => {
+                        tracing::warn!(%error, "semaphore unreachable for as long as the lease allows; stopping the work it guards");
                         let _ = lost_sender.send(true);
                         return;
                     }

@@ -55,6 +55,14 @@ impl DistributedOptions {
 
 /// Publishes the tasks and waits until every partition of the run is done or has failed for
 /// good.
+///
+/// The first connection must succeed (a wrong URL or a broker that is down is reported at
+/// once). From then on, losing the broker at any step (publishing, waiting for confirms,
+/// holding the barrier) means reconnecting with backoff and carrying on: the tasks not yet
+/// confirmed are published again, and when the broker came back without the run's result
+/// queue, it lost its state (restarted without its database), so the current task of every
+/// partition not settled yet is published again. The same fencing tokens travel, so a copy
+/// that survived somewhere is a duplicate that applies at most once.
 pub async fn run_partitions(
     store: &ControlStore,
     run: &RunRecord,
@@ -62,13 +70,7 @@ pub async fn run_partitions(
     options: &DistributedOptions,
     progress: &dyn Progress,
 ) -> Result<(), BackfillError> {
-    let broker = Broker::connect(
-        &options.broker_url,
-        &options.queue_prefix,
-        options.keyring.clone(),
-        options.delivery_limit,
-    )
-    .await?;
+    let mut broker = connect(options).await?;
     let warehouse = match tasks.first() {
         Some(task) => task.warehouse.clone(),
         None => {
@@ -81,22 +83,86 @@ pub async fn run_partitions(
             return Ok(());
         }
     };
-    broker.declare_warehouse(&warehouse).await?;
-    let results = broker.results(&run.run_id).await?;
-    for task in &tasks {
-        broker.publish_task(task).await?;
+    let mut unconfirmed: Vec<&TaskMessage> = tasks.iter().collect();
+    let mut unreported: HashSet<String> =
+        tasks.iter().map(|t| t.task.partition_key.clone()).collect();
+    let mut reconnected = false;
+    let mut reconnect_delay = Duration::from_secs(1);
+    loop {
+        let session = async {
+            if reconnected {
+                let results_queue = broker.topology.results_queue(&run.run_id);
+                if !broker.queue_exists(&results_queue).await? {
+                    let settled = settled_partitions(store, run).await?;
+                    let lost: Vec<&TaskMessage> = tasks
+                        .iter()
+                        .filter(|t| !settled.contains(&t.task.partition_key))
+                        .collect();
+                    progress.phase(&format!(
+                        "the broker lost the run's queues (restarted without its data?); publishing the {} unsettled task(s) again",
+                        lost.len()
+                    ));
+                    unconfirmed = lost;
+                }
+            }
+            broker.declare_warehouse(&warehouse).await?;
+            let results = broker.results(&run.run_id).await?;
+            let republishing = reconnected && !unconfirmed.is_empty();
+            let count = unconfirmed.len();
+            while let Some(task) = unconfirmed.first() {
+                broker.publish_task(task).await?;
+                unconfirmed.remove(0);
+            }
+            if !reconnected {
+                progress.phase(&format!(
+                    "published {} task(s) to {}; waiting for workers",
+                    tasks.len(),
+                    broker.topology.task_queue(&warehouse)
+                ));
+            } else if republishing {
+                progress.phase(&format!("published {count} task(s) again"));
+            }
+            hold_barrier(
+                store,
+                run,
+                &warehouse,
+                &broker,
+                results,
+                &mut unreported,
+                options,
+                progress,
+            )
+                .instrument(crate::runner::barrier_span(&run.run_id))
+                .await
+        }
+        .await;
+        match session {
+            Ok(()) => break,
+            // The broker went away (restart, dropped connection): the control store still
+            // knows everything; reconnect and carry on.
+            Err(BackfillError::Queue(error)) => {
+                progress.phase(&format!(
+                    "lost the broker ({error}); reconnecting in {reconnect_delay:?}"
+                ));
+                broker.close().await;
+                loop {
+                    tokio::time::sleep(reconnect_delay).await;
+                    reconnect_delay = (reconnect_delay * 2).min(MAX_RECONNECT_DELAY);
+                    match connect(options).await {
+                        Ok(fresh) => {
+                            broker = fresh;
+                            reconnect_delay = Duration::from_secs(1);
+                            break;
+                        }
+                        Err(BackfillError::Queue(_)) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+                reconnected = true;
+            }
+            Err(error) => return Err(error),
+        }
     }
-    progress.phase(&format!(
-        "published {} task(s) to {}; waiting for workers",
-        tasks.len(),
-        broker.topology.task_queue(&warehouse)
-    ));
-    let published = tasks.iter().map(|t| t.task.partition_key.clone()).collect();
-    let broker = hold_barrier(
-        store, run, &warehouse, broker, results, published, options, progress,
-    )
-    .instrument(crate::runner::barrier_span(&run.run_id))
-    .await?;
     let _ = broker
         .delete_queue(&broker.topology.results_queue(&run.run_id))
         .await;
@@ -104,9 +170,36 @@ pub async fn run_partitions(
     Ok(())
 }
 
-/// Waits for every partition to settle, counting results as they come and reconnecting to the
-/// broker when it goes away. `published` are the partitions whose tasks this coordinator
-/// published. Returns the broker connection in use at the end.
+/// The longest wait between two attempts to reach a broker that went away.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(8);
+
+async fn connect(options: &DistributedOptions) -> Result<Broker, BackfillError> {
+    Broker::connect(
+        &options.broker_url,
+        &options.queue_prefix,
+        options.keyring.clone(),
+        options.delivery_limit,
+    )
+    .await
+}
+
+/// Partitions of the run that are done or failed for good.
+async fn settled_partitions(
+    store: &ControlStore,
+    run: &RunRecord,
+) -> Result<HashSet<String>, BackfillError> {
+    Ok(store
+        .partitions(&run.run_id)
+        .await?
+        .into_iter()
+        .filter(|p| matches!(p.state, PartitionState::Done | PartitionState::Failed))
+        .map(|p| p.partition_key)
+        .collect())
+}
+
+/// Waits for every partition to settle, counting results as they come. Returns a queue error
+/// as soon as the broker goes away (the caller reconnects). `unreported` are the partitions
+/// whose tasks this coordinator published and that no result has reported on yet.
 ///
 /// Results are hints, the control store decides; reading it costs a scan of the run's
 /// partitions (and of the dead-letter queue), so it is read on the reconcile tick and once
@@ -117,26 +210,23 @@ async fn hold_barrier(
     store: &ControlStore,
     run: &RunRecord,
     warehouse: &str,
-    broker: Broker,
+    broker: &Broker,
     mut results: ResultStream,
-    mut unreported: HashSet<String>,
+    unreported: &mut HashSet<String>,
     options: &DistributedOptions,
     progress: &dyn Progress,
-) -> Result<Broker, BackfillError> {
+) -> Result<(), BackfillError> {
     let mut ticker = tokio::time::interval(options.reconcile_every);
-    let mut broker = broker;
-    let mut reconnect_delay = Duration::from_secs(1);
     loop {
-        let step: Result<bool, BackfillError> = async {
-            tokio::select! {
-                // `recv` is cancel-safe: when the tick wins, no result is lost.
-                delivery = results.recv() => {
-                    let Some(result) = results.open(delivery?).await? else {
-                        return Ok(false);
-                    };
-                    if result.task.run_id != run.run_id {
-                        return Ok(false);
-                    }
+        tokio::select! {
+            // `recv` is cancel-safe: when the tick wins, no result is lost.
+            delivery = results.recv() => {
+                let Some(result) = results.open(delivery?).await? else {
+                    continue;
+                };
+                if result.task.run_id != run.run_id {
+                    continue;
+                }
                     let outcome = match result.kind {
                         ResultKind::Done => Some(PartitionOutcome::Done { counts: Default::default(), rows_after: 0 }),
                         ResultKind::Stale => None,
@@ -145,48 +235,21 @@ async fn hold_barrier(
                             retry: backfill_common::Retry::Permanent,
                         }),
                     };
-                    let Some(outcome) = outcome else {
-                        return Ok(false);
-                    };
-                    unreported.remove(&result.task.partition_key);
-                    progress.partition_finished(&PartitionReport { task: result.task, outcome });
-                    if !unreported.is_empty() {
-                        return Ok(false);
-                    }
+                let Some(outcome) = outcome else {
+                    continue;
+                };
+                unreported.remove(&result.task.partition_key);
+                progress.partition_finished(&PartitionReport { task: result.task, outcome });
+                if !unreported.is_empty() {
+                    continue;
                 }
-                _ = ticker.tick() => {}
             }
-            barrier_reached(store, &broker, run, warehouse).await
+            _ = ticker.tick() => {}
         }
-        .await;
-        match step {
-            Ok(true) => break,
-            Ok(false) => reconnect_delay = Duration::from_secs(1),
-            // The broker went away (restart, dropped connection): the control store still
-            // knows everything; reconnect and carry on.
-            Err(BackfillError::Queue(error)) => {
-                progress.phase(&format!(
-                    "lost the broker ({error}); reconnecting in {reconnect_delay:?}"
-                ));
-                tokio::time::sleep(reconnect_delay).await;
-                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(30));
-                if let Ok(fresh) = Broker::connect(
-                    &options.broker_url,
-                    &options.queue_prefix,
-                    options.keyring.clone(),
-                    options.delivery_limit,
-                )
-                .await
-                    && let Ok(stream) = fresh.results(&run.run_id).await
-                {
-                    broker = fresh;
-                    results = stream;
-                }
-            }
-            Err(error) => return Err(error),
+        if barrier_reached(store, broker, run, warehouse).await? {
+            return Ok(());
         }
     }
-    Ok(broker)
 }
 
 /// True once no partition can still change: each is done, or failed (recorded by a worker

@@ -1,6 +1,6 @@
 //! A small cluster sandbox: real `backfill-worker` processes on loopback, against the real
-//! RabbitMQ, Redis and PostgreSQL, with a unique queue prefix so runs never collide, and
-//! cleanup of queues and keys afterwards.
+//! RabbitMQ, Redis and PostgreSQL (the shared servers, or private ones: `with_services`), with
+//! a unique queue prefix so runs never collide, and cleanup of queues and keys afterwards.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,16 +16,31 @@ pub struct Cluster {
     pub prefix: String,
     pub warehouse: String,
     pub warehouse_url: String,
+    pub broker_url: String,
+    pub redis_url: String,
     pub workers: Vec<Child>,
     log_dir: tempfile::TempDir,
 }
 
 impl Cluster {
+    /// A cluster on the shared RabbitMQ and Redis.
     pub fn new(warehouse: &str, warehouse_url: &str) -> Cluster {
+        Cluster::with_services(warehouse, warehouse_url, &broker_url(), &redis_url())
+    }
+
+    /// A cluster on the given RabbitMQ and Redis (e.g. `services::PrivateBroker`'s).
+    pub fn with_services(
+        warehouse: &str,
+        warehouse_url: &str,
+        broker_url: &str,
+        redis_url: &str,
+    ) -> Cluster {
         Cluster {
             prefix: unique_prefix("cluster"),
             warehouse: warehouse.to_string(),
             warehouse_url: warehouse_url.to_string(),
+            broker_url: broker_url.to_string(),
+            redis_url: redis_url.to_string(),
             workers: Vec::new(),
             log_dir: tempfile::tempdir().expect("temp dir"),
         }
@@ -38,8 +53,8 @@ impl Cluster {
     /// Environment shared by the coordinator and the workers.
     pub fn env(&self, command: &mut Command) {
         command
-            .env("BACKFILL_BROKER_URL", broker_url())
-            .env("BACKFILL_REDIS_URL", redis_url())
+            .env("BACKFILL_BROKER_URL", &self.broker_url)
+            .env("BACKFILL_REDIS_URL", &self.redis_url)
             .env("BACKFILL_QUEUE_PREFIX", &self.prefix)
             .env("BACKFILL_HMAC_KEY", HMAC_KEY)
             .env("BACKFILL_HMAC_KEY_ID", "k1")
@@ -91,7 +106,7 @@ impl Cluster {
 
     pub async fn broker(&self) -> Broker {
         Broker::connect(
-            &broker_url(),
+            &self.broker_url,
             &self.prefix,
             Self::keyring(),
             backfill_common::queue::DEFAULT_DELIVERY_LIMIT,
@@ -100,7 +115,7 @@ impl Cluster {
         .unwrap_or_else(|e| {
             panic!(
                 "RabbitMQ must be running at {} for this test: {e}",
-                broker_url()
+                self.broker_url
             )
         })
     }
@@ -136,6 +151,7 @@ impl Drop for Cluster {
         let prefix = self.prefix.clone();
         let warehouse = self.warehouse.clone();
         let warehouse_url = self.warehouse_url.clone();
+        let (broker_url, redis_url) = (self.broker_url.clone(), self.redis_url.clone());
         let handle = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -157,7 +173,7 @@ impl Drop for Cluster {
                     _ => Vec::new(),
                 };
                 if let Ok(broker) =
-                    Broker::connect(&broker_url(), &prefix, Cluster::keyring(), 5).await
+                    Broker::connect(&broker_url, &prefix, Cluster::keyring(), 5).await
                 {
                     let _ = broker.delete_topology(&warehouse).await;
                     for run in runs {
@@ -167,7 +183,7 @@ impl Drop for Cluster {
                     }
                     broker.close().await;
                 }
-                if let Ok(client) = redis::Client::open(redis_url())
+                if let Ok(client) = redis::Client::open(redis_url)
                     && let Ok(mut connection) = client.get_multiplexed_async_connection().await
                 {
                     let keys: Vec<String> = redis::cmd("KEYS")

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod otlp;
+pub mod services;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

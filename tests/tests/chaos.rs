@@ -1,19 +1,21 @@
 //! Chaos: the reference workload, scaled down, run by a coordinator and 3 workers while a
-//! driver SIGKILLs and restarts workers and SIGKILLs the coordinator and carries the run on
-//! (`run` again or `resume`), at random moments chosen by a seed. Afterwards the run must
+//! driver, at random moments chosen by a seed, SIGKILLs and restarts workers, SIGKILLs the
+//! coordinator and carries the run on (`run` again or `resume`), closes every broker
+//! connection, restarts the RabbitMQ application, stops and restarts the whole RabbitMQ node
+//! (durable queues survive) or restarts it with its database wiped (every queue and message
+//! lost), and kills and restarts Redis (every semaphore lease lost). Afterwards the run must
 //! have completed (or been carried to completion: `resubmit --dead-lettered` if the broker
 //! gave up on a task), with the reference result: checksum equal to the expected table, no
 //! duplicate key, every partition checkpointed exactly once, the concurrency limit never
-//! exceeded (Redis's recorded peak, and active partition writes sampled in
-//! pg_stat_activity), no task left in the queue or unacked, no dead letter, no panic.
+//! exceeded (Redis's recorded peak, read before each Redis restart, and active partition
+//! writes sampled in pg_stat_activity), no task left in the queue or unacked, no dead letter,
+//! no panic.
+//!
+//! The test runs its own RabbitMQ node and Redis server (`backfill_tests::services`) on free
+//! ports, so breaking them disturbs no other test: it runs in the normal suite, in parallel.
 //!
 //! Each seed is printed; `BACKFILL_CHAOS_SEED=<seed>` replays that fault schedule (process
 //! timing still varies), `BACKFILL_CHAOS_RUNS=<n>` runs n random seeds (default 2).
-//!
-//! Only process faults are injected. Closing broker connections and restarting RabbitMQ or
-//! Redis would disturb every other test on a shared machine; the driver has their place
-//! (`Fault::CloseBrokerConnections`, `RestartBroker`, `RestartRedis`, chosen only with
-//! `BACKFILL_CHAOS_SERVICES=1`) but they are not built yet, and asking for them fails.
 
 use std::fs::File;
 use std::process::Child;
@@ -25,6 +27,7 @@ use backfill_common::control::{PartitionState, RunState};
 use backfill_common::redis_semaphore::RedisSemaphore;
 use backfill_common::warehouse::Warehouse;
 use backfill_tests::cluster::Cluster;
+use backfill_tests::services::{PrivateBroker, PrivateRedis};
 use backfill_tests::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -38,10 +41,15 @@ const PER_DAY: u32 = 150;
 const PARTITIONS: usize = 30;
 const WORKER_KILLS: u32 = 6;
 const COORDINATOR_KILLS: u32 = 2;
+const CONNECTION_CLOSES: u32 = 2;
+const REDIS_RESTARTS: u32 = 2;
+/// Broker restarts of any kind (application, node, node wiped): each costs seconds.
+const BROKER_RESTARTS: u32 = 2;
 /// Faults are injected during this long at most; then the run is left to finish.
-const FAULT_WINDOW: Duration = Duration::from_secs(25);
-/// The whole seed, faults and recovery, must end within this.
-const SEED_DEADLINE: Duration = Duration::from_secs(55);
+const FAULT_WINDOW: Duration = Duration::from_secs(30);
+/// A hang guard: the whole seed, faults and recovery (a node restart alone takes up to 20 s
+/// on a loaded machine), must end within this.
+const SEED_DEADLINE: Duration = Duration::from_secs(150);
 
 fn spec() -> String {
     let text = std::fs::read_to_string(concat!(
@@ -78,33 +86,51 @@ async fn build_expected_table(warehouse: &Warehouse) {
     .await;
 }
 
-/// Where a fault strikes. The service faults have their place but are not built yet.
+/// Where a fault strikes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     KillWorker,
     KillCoordinator,
+    /// `rabbitmqctl close_all_connections`
     CloseBrokerConnections,
-    RestartBroker,
+    /// `rabbitmqctl stop_app` + `start_app`: connections drop, queues stay.
+    RestartBrokerApp,
+    /// The node stops and starts again from its database: durable queues stay.
+    RestartBrokerNode,
+    /// The node stops and starts again with its database deleted: every queue is lost.
+    WipeBroker,
+    /// redis-server SIGKILLed and started again without persistence: every lease is lost.
     RestartRedis,
-}
-
-fn service_faults_requested() -> bool {
-    std::env::var("BACKFILL_CHAOS_SERVICES").is_ok_and(|v| v == "1")
 }
 
 #[derive(Debug, Default)]
 struct Figures {
     worker_kills: u32,
     coordinator_kills: u32,
+    connection_closes: u32,
+    broker_app_restarts: u32,
+    broker_node_restarts: u32,
+    broker_wipes: u32,
+    redis_restarts: u32,
     coordinators_started: u32,
     resubmits: u32,
     workers_started: u32,
 }
 
+impl Figures {
+    fn broker_restarts(&self) -> u32 {
+        self.broker_app_restarts + self.broker_node_restarts + self.broker_wipes
+    }
+}
+
 /// One seed's run: the cluster, the coordinator in flight, the schedule's random source.
-struct Chaos {
+struct Chaos<'s> {
     seed: u64,
     rng: StdRng,
+    broker: &'s mut PrivateBroker,
+    redis: &'s mut PrivateRedis,
+    /// Highest Redis peak read before Redis restarts (a restart loses the recorded peak).
+    redis_peak: u64,
     cluster: Cluster,
     spec_path: String,
     logs: tempfile::TempDir,
@@ -114,7 +140,7 @@ struct Chaos {
     figures: Figures,
 }
 
-impl Chaos {
+impl Chaos<'_> {
     fn live_workers(&mut self) -> Vec<usize> {
         (0..self.cluster.workers.len())
             .filter(|&i| self.cluster.workers[i].try_wait().ok().flatten().is_none())
@@ -177,12 +203,18 @@ impl Chaos {
         if self.figures.coordinator_kills < COORDINATOR_KILLS && self.coordinator.is_some() {
             choices.push(Fault::KillCoordinator);
         }
-        if service_faults_requested() {
-            choices.extend([
-                Fault::CloseBrokerConnections,
-                Fault::RestartBroker,
-                Fault::RestartRedis,
-            ]);
+        if self.figures.connection_closes < CONNECTION_CLOSES {
+            choices.push(Fault::CloseBrokerConnections);
+        }
+        if self.figures.redis_restarts < REDIS_RESTARTS {
+            choices.push(Fault::RestartRedis);
+        }
+        if self.figures.broker_restarts() < BROKER_RESTARTS {
+            choices.push(Fault::RestartBrokerApp);
+            // A node restart costs several seconds: at most one per seed, kept or wiped.
+            if self.figures.broker_node_restarts + self.figures.broker_wipes == 0 {
+                choices.extend([Fault::RestartBrokerNode, Fault::WipeBroker]);
+            }
         }
         if choices.is_empty() || self.rng.random_bool(0.25) {
             return None;
@@ -206,10 +238,46 @@ impl Chaos {
                     self.figures.coordinator_kills += 1;
                 }
             }
-            Fault::CloseBrokerConnections | Fault::RestartBroker | Fault::RestartRedis => panic!(
-                "{fault:?} is not built yet: service faults would disturb every other test on this machine (unset BACKFILL_CHAOS_SERVICES)"
-            ),
+            // The services are stopped and started by blocking commands (seconds each): keep
+            // the runtime's other thread for the pg_stat_activity sampler.
+            Fault::CloseBrokerConnections => {
+                tokio::task::block_in_place(|| self.broker.close_connections());
+                self.figures.connection_closes += 1;
+            }
+            Fault::RestartBrokerApp => {
+                tokio::task::block_in_place(|| self.broker.restart_app());
+                self.figures.broker_app_restarts += 1;
+            }
+            Fault::RestartBrokerNode => {
+                tokio::task::block_in_place(|| self.broker.restart_node(false));
+                self.figures.broker_node_restarts += 1;
+            }
+            Fault::WipeBroker => {
+                tokio::task::block_in_place(|| self.broker.restart_node(true));
+                self.figures.broker_wipes += 1;
+            }
+            Fault::RestartRedis => {
+                self.redis_peak = self.redis_peak.max(self.read_redis_peak());
+                tokio::task::block_in_place(|| self.redis.restart());
+                self.figures.redis_restarts += 1;
+            }
         }
+    }
+
+    /// The semaphore's recorded peak in the private Redis (since its last restart).
+    fn read_redis_peak(&self) -> u64 {
+        let url = self.redis.url();
+        let prefix = self.cluster.prefix.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move {
+                RedisSemaphore::connect(&url, &prefix, Duration::from_secs(3), "probe")
+                    .await
+                    .unwrap()
+                    .peak_holders(WAREHOUSE)
+                    .await
+                    .unwrap()
+            })
+        })
     }
 }
 
@@ -238,7 +306,7 @@ fn sample_active_writes(
     })
 }
 
-async fn chaos_run(seed: u64) {
+async fn chaos_run(seed: u64, broker: &mut PrivateBroker, redis: &mut PrivateRedis) {
     println!("chaos: seed {seed} (replay with BACKFILL_CHAOS_SEED={seed})");
     let started = Instant::now();
     let db = TestDatabase::postgres().await;
@@ -249,10 +317,14 @@ async fn chaos_run(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let spec_path = dir.path().join("reference.toml");
     std::fs::write(&spec_path, spec()).unwrap();
+    let cluster = Cluster::with_services(WAREHOUSE, &db.url, &broker.url(), &redis.url());
     let mut chaos = Chaos {
         seed,
         rng: StdRng::seed_from_u64(seed),
-        cluster: Cluster::new(WAREHOUSE, &db.url),
+        broker,
+        redis,
+        redis_peak: 0,
+        cluster,
         spec_path: spec_path.to_str().unwrap().to_string(),
         logs: tempfile::tempdir().unwrap(),
         coordinator: None,
@@ -339,17 +411,7 @@ async fn chaos_run(seed: u64) {
             chaos.cluster.worker_log(index)
         );
     }
-    let redis_peak = RedisSemaphore::connect(
-        &redis_url(),
-        &chaos.cluster.prefix,
-        Duration::from_secs(3),
-        "probe",
-    )
-    .await
-    .unwrap()
-    .peak_holders(WAREHOUSE)
-    .await
-    .unwrap();
+    let redis_peak = chaos.redis_peak.max(chaos.read_redis_peak());
 
     // The invariants.
     let context = format!("seed {seed} ({:?})", chaos.figures);
@@ -443,12 +505,18 @@ async fn chaos_run(seed: u64) {
         );
     }
     println!(
-        "chaos: seed {} passed in {:.1}s: {} worker kills, {} coordinator kills, {} coordinators and {} workers started, {} resubmits; \
+        "chaos: seed {} passed in {:.1}s: {} worker kills, {} coordinator kills, {} connection closes, {} broker app restarts, \
+         {} broker node restarts, {} broker wipes, {} Redis restarts, {} coordinators and {} workers started, {} resubmits; \
          {} partitions checkpointed once, {} rows verified, peak {} leases (Redis) / {} writes (sampled {} times)",
         chaos.seed,
         started.elapsed().as_secs_f64(),
         chaos.figures.worker_kills,
         chaos.figures.coordinator_kills,
+        chaos.figures.connection_closes,
+        chaos.figures.broker_app_restarts,
+        chaos.figures.broker_node_restarts,
+        chaos.figures.broker_wipes,
+        chaos.figures.redis_restarts,
         chaos.figures.coordinators_started,
         chaos.figures.workers_started,
         chaos.figures.resubmits,
@@ -462,7 +530,7 @@ async fn chaos_run(seed: u64) {
 
 /// Runs the seeds: `BACKFILL_CHAOS_SEED` alone, or `BACKFILL_CHAOS_RUNS` random ones (2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn process_chaos_keeps_every_invariant() {
+async fn process_and_service_chaos_keeps_every_invariant() {
     let seeds: Vec<u64> = match std::env::var("BACKFILL_CHAOS_SEED") {
         Ok(seed) => vec![seed.parse().expect("BACKFILL_CHAOS_SEED is a number")],
         Err(_) => {
@@ -473,7 +541,15 @@ async fn process_chaos_keeps_every_invariant() {
             (0..runs).map(|_| rand::random::<u64>() >> 1).collect()
         }
     };
+    // One private RabbitMQ node and Redis server for all seeds (each seed has its own queue
+    // and key prefix); both are stopped when dropped, also when a seed fails.
+    let (mut broker, mut redis) =
+        tokio::task::block_in_place(|| (PrivateBroker::start(), PrivateRedis::start()));
     for seed in seeds {
-        chaos_run(seed).await;
+        chaos_run(seed, &mut broker, &mut redis).await;
     }
+    tokio::task::block_in_place(move || {
+        drop(broker);
+        drop(redis);
+    });
 }
