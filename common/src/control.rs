@@ -104,6 +104,14 @@ fn migrations(
                 format!("ALTER TABLE {} ADD COLUMN window_checksum text", t("runs")),
             ],
         ),
+        (
+            4,
+            "indexes of a swap_table shadow deferred until its partitions are written",
+            vec![format!(
+                "ALTER TABLE {} ADD COLUMN deferred_indexes text",
+                t("runs")
+            )],
+        ),
     ]
 }
 
@@ -128,6 +136,9 @@ pub enum RunNote {
     /// Checksum of the target's window rows the audits compared against, for an approval
     /// gate: `backfill publish` refuses if they changed since.
     WindowChecksum,
+    /// The shadow's index and key-constraint definitions (JSON), dropped while partitions
+    /// are written and built again after the last one.
+    DeferredIndexes,
 }
 
 impl RunNote {
@@ -136,6 +147,7 @@ impl RunNote {
             RunNote::OutsideChecksum => "outside_checksum",
             RunNote::PublishMode => "publish_mode",
             RunNote::WindowChecksum => "window_checksum",
+            RunNote::DeferredIndexes => "deferred_indexes",
         }
     }
 }

@@ -384,6 +384,46 @@ impl Warehouse {
         Ok(names)
     }
 
+    /// Whether a unique, non-partial index covers exactly the key columns.
+    pub async fn has_unique_index_on(
+        &self,
+        conn: &mut AnyConnection,
+        table: &TableName,
+        key: &[Ident],
+    ) -> Result<bool, BackfillError> {
+        let mut wanted: Vec<&str> = key.iter().map(|k| k.as_str()).collect();
+        wanted.sort();
+        let wanted = wanted.join(",");
+        let found: Vec<String> = match self.dialect {
+            Dialect::Postgres => {
+                let rows = fetch_all(
+                    conn,
+                    "SELECT (SELECT string_agg(CAST(a.attname AS text), ',' ORDER BY a.attname) FROM pg_catalog.pg_attribute a \
+                     WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) \
+                     FROM pg_catalog.pg_index i WHERE i.indrelid = CAST($1 AS regclass) AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL",
+                    &[table.quoted().into()],
+                )
+                .await?;
+                rows.iter()
+                    .map(|r| get::<Option<String>>(r, 0).map(|v| v.unwrap_or_default()))
+                    .collect::<Result<_, _>>()?
+            }
+            Dialect::Sqlite => {
+                let rows = fetch_all(
+                    conn,
+                    "SELECT (SELECT group_concat(name, ',') FROM (SELECT ii.name FROM pragma_index_info(il.name) ii ORDER BY ii.name)) \
+                     FROM pragma_index_list($1) il WHERE il.\"unique\" = 1 AND il.partial = 0",
+                    &[table.name.as_str().into()],
+                )
+                .await?;
+                rows.iter()
+                    .map(|r| get::<Option<String>>(r, 0).map(|v| v.unwrap_or_default()))
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        Ok(found.contains(&wanted))
+    }
+
     /// How checksums of `table` hash its rows: by record where every column type allows it
     /// (PostgreSQL 14+), else by text. SQLite hashes rows here and ignores it.
     pub async fn row_hash(

@@ -18,7 +18,7 @@ use backfill_common::telemetry;
 use backfill_common::warehouse::{Bind, Warehouse, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{
-    FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume, shadow_row_hash,
+    FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume, shadow_facts,
 };
 use tracing::Instrument as _;
 
@@ -541,13 +541,13 @@ impl Backfill {
         progress: &dyn Progress,
         executor: &Executor,
     ) -> Result<Option<RunOutcome>, BackfillError> {
-        let row_hash = shadow_row_hash(&self.store, run).await?;
+        let facts = shadow_facts(&self.store, &self.spec, run).await?;
         let ctx = Arc::new(PartitionContext::new(
             self.store.clone(),
             &self.spec,
             run,
             &plan.source_columns,
-            row_hash,
+            facts,
         )?);
         if run.state == RunState::Failed {
             self.store
@@ -624,6 +624,49 @@ impl Backfill {
                 run_id: run.run_id.clone(),
                 failures,
             }));
+        }
+        if let Some(deferred) = self
+            .store
+            .run_note(&run.run_id, RunNote::DeferredIndexes)
+            .await?
+        {
+            let deferred: Vec<shadow::DeferredIndex> = serde_json::from_str(&deferred)
+                .map_err(|e| BackfillError::Invalid(format!("the run's deferred indexes: {e}")))?;
+            progress.phase(&format!(
+                "building {} index(es) of {}",
+                deferred.len(),
+                run.shadow_table
+            ));
+            let built = shadow::build_deferred_indexes(
+                &self.store.warehouse,
+                &self.spec,
+                &ctx.shadow,
+                &deferred,
+            )
+            .instrument(tracing::info_span!(
+                "backfill.indexes",
+                count = deferred.len()
+            ))
+            .await?;
+            if let Err(failures) = built {
+                let message = format!(
+                    "the shadow has duplicate keys ({} partition(s) hold them), so its unique index cannot be built; nothing was published. \
+                     Abandon this run, fix the cause and run the spec again",
+                    failures.len()
+                );
+                self.store
+                    .set_run_state_now(
+                        &run.run_id,
+                        &[RunState::Running],
+                        RunState::Failed,
+                        Some(&message),
+                    )
+                    .await?;
+                return Ok(Some(RunOutcome::PartitionsFailed {
+                    run_id: run.run_id.clone(),
+                    failures,
+                }));
+            }
         }
         self.store
             .set_run_state_now(&run.run_id, &[RunState::Running], RunState::Auditing, None)
@@ -1077,7 +1120,7 @@ impl Backfill {
                 }
                 _ => e,
             })?;
-        let outside = shadow::build_shadow(
+        let built = shadow::build_shadow(
             &self.store.warehouse,
             &mut tx,
             &self.spec,
@@ -1092,7 +1135,7 @@ impl Backfill {
             publish_mode = plan.publish_mode.as_str()
         ))
         .await?;
-        if let Some(outside) = outside {
+        if let Some(outside) = built.outside {
             self.store
                 .set_run_note(
                     &mut tx,
@@ -1100,6 +1143,13 @@ impl Backfill {
                     RunNote::OutsideChecksum,
                     &outside.to_string(),
                 )
+                .await?;
+        }
+        if !built.deferred_indexes.is_empty() {
+            let json = serde_json::to_string(&built.deferred_indexes)
+                .map_err(|e| BackfillError::Invalid(format!("deferred indexes: {e}")))?;
+            self.store
+                .set_run_note(&mut tx, &run.run_id, RunNote::DeferredIndexes, &json)
                 .await?;
         }
         self.store

@@ -13,7 +13,7 @@ use backfill_common::warehouse::{Warehouse, execute};
 use backfill_coordinator::demo;
 use backfill_coordinator::runner::{Backfill, Quiet, RunOutcome};
 use backfill_tests::*;
-use backfill_worker::{PartitionContext, PartitionOutcome, run_partition, shadow_row_hash};
+use backfill_worker::{PartitionContext, PartitionOutcome, run_partition, shadow_facts};
 
 /// Runs the mini challenge with an extra audit that always fails, so the run stays open with
 /// a complete shadow; returns the worker context for that run.
@@ -38,9 +38,9 @@ async fn open_run_with_complete_shadow(
     let plan = backfill.plan().await.unwrap();
     let store = control_store(&warehouse);
     let run = store.find_run(&run_id).await.unwrap().unwrap();
-    let row_hash = shadow_row_hash(&store, &run).await.unwrap();
+    let facts = shadow_facts(&store, &spec, &run).await.unwrap();
     let ctx = Arc::new(
-        PartitionContext::new(store.clone(), &spec, &run, &plan.source_columns, row_hash).unwrap(),
+        PartitionContext::new(store.clone(), &spec, &run, &plan.source_columns, facts).unwrap(),
     );
     (warehouse, store, ctx, run_id)
 }

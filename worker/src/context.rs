@@ -38,6 +38,18 @@ pub struct PartitionContext {
     pub row_hash: RowHash,
 }
 
+/// What the partition SQL depends on in the run's shadow table, asked of the warehouse.
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowFacts {
+    /// How checksums hash its rows.
+    pub row_hash: RowHash,
+    /// Whether a unique index on the key guards it now. While the partitions are written
+    /// into a `swap_table` shadow its indexes are deferred (built once, after the last
+    /// partition, which is much faster than maintaining them row by row); the first
+    /// application of a partition then counts duplicate keys itself.
+    pub unique_key_index: bool,
+}
+
 /// The statements of the general merge path, used when the partition may already hold rows.
 #[derive(Debug, Clone)]
 pub struct MergeSql {
@@ -60,28 +72,36 @@ pub fn source_sql(spec: &Spec, dialect: Dialect) -> Result<String, BackfillError
     .map_err(BackfillError::Invalid)
 }
 
-/// How checksums hash the rows of `run`'s shadow table (asks the warehouse's catalog).
-pub async fn shadow_row_hash(
+/// The facts of `run`'s shadow table the partition SQL depends on.
+pub async fn shadow_facts(
     store: &ControlStore,
+    spec: &Spec,
     run: &RunRecord,
-) -> Result<RowHash, BackfillError> {
+) -> Result<ShadowFacts, BackfillError> {
     let shadow =
         TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
     let mut conn = store.warehouse.acquire().await?;
-    store.warehouse.row_hash(&mut conn, &shadow).await
+    Ok(ShadowFacts {
+        row_hash: store.warehouse.row_hash(&mut conn, &shadow).await?,
+        unique_key_index: store
+            .warehouse
+            .has_unique_index_on(&mut conn, &shadow, &spec.target.key)
+            .await?,
+    })
 }
 
 impl PartitionContext {
     /// Builds the context for `run`. `source_columns` are the columns the source query
-    /// returns (described at plan time); they must all exist in the shadow. `row_hash` is
-    /// what `Warehouse::row_hash` answers for the shadow.
+    /// returns (described at plan time); they must all exist in the shadow. `shadow` is what
+    /// `shadow_facts` answers.
     pub fn new(
         store: ControlStore,
         spec: &Spec,
         run: &RunRecord,
         source_columns: &[String],
-        row_hash: RowHash,
+        shadow_facts: ShadowFacts,
     ) -> Result<PartitionContext, BackfillError> {
+        let row_hash = shadow_facts.row_hash;
         let dialect = store.dialect();
         let shadow = TableName::parse(&run.shadow_table)
             .map_err(|e| BackfillError::Invalid(e.to_string()))?;
@@ -137,15 +157,29 @@ impl PartitionContext {
         let shadow_q = shadow.quoted();
         let fast_insert_sql = match dialect {
             // One statement inserts, checks every inserted row and checksums them: no second
-            // read of the partition.
+            // read of the partition. Without a unique index (deferred) it also counts
+            // duplicate keys among them.
             Dialect::Postgres => format!(
                 "WITH ins AS (INSERT INTO {shadow_q} ({column_list}) {deduped} RETURNING *) \
                  SELECT count(*), coalesce(sum(CASE WHEN ins.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
                  coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0), \
-                 CAST(coalesce(sum({}), 0) AS text) FROM ins",
+                 CAST(coalesce(sum({}), 0) AS text), {} FROM ins",
                 in_partition("ins"),
                 any_key_null("ins"),
-                row_hash.expr("ins")
+                row_hash.expr("ins"),
+                if shadow_facts.unique_key_index {
+                    "0".to_string()
+                } else {
+                    format!(
+                        "count(*) - count(DISTINCT ({}))",
+                        spec.target
+                            .key
+                            .iter()
+                            .map(|k| format!("ins.{}", k.quoted()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
             ),
             Dialect::Sqlite => format!("INSERT INTO {shadow_q} ({column_list}) {deduped}"),
         };

@@ -15,7 +15,7 @@ use backfill_common::warehouse::Warehouse;
 use backfill_common::{BackfillError, Retry};
 use tokio::sync::Mutex;
 
-use crate::context::{PartitionContext, shadow_row_hash, source_sql};
+use crate::context::{PartitionContext, shadow_facts, source_sql};
 use crate::execute::{ContextError, ContextSource, PartitionOutcome, PartitionReport, ReportSink};
 
 /// Loads and caches one context per (run, spec hash), and one pool per warehouse.
@@ -134,8 +134,8 @@ impl StoreContexts {
                     "describing the source query: {e}"
                 ))),
             })?;
-        let row_hash = shadow_row_hash(&store, &run).await?;
-        let ctx = PartitionContext::new(store, &spec, &run, &columns, row_hash)
+        let facts = shadow_facts(&store, &spec, &run).await?;
+        let ctx = PartitionContext::new(store, &spec, &run, &columns, facts)
             .map_err(|e| ContextError::Reject(Rejection::Permanent(e.to_string())))?;
         Ok(Arc::new(ctx))
     }

@@ -347,9 +347,23 @@ async fn fast_insert_checked(
             explain_constraint(e, task)
                 .context(format!("inserting partition {}", task.partition_key))
         })?;
-    let (inserted, outside, null_keys, digest): (i64, i64, i64, String) =
-        (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?, get(&row, 3)?);
+    let (inserted, outside, null_keys, digest, duplicates): (i64, i64, i64, String, i64) = (
+        get(&row, 0)?,
+        get(&row, 1)?,
+        get(&row, 2)?,
+        get(&row, 3)?,
+        get(&row, 4)?,
+    );
     check_source_rows(task, outside, null_keys)?;
+    if duplicates > 0 {
+        return Err(check_failed(
+            task,
+            format!(
+                "the source returned the same key twice ({duplicates} duplicate row(s) in this partition): \
+                 set source.dedupe_order_by to keep one row per key"
+            ),
+        ));
+    }
     let counts = MergeCounts {
         inserted,
         ..MergeCounts::default()

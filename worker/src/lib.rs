@@ -10,7 +10,7 @@
 pub mod context;
 pub mod execute;
 
-pub use context::{PartitionContext, shadow_row_hash};
+pub use context::{PartitionContext, shadow_facts};
 pub mod distributed;
 
 pub use execute::{

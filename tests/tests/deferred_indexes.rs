@@ -1,0 +1,179 @@
+//! A `swap_table` shadow on PostgreSQL is written without its indexes (building them once at
+//! the end costs far less than maintaining them row by row), then gets them all back before
+//! the audits. Duplicate keys that the missing unique index did not stop while writing are
+//! caught when it is built: the run fails naming the keys and partitions, nothing is
+//! published, and a resumed run builds only the indexes still missing.
+
+use backfill_common::control::{RunNote, RunState};
+use backfill_common::spec::Spec;
+use backfill_common::warehouse::Warehouse;
+use backfill_coordinator::demo;
+use backfill_coordinator::runner::{Backfill, Quiet, RunOutcome};
+use backfill_tests::*;
+
+async fn run(db: &TestDatabase) -> RunOutcome {
+    Backfill::open(
+        Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
+        demo::MINI_CHALLENGE_SPEC.to_string(),
+        &db.url,
+    )
+    .await
+    .unwrap()
+    .run("test", &Quiet)
+    .await
+    .unwrap()
+}
+
+/// The table's index definitions without index or table names, and its key constraints.
+async fn index_shape(warehouse: &Warehouse, table: &str) -> Vec<String> {
+    let mut conn = warehouse.acquire().await.unwrap();
+    let rows = backfill_common::warehouse::fetch_all(
+        &mut conn,
+        "SELECT regexp_replace(pg_get_indexdef(i.indexrelid), 'INDEX \\S+ ON \\S+ ', 'INDEX ON t ') \
+         || coalesce(' constraint ' || CAST(c.contype AS text), '') \
+         FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid \
+         WHERE i.indrelid = CAST($1 AS regclass) ORDER BY 1",
+        &[table.into()],
+    )
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|r| backfill_common::warehouse::get::<String>(r, 0).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_indexes_are_deferred_then_built_before_the_audits() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let shape = index_shape(&warehouse, "fact_order_items").await;
+    assert_eq!(
+        shape,
+        vec![
+            "CREATE INDEX ON t USING btree (order_date)".to_string(),
+            "CREATE UNIQUE INDEX ON t USING btree (order_id, item_id) constraint p".to_string(),
+        ]
+    );
+    let RunOutcome::Published { run_id, .. } = run(&db).await else {
+        panic!("not published")
+    };
+    let store = control_store(&warehouse);
+    let deferred = store
+        .run_note(&run_id, RunNote::DeferredIndexes)
+        .await
+        .unwrap()
+        .expect("the run deferred its shadow's indexes");
+    let deferred: serde_json::Value = serde_json::from_str(&deferred).unwrap();
+    assert_eq!(deferred.as_array().unwrap().len(), 2, "{deferred}");
+    // The published table (the shadow) has the target's indexes and primary key again, and
+    // the published content is right.
+    assert_eq!(index_shape(&warehouse, "fact_order_items").await, shape);
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+    // Statistics were refreshed on the whole new table before it was published.
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT CAST(reltuples AS bigint) FROM pg_class WHERE relname = 'fact_order_items'"
+        )
+        .await,
+        count(&warehouse, "SELECT count(*) FROM fact_order_items").await
+    );
+}
+
+/// The same key on two days of the window: each partition alone is fine (no unique index
+/// stops the second while writing), the unique index cannot be built, and the run fails
+/// saying which key and which partitions, with the target untouched. With the duplicate
+/// removed, running the spec again builds the missing index and publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_on_two_days_fails_when_the_unique_index_is_built() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let (order_id, item_id): (i64, i64) = (
+        count(
+            &warehouse,
+            "SELECT min(order_id) FROM staging_order_items WHERE order_date = '2024-03-03'",
+        )
+        .await,
+        count(
+            &warehouse,
+            "SELECT min(item_id) FROM staging_order_items WHERE order_date = '2024-03-03' AND order_id = \
+             (SELECT min(order_id) FROM staging_order_items WHERE order_date = '2024-03-03')",
+        )
+        .await,
+    );
+    exec(
+        &warehouse,
+        &format!(
+            "INSERT INTO staging_order_items SELECT order_id, item_id, DATE '2024-03-05', sku, quantity, unit_price, updated_at \
+             FROM staging_order_items WHERE order_id = {order_id} AND item_id = {item_id} ORDER BY updated_at DESC LIMIT 1"
+        ),
+    )
+    .await;
+    let before = checksum(&warehouse, "fact_order_items", None).await;
+    let RunOutcome::PartitionsFailed { run_id, failures } = run(&db).await else {
+        panic!("expected the run to fail on duplicate keys")
+    };
+    let mut partitions: Vec<&str> = failures.iter().map(|(p, _)| p.as_str()).collect();
+    partitions.sort();
+    assert_eq!(partitions, vec!["2024-03-03", "2024-03-05"], "{failures:?}");
+    for (_, message) in &failures {
+        assert!(
+            message.contains(&format!(
+                "key (order_id, item_id)=({order_id}, {item_id}) is in the shadow 2 times"
+            )) && message.contains("nothing was published"),
+            "{message}"
+        );
+    }
+    let store = control_store(&warehouse);
+    let failed = store.find_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(failed.state, RunState::Failed);
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("duplicate keys"),
+        "{failed:?}"
+    );
+    assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
+    // The non-unique index sorts first and was built before the unique one failed.
+    let shadow = failed.shadow_table.clone();
+    assert_eq!(index_shape(&warehouse, &shadow).await.len(), 1);
+
+    // Remove the stray copy from the shadow and carry the run on: only the missing index is
+    // built, audits pass, the run publishes.
+    exec(
+        &warehouse,
+        &format!(
+            "DELETE FROM {shadow} WHERE order_id = {order_id} AND item_id = {item_id} AND order_date = '2024-03-05'"
+        ),
+    )
+    .await;
+    let RunOutcome::Published {
+        run_id: published, ..
+    } = run(&db).await
+    else {
+        panic!("the resumed run did not publish")
+    };
+    assert_eq!(published, run_id);
+    assert_eq!(
+        index_shape(&warehouse, "fact_order_items").await,
+        vec![
+            "CREATE INDEX ON t USING btree (order_date)".to_string(),
+            "CREATE UNIQUE INDEX ON t USING btree (order_id, item_id) constraint p".to_string(),
+        ]
+    );
+    assert_eq!(
+        duplicate_keys(&warehouse, "fact_order_items", "order_id, item_id").await,
+        0
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+}
