@@ -153,9 +153,9 @@ impl RunFacts {
     }
 
     /// The run's phases in seconds, from the process start to its exit:
-    /// start-up (connect, migrate, plan), shadow (build and copy), partitions, barrier
-    /// (last partition to audits starting), audits, publish (up to the publish's commit),
-    /// and exit.
+    /// start-up (connect, migrate, plan), shadow (build and copy), partitions, barrier and
+    /// indexes (last partition to audits starting: the barrier, then the shadow's deferred
+    /// indexes and ANALYZE), audits, publish (up to the publish's commit), and exit.
     pub fn phases(&self, started: DateTime<Utc>, wall: f64) -> Result<Vec<(&'static str, f64)>> {
         let planned = self
             .event("run_planned")
@@ -173,7 +173,7 @@ impl RunFacts {
             ("start-up and plan", seconds_between(started, planned)),
             ("shadow", seconds_between(planned, first)),
             ("partitions", seconds_between(first, last)),
-            ("barrier", seconds_between(last, auditing)),
+            ("barrier and indexes", seconds_between(last, auditing)),
             ("audits", seconds_between(auditing, audited)),
             ("publish", seconds_between(audited, published)),
             ("commit and exit", seconds_between(published, end)),
