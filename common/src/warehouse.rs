@@ -179,26 +179,27 @@ impl RowHash {
     }
 }
 
-/// Whether a PostgreSQL table's rows can be hashed by `hash_record_extended`: asked of the
-/// server itself, by hashing a row of the table's type whose columns are all NULL (the hash
-/// looks up every column type's extended hash function first, and fails when one has none,
-/// as for json, xml, point, or on servers older than 14). The block catches the failure in
-/// its own subtransaction, so a caller's transaction carries on. `{table}` is a quoted name.
-const RECORD_HASH_PROBE: &str = "DO $bf$ BEGIN \
-     PERFORM hash_record_extended(t, 0) FROM (SELECT (CAST(NULL AS {table})).*) AS t; \
-     PERFORM set_config('backfill.row_hash', 'record', false); \
-     EXCEPTION WHEN OTHERS THEN PERFORM set_config('backfill.row_hash', 'text', false); END $bf$";
-
-/// The probe's answer, and whether a column is a range (or an array or domain of one): a
-/// range's hash looks up its subtype's hash function only when it hashes a value, so the
-/// NULL row does not prove it; such tables hash text.
-const RECORD_HASH_ANSWER: &str = "SELECT current_setting('backfill.row_hash') = 'record' AND NOT EXISTS (\
+/// Whether a PostgreSQL table's rows may be hashed by `hash_record_extended`: the server is
+/// 14 or newer and every column's type (a domain's base type, an array's element type) is
+/// one whose hash tells stored values apart exactly, not merely values its equality treats as
+/// equal. Hashes follow equality, so numeric without a fixed scale (1.0 = 1.00), interval
+/// ('1 day' = '24 hours'), jsonb (numbers compare by value), unpadded bpchar, citext and text
+/// under a nondeterministic collation would let a checksum miss a change; those tables, and
+/// every type not listed (json, xml, geometric, ranges, composites, extensions), hash text.
+/// Floats hash -0 as 0: the one identity the record hash does not see. `$1` is the quoted
+/// table name; the table must exist.
+const RECORD_HASHABLE_SQL: &str = "SELECT CAST(current_setting('server_version_num') AS integer) >= 140000 AND NOT EXISTS (\
      SELECT 1 FROM pg_catalog.pg_attribute a \
-     JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid \
-     LEFT JOIN pg_catalog.pg_type b ON b.oid = ty.typbasetype \
-     LEFT JOIN pg_catalog.pg_type e ON e.oid = coalesce(b.typelem, ty.typelem) \
-     WHERE a.attrelid = CAST($1 AS regclass) AND a.attnum > 0 AND NOT a.attisdropped \
-     AND ('r' IN (ty.typtype, b.typtype, e.typtype) OR 'm' IN (ty.typtype, b.typtype, e.typtype)))";
+     JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+     JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+     JOIN pg_catalog.pg_type e ON e.oid = CASE WHEN b.typcategory = 'A' AND b.typelem <> 0 AND b.typlen = -1 THEN b.typelem ELSE b.oid END \
+     LEFT JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation \
+     WHERE a.attrelid = CAST($1 AS regclass) AND a.attnum > 0 AND NOT a.attisdropped AND NOT (\
+       (e.typtype = 'e' OR (e.typnamespace = CAST('pg_catalog' AS regnamespace) AND e.typname IN \
+         ('int2', 'int4', 'int8', 'bool', 'date', 'timestamp', 'timestamptz', 'time', 'timetz', 'uuid', 'bytea', 'text', 'varchar', \
+          'name', 'char', 'oid', 'float4', 'float8', 'inet', 'cidr', 'macaddr', 'macaddr8', 'numeric', 'bpchar'))) \
+       AND (e.typname NOT IN ('numeric', 'bpchar') OR (CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END) <> -1) \
+       AND coalesce(c.collisdeterministic, true)))";
 
 impl Warehouse {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Warehouse, BackfillError> {
@@ -434,9 +435,7 @@ impl Warehouse {
         if self.dialect != Dialect::Postgres {
             return Ok(RowHash::Text);
         }
-        let probe = RECORD_HASH_PROBE.replace("{table}", &table.quoted());
-        execute(conn, &probe, &[]).await?;
-        let row = fetch_one(conn, RECORD_HASH_ANSWER, &[table.quoted().into()]).await?;
+        let row = fetch_one(conn, RECORD_HASHABLE_SQL, &[table.quoted().into()]).await?;
         Ok(if get::<bool>(&row, 0)? {
             RowHash::Record
         } else {
