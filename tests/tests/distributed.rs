@@ -862,3 +862,77 @@ async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
         .run_id;
     assert_applied_once_and_correct(&warehouse, &run_id).await;
 }
+
+/// A task that arrives after its run was published (a worker died after its checkpoint but
+/// before its ack, and the broker redelivered it late) goes to a worker that has never seen
+/// the run. The shadow is gone by then (renamed into the target): the worker must still
+/// recognise the task as stale, ack it and report it so, not dead-letter it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_redelivered_after_publish_is_stale_for_a_fresh_worker() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("fix.toml");
+    std::fs::write(&spec, demo::MINI_CHALLENGE_SPEC).unwrap();
+    let output = output_within(
+        &mut cluster.backfill(&["run", spec.to_str().unwrap(), "--no-progress"]),
+        Duration::from_secs(60),
+        "the run",
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let published = checksum(&warehouse, "fact_order_items", None).await;
+    assert_eq!(cluster.terminate(0, Duration::from_secs(15)), Some(0));
+    cluster.start_worker(&[]);
+
+    let store = control_store(&warehouse);
+    let run = store.all_runs().await.unwrap().remove(0);
+    let partition = store.partitions(&run.run_id).await.unwrap().remove(0);
+    let broker = cluster.broker().await;
+    let mut results = broker.results(&run.run_id).await.unwrap();
+    let late = TaskMessage {
+        task: PartitionTask {
+            run_id: run.run_id.clone(),
+            spec_hash: run.spec_hash.clone(),
+            partition_key: partition.partition_key.clone(),
+            range_start: partition.range_start.clone(),
+            range_end: partition.range_end.clone(),
+            attempt: 1,
+            fencing_token: partition.fencing_token,
+        },
+        warehouse: "demo".into(),
+        control_schema: "backfill".into(),
+        reply_to: broker.topology.results_queue(&run.run_id),
+    };
+    broker.publish_task(&late).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), results.next())
+        .await
+        .unwrap_or_else(|_| panic!("no result for the late task\n{}", cluster.worker_log(1)))
+        .unwrap();
+    assert_eq!(
+        (result.kind, result.task.partition_key.as_str()),
+        (
+            backfill_common::envelope::ResultKind::Stale,
+            partition.partition_key.as_str()
+        ),
+        "{result:?}\n{}",
+        cluster.worker_log(1)
+    );
+    assert!(broker.dead_letters("demo", 10).await.unwrap().is_empty());
+    let after = store.partitions(&run.run_id).await.unwrap().remove(0);
+    assert_eq!(
+        (after.state, after.times_applied),
+        (PartitionState::Done, 1)
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        published
+    );
+    let _ = broker
+        .delete_queue(&broker.topology.results_queue(&run.run_id))
+        .await;
+    broker.close().await;
+    assert_eq!(cluster.terminate(1, Duration::from_secs(15)), Some(0));
+}

@@ -81,6 +81,14 @@ pub async fn shadow_facts(
     let shadow =
         TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
     let mut conn = store.warehouse.acquire().await?;
+    if !store.warehouse.table_exists(&mut conn, &shadow).await? {
+        // Published (renamed into the target), rolled back or abandoned: no partition of the
+        // run can be claimed any more, so a task that still arrives is acked as stale.
+        return Ok(ShadowFacts {
+            row_hash: RowHash::Text,
+            unique_key_index: true,
+        });
+    }
     Ok(ShadowFacts {
         row_hash: store.warehouse.row_hash(&mut conn, &shadow).await?,
         unique_key_index: store
