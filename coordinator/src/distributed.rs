@@ -217,6 +217,7 @@ async fn hold_barrier(
     progress: &dyn Progress,
 ) -> Result<(), BackfillError> {
     let mut ticker = tokio::time::interval(options.reconcile_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             // `recv` is cancel-safe: when the tick wins, no result is lost.
@@ -286,9 +287,19 @@ async fn barrier_reached(
         match letter.and_then(|l| l.message.as_ref().map(|m| (l, m))) {
             Some((letter, message)) => {
                 let error = format!("dead-lettered ({}): {}", letter.reason, letter.detail);
-                store
+                match store
                     .record_partition_error(&message.task, PartitionState::Failed, &error)
-                    .await?;
+                    .await
+                {
+                    Ok(()) => {}
+                    // The partition's row may still be locked by a statement of a killed
+                    // worker (until its statement timeout): record it on a later tick.
+                    Err(error) if error.retry() == backfill_common::Retry::Transient => {
+                        tracing::info!(partition = %partition.partition_key, %error, "dead letter not recorded yet; retrying");
+                        open += 1;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             None => open += 1,
         }

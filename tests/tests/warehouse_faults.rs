@@ -565,3 +565,139 @@ async fn statement_timeout_on_every_delivery_is_dead_lettered_then_resubmitted()
     assert_published_correctly(&warehouse, &run_id).await;
     assert_queues_empty(&mut cluster).await;
 }
+
+/// The broker gives up on a task, not a worker: every worker that takes the fault day's task
+/// dies inside it (SIGKILL mid-statement), so no worker can dead-letter it with a reason;
+/// after its last delivery (limit 2) RabbitMQ dead-letters it itself. The barrier finds it
+/// in the dead-letter queue, records the partition failed ("gave up" by the broker), and
+/// the coordinator exits 4 once the others are done. Once the cause is gone, `resubmit
+/// --dead-lettered` completes the run, each partition applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_workers_keep_dying_is_dead_lettered_by_the_broker() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    exec(
+        &warehouse,
+        "CREATE TABLE slowness (day date PRIMARY KEY, seconds double precision NOT NULL)",
+    )
+    .await;
+    exec(
+        &warehouse,
+        &format!("INSERT INTO slowness VALUES (DATE '{FAULT_DAY}', 60)"),
+    )
+    .await;
+    let limit = ("BACKFILL_DELIVERY_LIMIT", "2");
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[limit]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        &dir,
+        &mini_challenge_spec(&[
+            (
+                "FROM staging_order_items\n",
+                "FROM staging_order_items CROSS JOIN (SELECT pg_sleep(coalesce((SELECT seconds FROM slowness WHERE day = :partition_start), 0))) AS slow\n",
+            ),
+            // An orphaned backend's statement ends by its own timeout and frees the row.
+            ("partition_timeout = \"5m\"", "partition_timeout = \"4s\""),
+        ]),
+    );
+    let coordinator = cluster
+        .backfill(&["run", &spec, "--no-progress"])
+        .env(limit.0, limit.1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two deliveries, two deaths: kill whichever worker is inside the fault day's statement.
+    for delivery in 0..2 {
+        let worker = cluster.workers.len() - 1;
+        let inside = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-{worker}' \
+             AND state = 'active' AND wait_event = 'PgSleep' AND query LIKE '%INSERT INTO%'",
+            cluster.prefix
+        );
+        // Only the fault day sleeps (the others call pg_sleep(0), which does not wait).
+        wait_for(
+            &warehouse,
+            &inside,
+            &format!("delivery {} of the fault day", delivery + 1),
+            &cluster,
+        )
+        .await;
+        cluster.kill(worker);
+        cluster.start_worker(&[limit]);
+    }
+    let output = tokio::task::spawn_blocking(move || {
+        wait_within(coordinator, Duration::from_secs(90), "the coordinator")
+    })
+    .await
+    .unwrap();
+    let shown = text(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "partitions failed: {shown}\n{}",
+        cluster.worker_log(cluster.workers.len() - 1)
+    );
+    let store = control_store(&warehouse);
+    let run_id = store.all_runs().await.unwrap().remove(0).run_id;
+    let failed = partition(&warehouse, &run_id, FAULT_DAY).await;
+    assert_eq!(
+        (failed.state, failed.times_applied),
+        (PartitionState::Failed, 0),
+        "{failed:?}"
+    );
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("dead-lettered (delivery_limit)")),
+        "{failed:?}\n{}",
+        (0..cluster.workers.len())
+            .map(|i| format!("--- worker {i}\n{}", cluster.worker_log(i)))
+            .collect::<String>()
+    );
+    for p in store.partitions(&run_id).await.unwrap() {
+        if p.partition_key != FAULT_DAY {
+            assert_eq!(
+                (p.state, p.times_applied),
+                (PartitionState::Done, 1),
+                "{p:?}"
+            );
+        }
+    }
+    assert_eq!(
+        store.find_run(&run_id).await.unwrap().unwrap().state,
+        RunState::Failed
+    );
+    assert_ne!(
+        count(&warehouse, "SELECT count(*) FROM fact_order_items").await,
+        0
+    );
+
+    // The cause goes away; the broker's dead letter is resubmitted and the run completes.
+    exec(&warehouse, "UPDATE slowness SET seconds = 0").await;
+    let output = output_within(
+        cluster
+            .backfill(&[
+                "resubmit",
+                &run_id,
+                "--dead-lettered",
+                "--no-progress",
+                "--warehouse",
+                "demo",
+            ])
+            .env(limit.0, limit.1),
+        Duration::from_secs(60),
+        "the resubmit",
+    );
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(&output),
+        cluster.worker_log(cluster.workers.len() - 1)
+    );
+    assert_published_correctly(&warehouse, &run_id).await;
+    assert_queues_empty(&mut cluster).await;
+}
