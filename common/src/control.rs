@@ -841,6 +841,45 @@ impl ControlStore {
         Ok(())
     }
 
+    /// Marks a done partition failed (its applied rows are wrong, e.g. they hold a key that
+    /// another partition holds too): resuming the run reissues it with a new fencing token
+    /// and re-applies it over what it wrote. Returns whether it was done.
+    pub async fn fail_done_partition(
+        &self,
+        run_id: &str,
+        partition_key: &str,
+        error: &str,
+    ) -> Result<bool, BackfillError> {
+        let error = &crate::warehouse::redact_secrets(error);
+        let mut tx = self.warehouse.pool.begin().await?;
+        let updated = execute(
+            &mut tx,
+            &format!(
+                "UPDATE {} SET state = 'failed', error = $3, finished_at = $4 WHERE run_id = $1 AND partition_key = $2 AND state = 'done'",
+                self.table("partitions")
+            ),
+            &[
+                run_id.into(),
+                partition_key.into(),
+                error.into(),
+                now_text().into(),
+            ],
+        )
+        .await?;
+        if updated == 1 {
+            self.record_event(
+                &mut tx,
+                run_id,
+                Some(partition_key),
+                "partition_failed",
+                error,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(updated == 1)
+    }
+
     pub async fn partitions(&self, run_id: &str) -> Result<Vec<PartitionRecord>, BackfillError> {
         let mut conn = self.warehouse.acquire().await?;
         let rows = fetch_all(

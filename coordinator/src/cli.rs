@@ -851,10 +851,20 @@ fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
             EXIT_AUDIT_FAILED
         }
         RunOutcome::PartitionsFailed { run_id, failures } => {
-            println!(
-                "run {run_id}: {} partition(s) failed; fix the cause and run the same command again to resume",
-                failures.len()
-            );
+            if failures
+                .iter()
+                .any(|(key, _)| key == crate::shadow::SHADOW_WIDE)
+            {
+                println!(
+                    "run {run_id}: an index of the target cannot be built on the shadow; nothing was published. \
+                     Resuming cannot change that: `backfill abandon {run_id}`, fix the cause and run the spec again"
+                );
+            } else {
+                println!(
+                    "run {run_id}: {} partition(s) failed; fix the cause and run the same command again to resume",
+                    failures.len()
+                );
+            }
             for (partition, error) in failures.iter().take(20) {
                 println!("  {partition}: {error}");
             }

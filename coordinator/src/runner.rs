@@ -649,11 +649,30 @@ impl Backfill {
             ))
             .await?;
             if let Err(failures) = built {
-                let message = format!(
-                    "the shadow has duplicate keys ({} partition(s) hold them), so its unique index cannot be built; nothing was published. \
-                     Abandon this run, fix the cause and run the spec again",
-                    failures.len()
-                );
+                // Partitions holding a duplicated key are marked failed: once the source is
+                // fixed, resuming re-applies them over what they wrote.
+                let mut reopened = 0;
+                for (partition, message) in &failures {
+                    if plan.partitions.iter().any(|p| &p.key == partition)
+                        && self
+                            .store
+                            .fail_done_partition(&run.run_id, partition, message)
+                            .await?
+                    {
+                        reopened += 1;
+                    }
+                }
+                let message = if reopened > 0 {
+                    format!(
+                        "the shadow has duplicate keys, so its unique index cannot be built; nothing was published. \
+                         {reopened} partition(s) holding them are marked failed: fix the source, then resume the run \
+                         (or abandon it and run the spec again)"
+                    )
+                } else {
+                    "an index of the target cannot be built on the shadow (see the failures); nothing was published. \
+                     Resuming cannot change that: abandon this run, fix the cause and run the spec again"
+                        .to_string()
+                };
                 self.store
                     .set_run_state_now(
                         &run.run_id,

@@ -31,6 +31,9 @@ pub struct BuiltShadow {
 pub struct DeferredIndex {
     pub name: String,
     pub create: String,
+    /// `COMMENT ON INDEX …` when the index had a comment.
+    #[serde(default)]
+    pub comment: Option<String>,
 }
 
 pub async fn build_shadow(
@@ -147,18 +150,21 @@ pub async fn build_shadow(
             .join(", "),
         target.quoted()
     );
+    let duplicates_outside = || {
+        BackfillError::Invalid(format!(
+            "{target} already has duplicate keys ({}) outside the window; deduplicate them before backfilling",
+            spec.target
+                .key
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    };
     let explain = |e: BackfillError| {
         if matches!(&e, BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "2067" || code == "1555")
         {
-            BackfillError::Invalid(format!(
-                "{target} already has duplicate keys ({}) outside the window; deduplicate them before backfilling",
-                spec.target
-                    .key
-                    .iter()
-                    .map(|k| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+            duplicates_outside()
         } else {
             e.context(format!(
                 "copying the partitions outside the window into {shadow}"
@@ -192,6 +198,29 @@ pub async fn build_shadow(
     };
     if deferred_indexes.is_empty() {
         execute(conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
+    } else if !has_unique_index_on(warehouse, conn, target, &spec.target.key).await? {
+        // Without a unique index on the key, the target itself may hold a key twice: say so
+        // now, as the shadow's unique index would have while copying, not after every
+        // partition was written.
+        let keys = spec
+            .target
+            .key
+            .iter()
+            .map(|k| k.quoted())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let duplicated = fetch_all(
+            conn,
+            &format!(
+                "SELECT 1 FROM {} GROUP BY {keys} HAVING count(*) > 1 LIMIT 1",
+                shadow.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        if !duplicated.is_empty() {
+            return Err(duplicates_outside());
+        }
     }
     Ok(BuiltShadow {
         outside: Some(outside),
@@ -209,10 +238,14 @@ async fn defer_indexes(
         conn,
         "SELECT CAST(ic.relname AS text), \
          CASE WHEN con.oid IS NULL THEN pg_catalog.pg_get_indexdef(i.indexrelid) \
+             || coalesce(' TABLESPACE ' || quote_ident(CAST(ts.spcname AS text)), '') \
            ELSE format('ALTER TABLE %s ADD CONSTRAINT %I %s', $1, con.conname, pg_catalog.pg_get_constraintdef(con.oid)) END, \
          CASE WHEN con.oid IS NULL THEN format('DROP INDEX %s', CAST(CAST(i.indexrelid AS regclass) AS text)) \
-           ELSE format('ALTER TABLE %s DROP CONSTRAINT %I', $1, con.conname) END \
+           ELSE format('ALTER TABLE %s DROP CONSTRAINT %I', $1, con.conname) END, \
+         CASE WHEN pg_catalog.obj_description(i.indexrelid, 'pg_class') IS NOT NULL THEN \
+           format('COMMENT ON INDEX %s IS %L', CAST(CAST(i.indexrelid AS regclass) AS text), pg_catalog.obj_description(i.indexrelid, 'pg_class')) END \
          FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+         LEFT JOIN pg_catalog.pg_tablespace ts ON ts.oid = ic.reltablespace \
          LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
          WHERE i.indrelid = CAST($1 AS regclass) ORDER BY ic.relname",
         &[shadow.quoted().into()],
@@ -223,8 +256,13 @@ async fn defer_indexes(
         let name: String = get(row, 0)?;
         let create: String = get(row, 1)?;
         let drop: String = get(row, 2)?;
+        let comment: Option<String> = get(row, 3)?;
         execute(conn, &drop, &[]).await?;
-        deferred.push(DeferredIndex { name, create });
+        deferred.push(DeferredIndex {
+            name,
+            create,
+            comment,
+        });
     }
     Ok(deferred)
 }
@@ -251,18 +289,34 @@ pub async fn build_deferred_indexes(
     .collect::<Result<_, _>>()?;
     for index in deferred.iter().filter(|d| !existing.contains(&d.name)) {
         if let Err(error) = execute(&mut conn, &index.create, &[]).await {
-            if matches!(&error, BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505")
+            if matches!(&error, BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "23P01")
             {
-                return Ok(Err(
-                    duplicate_keys(warehouse, &mut conn, spec, shadow).await?
-                ));
+                let mut failures = duplicate_keys(warehouse, &mut conn, spec, shadow).await?;
+                if failures.is_empty() {
+                    // Another unique index, or an exclusion constraint: the database's
+                    // message names the values.
+                    failures.push((
+                        SHADOW_WIDE.to_string(),
+                        format!(
+                            "an index or constraint of the target cannot be built on the new rows ({error}): `{}`; nothing was published",
+                            index.create
+                        ),
+                    ));
+                }
+                return Ok(Err(failures));
             }
             return Err(error.context(format!("building index {} of {shadow}", index.name)));
+        }
+        if let Some(comment) = &index.comment {
+            execute(&mut conn, comment, &[]).await?;
         }
     }
     execute(&mut conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
     Ok(Ok(()))
 }
+
+/// The failure key of an index that cannot be built for a reason no partition owns.
+pub const SHADOW_WIDE: &str = "(shadow)";
 
 /// A few duplicated keys of the shadow, one message per partition holding them.
 async fn duplicate_keys(

@@ -4,7 +4,7 @@
 //! caught when it is built: the run fails naming the keys and partitions, nothing is
 //! published, and a resumed run builds only the indexes still missing.
 
-use backfill_common::control::{RunNote, RunState};
+use backfill_common::control::{PartitionState, RunNote, RunState};
 use backfill_common::spec::Spec;
 use backfill_common::warehouse::Warehouse;
 use backfill_coordinator::demo;
@@ -144,13 +144,22 @@ async fn a_key_on_two_days_fails_when_the_unique_index_is_built() {
     // The non-unique index sorts first and was built before the unique one failed.
     let shadow = failed.shadow_table.clone();
     assert_eq!(index_shape(&warehouse, &shadow).await.len(), 1);
+    // The partitions holding the key are marked failed, to be re-applied once fixed.
+    for p in store.partitions(&run_id).await.unwrap() {
+        let expected = if ["2024-03-03", "2024-03-05"].contains(&p.partition_key.as_str()) {
+            PartitionState::Failed
+        } else {
+            PartitionState::Done
+        };
+        assert_eq!((p.state, p.times_applied), (expected, 1), "{p:?}");
+    }
 
-    // Remove the stray copy from the shadow and carry the run on: only the missing index is
-    // built, audits pass, the run publishes.
+    // Fix the source and run the spec again: the run resumes, re-applies the two
+    // partitions over what they wrote, builds only the missing index and publishes.
     exec(
         &warehouse,
         &format!(
-            "DELETE FROM {shadow} WHERE order_id = {order_id} AND item_id = {item_id} AND order_date = '2024-03-05'"
+            "DELETE FROM staging_order_items WHERE order_id = {order_id} AND item_id = {item_id} AND order_date = '2024-03-05'"
         ),
     )
     .await;
@@ -176,4 +185,55 @@ async fn a_key_on_two_days_fails_when_the_unique_index_is_built() {
         checksum(&warehouse, "fact_order_items", None).await,
         checksum(&warehouse, "expected_order_items", None).await
     );
+}
+
+/// A unique index of the target other than the key (here: one SKU per order) that the new
+/// rows break: the index cannot be built, the run fails with the database's message and the
+/// advice that resuming cannot help; nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_unique_index_the_new_rows_break_fails_the_run() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    exec(
+        &warehouse,
+        "CREATE UNIQUE INDEX one_sku_per_order ON fact_order_items (order_id, sku)",
+    )
+    .await;
+    let order_id = count(
+        &warehouse,
+        "SELECT min(order_id) FROM staging_order_items WHERE order_date = '2024-03-04' \
+         GROUP BY order_id HAVING count(DISTINCT item_id) > 1 ORDER BY 1 LIMIT 1",
+    )
+    .await;
+    exec(
+        &warehouse,
+        &format!("UPDATE staging_order_items SET sku = 'SAME' WHERE order_id = {order_id}"),
+    )
+    .await;
+    let before = checksum(&warehouse, "fact_order_items", None).await;
+    let RunOutcome::PartitionsFailed { run_id, failures } = run(&db).await else {
+        panic!("expected the run to fail on the unique index")
+    };
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    let (key, message) = &failures[0];
+    assert_eq!(key, backfill_coordinator::shadow::SHADOW_WIDE);
+    assert!(
+        message.contains("UNIQUE INDEX")
+            && message.contains("(order_id, sku)")
+            && message.contains("nothing was published"),
+        "{message}"
+    );
+    let store = control_store(&warehouse);
+    let failed = store.find_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(failed.state, RunState::Failed);
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Resuming cannot change that"),
+        "{failed:?}"
+    );
+    assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
 }
