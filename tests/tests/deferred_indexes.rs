@@ -47,6 +47,11 @@ async fn shadow_indexes_are_deferred_then_built_before_the_audits() {
     let db = TestDatabase::postgres().await;
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
+    exec(
+        &warehouse,
+        "COMMENT ON INDEX fact_order_items_order_date IS 'serves the daily dashboard'",
+    )
+    .await;
     let shape = index_shape(&warehouse, "fact_order_items").await;
     assert_eq!(
         shape,
@@ -69,6 +74,16 @@ async fn shadow_indexes_are_deferred_then_built_before_the_audits() {
     // The published table (the shadow) has the target's indexes and primary key again, and
     // the published content is right.
     assert_eq!(index_shape(&warehouse, "fact_order_items").await, shape);
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT count(*) FROM pg_index i WHERE i.indrelid = CAST('fact_order_items' AS regclass) \
+             AND obj_description(i.indexrelid, 'pg_class') = 'serves the daily dashboard'"
+        )
+        .await,
+        1,
+        "the index comment came back with the index"
+    );
     assert_eq!(
         checksum(&warehouse, "fact_order_items", None).await,
         checksum(&warehouse, "expected_order_items", None).await
