@@ -139,10 +139,19 @@ pub fn table(name: &str) -> TableName {
     TableName::parse(name).expect("valid table name")
 }
 
+/// Content checksum for comparing tables with each other: always the row-text hash, so two
+/// tables whose column types differ (numeric(12,2) against numeric) compare by what they
+/// hold, not by which hash the product would pick for each.
 pub async fn checksum(warehouse: &Warehouse, table_name: &str, filter: Option<&str>) -> Checksum {
     let mut conn = warehouse.acquire().await.expect("connection");
     warehouse
-        .checksum(&mut conn, &table(table_name), filter, &[])
+        .checksum_by(
+            &mut conn,
+            &table(table_name),
+            filter,
+            &[],
+            backfill_common::warehouse::RowHash::Text,
+        )
         .await
         .expect("checksum")
 }

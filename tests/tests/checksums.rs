@@ -16,6 +16,16 @@ async fn row_hash(warehouse: &Warehouse, name: &str) -> RowHash {
     warehouse.row_hash(&mut conn, &table(name)).await.unwrap()
 }
 
+/// The checksum the product computes for `name` (the method chosen by its column types).
+async fn product_checksum(warehouse: &Warehouse, name: &str, filter: Option<&str>) -> String {
+    let mut conn = warehouse.acquire().await.unwrap();
+    warehouse
+        .checksum(&mut conn, &table(name), filter, &[])
+        .await
+        .unwrap()
+        .to_string()
+}
+
 async fn checksum_by(warehouse: &Warehouse, name: &str, how: RowHash) -> String {
     let mut conn = warehouse.acquire().await.unwrap();
     warehouse
@@ -65,10 +75,7 @@ async fn row_hash_follows_the_column_types() {
     assert_eq!(RowHash::of_stored(&record), RowHash::Record);
     assert_eq!(RowHash::of_stored(&text), RowHash::Text);
     // The default checksum takes the fast way here.
-    assert_eq!(
-        checksum(&warehouse, "hashable", None).await.to_string(),
-        record
-    );
+    assert_eq!(product_checksum(&warehouse, "hashable", None).await, record);
 
     // One changed value changes both kinds of checksum.
     exec(
@@ -112,7 +119,7 @@ async fn row_hash_follows_the_column_types() {
         .await;
         exec(&warehouse, &format!("INSERT INTO {name} VALUES (1, NULL)")).await;
         assert_eq!(row_hash(&warehouse, name).await, RowHash::Text, "{column}");
-        let sum = checksum(&warehouse, name, None).await.to_string();
+        let sum = product_checksum(&warehouse, name, None).await;
         assert!(
             sum.starts_with("1:") && !sum.contains(":h"),
             "{column}: {sum}"
@@ -129,8 +136,8 @@ async fn partition_and_archive_checksums_match_the_tables() {
     let db = TestDatabase::postgres().await;
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
-    let before = checksum(&warehouse, "fact_order_items", None).await;
-    assert!(before.digest.starts_with('h'));
+    let before = product_checksum(&warehouse, "fact_order_items", None).await;
+    assert!(before.contains(":h"), "{before}");
     let spec = Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap();
     let backfill = Backfill::open(spec, demo::MINI_CHALLENGE_SPEC.into(), &db.url)
         .await
@@ -146,10 +153,10 @@ async fn partition_and_archive_checksums_match_the_tables() {
             "order_date >= DATE '{}' AND order_date < DATE '{}'",
             partition.range_start, partition.range_end
         );
-        let published = checksum(&warehouse, "fact_order_items", Some(&filter)).await;
+        let published = product_checksum(&warehouse, "fact_order_items", Some(&filter)).await;
         assert_eq!(
             partition.checksum.as_deref(),
-            Some(published.to_string().as_str()),
+            Some(published.as_str()),
             "partition {}",
             partition.partition_key
         );
@@ -161,7 +168,7 @@ async fn partition_and_archive_checksums_match_the_tables() {
         .into_iter()
         .find(|a| a.run_id == run_id)
         .unwrap();
-    assert_eq!(archive.checksum, before.to_string());
+    assert_eq!(archive.checksum, before);
     drop(db);
 }
 

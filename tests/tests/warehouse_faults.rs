@@ -391,13 +391,16 @@ async fn locked_partition_row_hits_the_lock_timeout_and_is_retried() {
         &cluster,
     )
     .await;
+    // Wait for the coordinator's reissue (fencing token 2), which updates the partition rows:
+    // taking the lock before it would block the coordinator, not the worker (seen under load
+    // in CI: no task was ever published while the test held the lock).
     wait_for(
         &warehouse,
         &format!(
-            "SELECT count(*) FROM {} WHERE partition_key = '{FAULT_DAY}'",
+            "SELECT count(*) FROM {} WHERE partition_key = '{FAULT_DAY}' AND fencing_token = 2",
             store.table("partitions")
         ),
-        "the run's partitions",
+        "the run's partitions issued",
         &cluster,
     )
     .await;
