@@ -156,6 +156,21 @@ pub async fn checksum(warehouse: &Warehouse, table_name: &str, filter: Option<&s
         .expect("checksum")
 }
 
+/// The checksum the product itself computes and records for a table (hash method chosen by
+/// its column types): for comparing with checksums in the control store.
+pub async fn product_checksum(
+    warehouse: &Warehouse,
+    table_name: &str,
+    filter: Option<&str>,
+) -> String {
+    let mut conn = warehouse.acquire().await.expect("connection");
+    warehouse
+        .checksum(&mut conn, &table(table_name), filter, &[])
+        .await
+        .expect("checksum")
+        .to_string()
+}
+
 /// Number of key values that occur more than once.
 pub async fn duplicate_keys(warehouse: &Warehouse, table_name: &str, key: &str) -> i64 {
     let mut conn = warehouse.acquire().await.expect("connection");

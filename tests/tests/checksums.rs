@@ -16,16 +16,6 @@ async fn row_hash(warehouse: &Warehouse, name: &str) -> RowHash {
     warehouse.row_hash(&mut conn, &table(name)).await.unwrap()
 }
 
-/// The checksum the product computes for `name` (the method chosen by its column types).
-async fn product_checksum(warehouse: &Warehouse, name: &str, filter: Option<&str>) -> String {
-    let mut conn = warehouse.acquire().await.unwrap();
-    warehouse
-        .checksum(&mut conn, &table(name), filter, &[])
-        .await
-        .unwrap()
-        .to_string()
-}
-
 async fn checksum_by(warehouse: &Warehouse, name: &str, how: RowHash) -> String {
     let mut conn = warehouse.acquire().await.unwrap();
     warehouse
