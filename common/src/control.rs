@@ -422,7 +422,18 @@ impl ControlStore {
             Dialect::Postgres => format!("{}.\"{name}\"", self.schema.quoted()),
             Dialect::Sqlite => format!("\"{name}\""),
         };
-        for (version, description, statements) in migrations(self.dialect(), &t, &index) {
+        let migrations = migrations(self.dialect(), &t, &index);
+        let known = migrations.last().map_or(0, |(version, _, _)| *version);
+        if current > known {
+            // An older binary would misread what a newer one recorded (e.g. a run whose
+            // shadow's indexes are deferred) and could publish it wrong.
+            return Err(BackfillError::Invalid(format!(
+                "the control store {} was migrated by a newer backfill (version {current}; this binary knows up to {known}): \
+                 upgrade this binary rather than run an older one against it",
+                self.schema
+            )));
+        }
+        for (version, description, statements) in migrations {
             if version <= current {
                 continue;
             }

@@ -179,3 +179,30 @@ async fn stale_process_cannot_move_a_run_backwards_and_rollback_waits_for_open_r
     publish::drop_shadow(&store, &record).await.unwrap();
     publish::rollback(&store, &run_id).await.unwrap();
 }
+
+/// A control store migrated by a newer version (here: a migration this binary does not
+/// know) is refused, on both dialects, before anything is read or written: an older binary
+/// would misread what the newer one recorded. The refusal says to upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_store_from_a_newer_version_is_refused() {
+    for db in [TestDatabase::postgres().await, TestDatabase::sqlite()] {
+        let warehouse = db.warehouse().await;
+        let store = control_store(&warehouse);
+        store.migrate().await.unwrap();
+        store.migrate().await.unwrap();
+        exec(
+            &warehouse,
+            &format!(
+                "INSERT INTO {} (version, description, applied_at) VALUES (999, 'from the future', '2030-01-01')",
+                store.table("schema_migrations")
+            ),
+        )
+        .await;
+        let error = store.migrate().await.unwrap_err().to_string();
+        assert!(
+            error.contains("migrated by a newer backfill (version 999")
+                && error.contains("upgrade this binary"),
+            "{error}"
+        );
+    }
+}
