@@ -31,7 +31,7 @@ local ttl = tonumber(ARGV[2])
 -- A server younger than a lease may have lost (restart) leases still in use: grant nothing
 -- until their holders have given them up.
 local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)') or '0')
-if uptime * 1000 < ttl then return 0 end
+if uptime * 1000 < ttl then return -1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < limit then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
@@ -175,6 +175,16 @@ impl RedisSemaphore {
             .invoke_async(&mut connection)
             .await
             .map_err(redis_error)?;
+        if acquired == -1 {
+            // Said once per process: a fresh deployment otherwise waits a TTL in silence.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::info!(
+                    ttl = ?self.ttl,
+                    "Redis started less than a lease TTL ago: no lease is granted until leases it may have lost have lapsed"
+                );
+            });
+        }
         Ok(acquired == 1)
     }
 }
