@@ -612,18 +612,10 @@ impl Backfill {
                 "{} partition(s) failed; fix the cause and run the same spec again",
                 failures.len()
             );
-            self.store
-                .set_run_state_now(
-                    &run.run_id,
-                    &[RunState::Running],
-                    RunState::Failed,
-                    Some(&message),
-                )
-                .await?;
-            return Ok(Some(RunOutcome::PartitionsFailed {
-                run_id: run.run_id.clone(),
-                failures,
-            }));
+            return self
+                .partitions_failed(run, &message, failures)
+                .await
+                .map(Some);
         }
         if let Some(deferred) = self
             .store
@@ -673,24 +665,37 @@ impl Backfill {
                      Resuming cannot change that: abandon this run, fix the cause and run the spec again"
                         .to_string()
                 };
-                self.store
-                    .set_run_state_now(
-                        &run.run_id,
-                        &[RunState::Running],
-                        RunState::Failed,
-                        Some(&message),
-                    )
-                    .await?;
-                return Ok(Some(RunOutcome::PartitionsFailed {
-                    run_id: run.run_id.clone(),
-                    failures,
-                }));
+                return self
+                    .partitions_failed(run, &message, failures)
+                    .await
+                    .map(Some);
             }
         }
         self.store
             .set_run_state_now(&run.run_id, &[RunState::Running], RunState::Auditing, None)
             .await?;
         Ok(None)
+    }
+
+    /// Marks a running run failed with `message` and reports its failed partitions.
+    async fn partitions_failed(
+        &self,
+        run: &RunRecord,
+        message: &str,
+        failures: Vec<(String, String)>,
+    ) -> Result<RunOutcome, BackfillError> {
+        self.store
+            .set_run_state_now(
+                &run.run_id,
+                &[RunState::Running],
+                RunState::Failed,
+                Some(message),
+            )
+            .await?;
+        Ok(RunOutcome::PartitionsFailed {
+            run_id: run.run_id.clone(),
+            failures,
+        })
     }
 
     /// Publishes an audited run: before_publish hooks (a failure blocks the publish and leaves

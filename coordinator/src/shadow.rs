@@ -96,13 +96,7 @@ pub async fn build_shadow(
             shadow.name.as_str().rsplit('_').next().unwrap_or("run")
         ))
         .map_err(|e| BackfillError::Invalid(e.to_string()))?;
-        let keys = spec
-            .target
-            .key
-            .iter()
-            .map(|k| k.quoted())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let keys = quoted_key_list(spec);
         execute(
             conn,
             &format!(
@@ -202,13 +196,7 @@ pub async fn build_shadow(
         // Without a unique index on the key, the target itself may hold a key twice: say so
         // now, as the shadow's unique index would have while copying, not after every
         // partition was written.
-        let keys = spec
-            .target
-            .key
-            .iter()
-            .map(|k| k.quoted())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let keys = quoted_key_list(spec);
         let duplicated = fetch_all(
             conn,
             &format!(
@@ -313,6 +301,16 @@ pub async fn build_deferred_indexes(
     }
     execute(&mut conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
     Ok(Ok(()))
+}
+
+/// The key columns, quoted, comma-separated.
+fn quoted_key_list(spec: &Spec) -> String {
+    spec.target
+        .key
+        .iter()
+        .map(|k| k.quoted())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The failure key of an index that cannot be built for a reason no partition owns.
