@@ -93,10 +93,42 @@ struct RawColumn {
 struct RawPartition {
     column: String,
     grain: String,
-    first: Option<String>,
-    last: Option<String>,
-    list: Option<Vec<String>>,
+    first: Option<PartitionValue>,
+    last: Option<PartitionValue>,
+    list: Option<Vec<PartitionValue>>,
     max_partitions: Option<usize>,
+}
+
+/// A partition start as written in the spec: a string (`"2024-03-03"`) or, since TOML has them
+/// and users write them, an unquoted date or local date-time literal (`2024-03-03`,
+/// `2024-03-03T05:00:00`), kept as its text and parsed like the string.
+#[derive(Debug)]
+struct PartitionValue(String);
+
+impl<'de> Deserialize<'de> for PartitionValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match toml::Value::deserialize(deserializer)? {
+            toml::Value::String(text) => Ok(PartitionValue(text)),
+            toml::Value::Datetime(datetime) => Ok(PartitionValue(datetime.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a partition start such as \"2024-03-03\" (day) or \"2024-03-03T05\" (hour), got `{other}`"
+            ))),
+        }
+    }
+}
+
+impl std::ops::Deref for PartitionValue {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PartitionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -992,7 +1024,14 @@ fn partition_value_hint(grain: Grain, value: &str) -> String {
             }
         });
     let real_date = shaped_like_date && parse_date(&value[..10]).is_some();
+    let has_offset = real_date
+        && value.len() > 10
+        && (value.ends_with(['Z', 'z']) || value[10..].contains(['+', '-']));
     match grain {
+        _ if has_offset => {
+            "a partition start has no time zone offset: write it without `Z` or `+hh:mm`, e.g. 2024-03-01T05 (hour) or 2024-03-01 (day)"
+                .to_string()
+        }
         Grain::Day if shaped_like_date && !real_date => {
             format!("`{}` is not a calendar date", &value[..10])
         }
@@ -1594,6 +1633,62 @@ name = "demo"
         assert_eq!(spec.publish.archive_retention_days, 30);
         assert_eq!(spec.planned_partitions().len(), 4);
         assert_eq!(spec.hash().len(), 64);
+    }
+
+    #[test]
+    fn unquoted_toml_dates_mean_the_same_as_strings() {
+        let quoted = Spec::parse(MINIMAL).unwrap();
+        let unquoted = Spec::parse(
+            &MINIMAL
+                .replace("first = \"2024-03-03\"", "first = 2024-03-03")
+                .replace("last = \"2024-03-06\"", "last = 2024-03-06"),
+        )
+        .unwrap();
+        assert_eq!(unquoted.planned_partitions(), quoted.planned_partitions());
+        assert_eq!(unquoted.hash(), quoted.hash());
+
+        let hourly = MINIMAL.replace("grain = \"day\"", "grain = \"hour\"");
+        let listed = Spec::parse(&hourly.replace(
+            "first = \"2024-03-03\"\nlast = \"2024-03-06\"",
+            "list = [2024-03-03T05:00:00, \"2024-03-03T07\", 2024-03-03 06:00:00]",
+        ))
+        .unwrap();
+        let starts: Vec<String> = listed
+            .planned_partitions()
+            .iter()
+            .map(|p| p.start.to_string())
+            .collect();
+        assert_eq!(
+            starts,
+            [
+                "2024-03-03 05:00:00",
+                "2024-03-03 06:00:00",
+                "2024-03-03 07:00:00"
+            ]
+        );
+    }
+
+    #[test]
+    fn partition_values_of_the_wrong_kind_say_what_is_expected() {
+        let offset = Spec::parse(
+            &MINIMAL
+                .replace("grain = \"day\"", "grain = \"hour\"")
+                .replace("first = \"2024-03-03\"", "first = 2024-03-03T05:00:00Z")
+                .replace("last = \"2024-03-06\"", "last = 2024-03-06T05:00:00Z"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(offset.contains("partition.first"), "{offset}");
+        assert!(offset.contains("no time zone offset"), "{offset}");
+
+        let number = Spec::parse(&MINIMAL.replace("first = \"2024-03-03\"", "first = 20240303"))
+            .unwrap_err()
+            .to_string();
+        assert!(number.contains("expected a partition start"), "{number}");
+        assert!(
+            number.contains("first = 20240303"),
+            "the line is shown: {number}"
+        );
     }
 
     #[test]
