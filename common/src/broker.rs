@@ -18,8 +18,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::envelope::{
-    HEADER_DETAIL, HEADER_KEY_ID, HEADER_REASON, HEADER_SIGNATURE, Keyring, Message, Rejection,
-    ResultMessage, TaskMessage,
+    HEADER_DETAIL, HEADER_KEY_ID, HEADER_PRIOR_DELIVERIES, HEADER_REASON, HEADER_SIGNATURE,
+    Keyring, Message, Rejection, ResultMessage, TaskMessage,
 };
 use crate::error::BackfillError;
 use crate::queue::{BoxFuture, DeadLetter, Delivery, Settle, TaskQueue};
@@ -495,6 +495,14 @@ impl Broker {
         limit: usize,
         remove: impl Fn(&DeadLetter) -> bool,
     ) -> Result<Vec<(DeadLetter, bool)>, BackfillError> {
+        // A broker that lost its state (or never saw this warehouse) has no dead-letter queue
+        // until a worker or coordinator declares it again: no queue, no letters.
+        if !self
+            .queue_exists(&self.topology.dead_queue(warehouse))
+            .await?
+        {
+            return Ok(Vec::new());
+        }
         let channel = self
             .connection
             .create_channel()
@@ -668,6 +676,36 @@ struct RabbitSettle {
     warehouse: String,
     body: Vec<u8>,
     headers: Option<FieldTable>,
+    delivery_count: u32,
+}
+
+/// A handed-back task's prior deliveries are capped: the header is outside the signature.
+const MAX_PRIOR_DELIVERIES: i64 = 1000;
+
+/// The headers a message is published again with: its own (signature, trace context), without
+/// what the broker added on its way (delivery count, deaths), and with how many deliveries it
+/// had before.
+fn republished_headers(headers: Option<&FieldTable>, prior_deliveries: u32) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (name, value) in headers.map(|h| h.inner().iter()).into_iter().flatten() {
+        let name_text = name.as_str();
+        if name_text == "x-delivery-count"
+            || name_text == HEADER_PRIOR_DELIVERIES
+            || name_text.starts_with("x-death")
+            || name_text.starts_with("x-first-death")
+            || name_text.starts_with("x-last-death")
+        {
+            continue;
+        }
+        out.insert(name.clone(), value.clone());
+    }
+    if prior_deliveries > 0 {
+        out.insert(
+            HEADER_PRIOR_DELIVERIES.into(),
+            AMQPValue::LongLongInt(prior_deliveries.into()),
+        );
+    }
+    out
 }
 
 /// lapin answers `Ok(false)` when the channel is already closed: the broker will requeue
@@ -698,6 +736,31 @@ impl Settle for RabbitSettle {
                     })
                     .await,
             )
+        })
+    }
+
+    /// Publishes a copy (confirmed) that remembers this delivery's predecessors, then acks this
+    /// one: the broker's count starts over for the copy, ours carries on. If the copy cannot be
+    /// published, the delivery is handed back the ordinary way (counted, never lost).
+    fn hand_back(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>> {
+        Box::pin(async move {
+            let headers = republished_headers(self.headers.as_ref(), self.delivery_count - 1);
+            let published = self
+                .broker
+                .publish_raw(
+                    &self.broker.topology.tasks_exchange(),
+                    &self.warehouse,
+                    &self.body,
+                    headers,
+                )
+                .await;
+            match published {
+                Ok(()) => settled(self.acker.ack(BasicAckOptions::default()).await),
+                Err(error) => {
+                    tracing::warn!(%error, "could not publish the handed-back task again; returning it to the queue");
+                    self.nack(true).await
+                }
+            }
         })
     }
 
@@ -755,9 +818,12 @@ impl TaskQueue for RabbitTaskQueue {
                 Some(Ok(delivery)) => delivery,
             };
             let headers = delivery.properties.headers().clone();
-            // Quorum queues count earlier failed deliveries in x-delivery-count.
+            // Quorum queues count earlier failed deliveries in x-delivery-count; a task a
+            // stopping worker handed back carries the count it had in HEADER_PRIOR_DELIVERIES.
             let delivery_count = header_number(headers.as_ref(), "x-delivery-count")
-                .map_or(1, |n| n.max(0) as u32 + 1);
+                .map_or(1, |n| n.clamp(0, i64::from(u32::MAX / 2)) as u32 + 1)
+                + header_number(headers.as_ref(), HEADER_PRIOR_DELIVERIES)
+                    .map_or(0, |n| n.clamp(0, MAX_PRIOR_DELIVERIES) as u32);
             let opened = self.broker.keyring.open(
                 &delivery.data,
                 header_text(headers.as_ref(), HEADER_KEY_ID).as_deref(),
@@ -769,6 +835,7 @@ impl TaskQueue for RabbitTaskQueue {
                 warehouse: self.warehouse.clone(),
                 body: delivery.data.clone(),
                 headers: headers.clone(),
+                delivery_count,
             };
             let rejection = match opened {
                 Ok(Message::Task(message)) if message.warehouse == self.warehouse => {

@@ -21,6 +21,10 @@ pub const HEADER_KEY_ID: &str = "x-bf-key-id";
 pub const HEADER_SIGNATURE: &str = "x-bf-signature";
 pub const HEADER_REASON: &str = "x-bf-reason";
 pub const HEADER_DETAIL: &str = "x-bf-detail";
+/// Deliveries a task had before a worker handed it back unstarted and published it again (the
+/// broker's own count starts over for the copy). Outside the signature: a forged value can only
+/// make the task give up sooner, never later.
+pub const HEADER_PRIOR_DELIVERIES: &str = "x-bf-prior-deliveries";
 
 /// What a coordinator asks a worker to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

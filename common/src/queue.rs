@@ -22,6 +22,11 @@ pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 pub trait Settle: Send {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>>;
     fn nack(self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>>;
+    /// Returns a task that never started (its worker is stopping) without counting this
+    /// delivery: the next one carries the same `delivery_count`. A rolling restart of the whole
+    /// fleet must not use up a task's deliveries. Should the queue deliver it twice after a
+    /// failure half-way, the second copy is stale (claims fence it), never lost.
+    fn hand_back(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>>;
     /// Moves the message to the dead-letter queue with a reason, and acks it.
     fn dead_letter(
         self: Box<Self>,
@@ -61,6 +66,11 @@ impl Delivery {
 
     pub async fn nack(self, requeue: bool) -> Result<(), BackfillError> {
         self.settle.nack(requeue).await
+    }
+
+    /// See [`Settle::hand_back`].
+    pub async fn hand_back(self) -> Result<(), BackfillError> {
+        self.settle.hand_back().await
     }
 
     pub async fn dead_letter(
@@ -163,49 +173,81 @@ struct InMemorySettle {
     trace_context: HashMap<String, String>,
 }
 
+/// How an in-memory delivery is settled.
+enum Settlement {
+    Ack,
+    Requeue,
+    /// Requeued without counting the delivery.
+    HandBack,
+    Dead(String, String),
+}
+
 impl InMemorySettle {
-    fn settle(self: Box<Self>, requeue: bool, dead: Option<(String, String)>) {
+    fn settle(self: Box<Self>, settlement: Settlement) {
+        let inner = self.inner.clone();
         {
-            let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             state.unacked -= 1;
-            match dead {
-                Some((reason, detail)) => state.dead.push(DeadLetter {
-                    message: Some(self.message),
+            let InMemorySettle {
+                message,
+                delivery_count,
+                trace_context,
+                ..
+            } = *self;
+            match settlement {
+                Settlement::Ack => {}
+                Settlement::Dead(reason, detail) => state.dead.push(DeadLetter {
+                    message: Some(message),
                     reason,
                     detail,
                 }),
-                None if requeue && self.delivery_count >= self.inner.delivery_limit => {
+                Settlement::Requeue if delivery_count >= inner.delivery_limit => {
                     state.dead.push(DeadLetter {
-                        message: Some(self.message),
+                        message: Some(message),
                         reason: "delivery_limit".into(),
-                        detail: format!("delivered {} times", self.delivery_count),
+                        detail: format!("delivered {delivery_count} times"),
                     })
                 }
-                None if requeue => {
+                Settlement::Requeue => {
                     state
                         .ready
-                        .push_back((self.message, self.delivery_count, self.trace_context))
+                        .push_back((message, delivery_count, trace_context))
                 }
-                None => {}
+                Settlement::HandBack => {
+                    state
+                        .ready
+                        .push_back((message, delivery_count - 1, trace_context))
+                }
             }
         }
         // Wake every receiver: one may take the requeued task, and receivers of a closed
         // queue finish once nothing is in flight.
-        self.inner.notify.notify_waiters();
+        inner.notify.notify_waiters();
     }
 }
 
 impl Settle for InMemorySettle {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>> {
         Box::pin(async move {
-            self.settle(false, None);
+            self.settle(Settlement::Ack);
             Ok(())
         })
     }
 
     fn nack(self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>> {
         Box::pin(async move {
-            self.settle(requeue, None);
+            self.settle(if requeue {
+                Settlement::Requeue
+            } else {
+                Settlement::Ack
+            });
+            Ok(())
+        })
+    }
+
+    fn hand_back(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>> {
+        Box::pin(async move {
+            self.settle(Settlement::HandBack);
             Ok(())
         })
     }
@@ -216,7 +258,7 @@ impl Settle for InMemorySettle {
         detail: String,
     ) -> BoxFuture<'static, Result<(), BackfillError>> {
         Box::pin(async move {
-            self.settle(false, Some((reason.to_string(), detail)));
+            self.settle(Settlement::Dead(reason.to_string(), detail));
             Ok(())
         })
     }

@@ -171,6 +171,38 @@ async fn dead_letter_keeps_the_reason<Q: Harness>(queue: Q) {
     queue.cleanup().await;
 }
 
+/// A stopping worker hands back a task it never started: that is not a delivery, however often
+/// it happens (a fleet restarted many times in a row), and the count a task already had carries
+/// over.
+async fn hand_back_keeps_the_delivery_count<Q: Harness>(queue: Q) {
+    queue.publish(message("p1")).await.unwrap();
+    for _ in 0..LIMIT + 2 {
+        let delivery = receive(&queue).await;
+        assert_eq!(delivery.delivery_count, 1, "a hand-back is not a delivery");
+        assert_eq!(delivery.message, message("p1"));
+        delivery.hand_back().await.unwrap();
+    }
+    receive(&queue).await.nack(true).await.unwrap();
+    let second = receive(&queue).await;
+    assert_eq!(second.delivery_count, 2, "a failed delivery counts");
+    second.hand_back().await.unwrap();
+    let again = receive(&queue).await;
+    assert_eq!(
+        again.delivery_count, 2,
+        "the count carries over a hand-back"
+    );
+    assert_eq!(again.message, message("p1"));
+    again.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), queue.receive())
+            .await
+            .is_err(),
+        "one task, delivered until acked, never twice"
+    );
+    assert_eq!(queue.dead().await, vec![]);
+    queue.cleanup().await;
+}
+
 macro_rules! queue_conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -190,12 +222,35 @@ macro_rules! queue_conformance {
             async fn dead_letter_keeps_the_reason() {
                 super::dead_letter_keeps_the_reason($make.await).await;
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn hand_back_keeps_the_delivery_count() {
+                super::hand_back_keeps_the_delivery_count($make.await).await;
+            }
         }
     };
 }
 
 queue_conformance!(in_memory_queue, in_memory());
 queue_conformance!(rabbit_queue, rabbit());
+
+/// A broker that lost its state, or never saw the warehouse, has no dead-letter queue: listing
+/// or purging its letters finds none instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_never_declared_has_no_dead_letters() {
+    let broker = Broker::connect(&broker_url(), &unique_prefix("queue"), keyring(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(broker.dead_letters("undeclared", 10).await.unwrap(), vec![]);
+    assert_eq!(
+        broker
+            .purge_dead_letters("undeclared", "run00001")
+            .await
+            .unwrap(),
+        0
+    );
+    broker.close().await;
+}
 
 fn headers(key_id: Option<&str>, signature: Option<&str>) -> FieldTable {
     let mut headers = FieldTable::default();

@@ -678,7 +678,7 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
     match &report.outcome {
         PartitionOutcome::HandedBack => {
             tracing::info!(partition = %report.task.partition_key, "stopping: task handed back before it started");
-            delivery.nack(true).await
+            delivery.hand_back().await
         }
         PartitionOutcome::Done { .. } | PartitionOutcome::Stale => {
             reports.report(report).await;
