@@ -21,15 +21,23 @@ use sqlx::{AnyConnection, Connection};
 
 use crate::shadow::quote_catalog_name;
 
+fn archive_suffix(run_id: &str) -> String {
+    format!("__bf_archive_{run_id}")
+}
+
+fn undone_suffix(run_id: &str) -> String {
+    format!("__bf_undone_{run_id}")
+}
+
 pub fn archive_name(target: &TableName, run_id: &str) -> Result<TableName, BackfillError> {
     target
-        .with_suffix(&format!("__bf_archive_{run_id}"))
+        .with_suffix(&archive_suffix(run_id))
         .map_err(|e| BackfillError::Invalid(e.to_string()))
 }
 
 pub fn undone_name(target: &TableName, run_id: &str) -> Result<TableName, BackfillError> {
     target
-        .with_suffix(&format!("__bf_undone_{run_id}"))
+        .with_suffix(&undone_suffix(run_id))
         .map_err(|e| BackfillError::Invalid(e.to_string()))
 }
 
@@ -289,6 +297,155 @@ async fn rename(
     Ok(())
 }
 
+/// PostgreSQL's longest identifier, in bytes (longer names are silently truncated).
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// One index of a table: its name, and what it is apart from its name and table (so the same
+/// index on two tables has the same signature).
+struct IndexSignature {
+    name: String,
+    signature: String,
+}
+
+/// The indexes of a table with their signatures: `pg_get_indexdef` without the `CREATE …
+/// INDEX <name> ON <table>` head, plus the kind of constraint the index backs. An index whose
+/// definition does not have the expected head is left out (and keeps its name).
+async fn index_signatures(
+    conn: &mut AnyConnection,
+    table: &TableName,
+) -> Result<Vec<IndexSignature>, BackfillError> {
+    let rows = fetch_all(
+        conn,
+        "SELECT CAST(ic.relname AS text), quote_ident(CAST(ic.relname AS text)), pg_catalog.pg_get_indexdef(i.indexrelid), \
+         quote_ident(CAST(n.nspname AS text)) || '.' || quote_ident(CAST(tc.relname AS text)), \
+         quote_ident(CAST(tc.relname AS text)), coalesce(CAST(con.contype AS text), '') \
+         FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+         JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = tc.relnamespace \
+         LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
+         WHERE i.indrelid = CAST($1 AS regclass) ORDER BY ic.relname",
+        &[table.quoted().into()],
+    )
+    .await?;
+    let mut out = Vec::new();
+    for row in &rows {
+        let name: String = get(row, 0)?;
+        let quoted_name: String = get(row, 1)?;
+        let definition: String = get(row, 2)?;
+        let qualified_table: String = get(row, 3)?;
+        let bare_table: String = get(row, 4)?;
+        let constraint: String = get(row, 5)?;
+        let rest = ["CREATE UNIQUE INDEX ", "CREATE INDEX "]
+            .iter()
+            .find_map(|head| definition.strip_prefix(head))
+            .and_then(|rest| rest.strip_prefix(quoted_name.as_str()))
+            .and_then(|rest| rest.strip_prefix(" ON "))
+            .map(|rest| rest.strip_prefix("ONLY ").unwrap_or(rest))
+            .and_then(|rest| {
+                rest.strip_prefix(qualified_table.as_str())
+                    .or_else(|| rest.strip_prefix(bare_table.as_str()))
+            });
+        if let Some(rest) = rest {
+            let unique = definition.starts_with("CREATE UNIQUE");
+            out.push(IndexSignature {
+                name,
+                signature: format!("{unique}|{constraint}|{rest}"),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The name an index steps aside to: `<name><suffix>`, the name shortened (and numbered, to
+/// stay unique) when that would exceed PostgreSQL's 63 bytes.
+fn stepped_aside_name(name: &str, suffix: &str, ordinal: usize) -> String {
+    let whole = format!("{name}{suffix}");
+    if whole.len() <= MAX_IDENTIFIER_BYTES {
+        return whole;
+    }
+    let tail = format!("_{ordinal}{suffix}");
+    let mut end = MAX_IDENTIFIER_BYTES
+        .saturating_sub(tail.len())
+        .min(name.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{tail}", &name[..end])
+}
+
+/// After a swap (PostgreSQL), the incoming table's indexes take the names of the outgoing
+/// table's matching indexes (the same definition and constraint kind), and the outgoing ones
+/// step aside to `<name><suffix>`. Migrations, monitoring and `pg_stat_user_indexes` name
+/// indexes: a backfill must not rename them. Renaming an index renames the constraint it backs.
+/// Only incoming indexes `takes_names` accepts are renamed (a rollback renames only indexes
+/// that carry the archive's suffix, so an archive made before names were handed over keeps
+/// its own). An index with no match, or a name already taken, keeps its name.
+async fn hand_over_index_names(
+    conn: &mut AnyConnection,
+    outgoing: &TableName,
+    incoming: &TableName,
+    suffix: &str,
+    takes_names: impl Fn(&str) -> bool,
+) -> Result<(), BackfillError> {
+    let old = index_signatures(conn, outgoing).await?;
+    let mut new = index_signatures(conn, incoming).await?;
+    new.retain(|index| takes_names(&index.name));
+    let mut pairs = Vec::new();
+    for index in old {
+        if let Some(at) = new.iter().position(|n| n.signature == index.signature) {
+            let taker = new.remove(at);
+            if taker.name != index.name {
+                pairs.push((index.name, taker.name));
+            }
+        }
+    }
+    let qualified = |table: &TableName, name: &str| match &table.schema {
+        Some(schema) => format!("{}.{}", schema.quoted(), quote_catalog_name(name)),
+        None => quote_catalog_name(name),
+    };
+    let mut handed = Vec::new();
+    for (ordinal, (name, taker)) in pairs.into_iter().enumerate() {
+        let aside = stepped_aside_name(&name, suffix, ordinal + 1);
+        let taken = !fetch_all(
+            conn,
+            "SELECT 1 FROM pg_catalog.pg_class WHERE relname = $1 AND relnamespace = \
+             (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid = CAST($2 AS regclass))",
+            &[aside.clone().into(), outgoing.quoted().into()],
+        )
+        .await?
+        .is_empty();
+        if taken {
+            tracing::warn!(index = %name, %aside, "an index keeps its name: the name it would step aside to is taken");
+            continue;
+        }
+        execute(
+            conn,
+            &format!(
+                "ALTER INDEX {} RENAME TO {}",
+                qualified(outgoing, &name),
+                quote_catalog_name(&aside)
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| e.context(format!("renaming index {name} of {outgoing} to {aside}")))?;
+        handed.push((name, taker));
+    }
+    for (name, taker) in handed {
+        execute(
+            conn,
+            &format!(
+                "ALTER INDEX {} RENAME TO {}",
+                qualified(incoming, &taker),
+                quote_catalog_name(&name)
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| e.context(format!("renaming index {taker} of {incoming} to {name}")))?;
+    }
+    Ok(())
+}
+
 /// Lets SQLite renames leave views alone (they then resolve by name at query time).
 async fn set_sqlite_legacy_alter(conn: &mut AnyConnection, on: bool) -> Result<(), BackfillError> {
     execute(
@@ -361,6 +518,7 @@ pub async fn swap_table(
         rename(&mut tx, shadow, target).await?;
         if let Some(dependents) = &dependents {
             restore_dependents(&mut tx, target, dependents, true).await?;
+            hand_over_index_names(&mut tx, &archive, target, &archive_suffix(&run.run_id), |_| true).await?;
         }
         let record = archive_record(&run.run_id, &archive, target, ARCHIVE_TABLE, &old, Duration::days(retention_days as i64));
         store.insert_archive(&mut tx, &record).await?;
@@ -792,6 +950,14 @@ pub async fn swap_partitions(
             &[],
         )
         .await?;
+        hand_over_index_names(
+            &mut tx,
+            &archive,
+            old_partition,
+            &archive_suffix(&run.run_id),
+            |_| true,
+        )
+        .await?;
         execute(
             &mut tx,
             &format!(
@@ -919,6 +1085,15 @@ async fn rollback_partitions(
                 partition.name.quoted()
             ),
             &[],
+        )
+        .await?;
+        let archived = archive_suffix(&run.run_id);
+        hand_over_index_names(
+            &mut tx,
+            &undone,
+            &partition,
+            &undone_suffix(&run.run_id),
+            |name| name.ends_with(&archived),
         )
         .await?;
         execute(
@@ -1179,6 +1354,8 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
         rename(&mut tx, &archive_table, &target).await?;
         if let Some(dependents) = &dependents {
             restore_dependents(&mut tx, &target, dependents, false).await?;
+            let archived = archive_suffix(&run.run_id);
+            hand_over_index_names(&mut tx, &undone, &target, &undone_suffix(&run.run_id), |name| name.ends_with(&archived)).await?;
         }
         let restored: Checksum = warehouse
             .checksum_like(&mut tx, &target, None, &[], &archive.checksum)
@@ -1395,4 +1572,29 @@ pub async fn drop_shadow(store: &ControlStore, run: &RunRecord) -> Result<(), Ba
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stepped_aside_name_fits_postgres_and_keeps_the_suffix() {
+        assert_eq!(
+            stepped_aside_name("orders_pkey", "__bf_archive_ab12cd34", 1),
+            "orders_pkey__bf_archive_ab12cd34"
+        );
+        let long = "x".repeat(63);
+        let aside = stepped_aside_name(&long, "__bf_archive_ab12cd34", 3);
+        assert_eq!(aside.len(), 63);
+        assert!(aside.ends_with("_3__bf_archive_ab12cd34"), "{aside}");
+        // never cut inside a character
+        let accented = "é".repeat(31);
+        let aside = stepped_aside_name(&accented, "__bf_undone_ab12cd34", 2);
+        assert!(
+            aside.len() <= 63 && aside.ends_with("_2__bf_undone_ab12cd34"),
+            "{aside}"
+        );
+        assert!(aside.starts_with("éé"));
+    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use backfill_common::control::ControlStore;
 use backfill_common::ident::{Ident, TableName};
-use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_one, get};
+use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_all, fetch_one, get};
 
 /// The local Redis; override with BACKFILL_TEST_REDIS_URL.
 pub fn redis_url() -> String {
@@ -190,6 +190,22 @@ pub async fn count(warehouse: &Warehouse, sql: &str) -> i64 {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     get(&row, 0).expect("count")
+}
+
+/// The names of a table's indexes with the constraint each backs (`-` for none), sorted.
+pub async fn index_names(warehouse: &Warehouse, table: &str) -> Vec<String> {
+    let mut conn = warehouse.acquire().await.unwrap();
+    let rows = fetch_all(
+        &mut conn,
+        "SELECT CAST(ic.relname AS text) || ' ' || coalesce(CAST(con.conname AS text), '-') \
+         FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+         LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+         WHERE i.indrelid = CAST($1 AS regclass) ORDER BY 1",
+        &[table.to_string().into()],
+    )
+    .await
+    .unwrap();
+    rows.iter().map(|r| get(r, 0).unwrap()).collect()
 }
 
 pub async fn exec(warehouse: &Warehouse, sql: &str) {

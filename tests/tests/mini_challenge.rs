@@ -236,3 +236,86 @@ async fn postgres_swap_keeps_grants_comment_and_views() {
         "daily_quantity must read the published table"
     );
 }
+
+/// Migrations, monitoring and dashboards name indexes and constraints: publishing a
+/// `swap_table` backfill and rolling it back leave the live table's index and constraint names
+/// as they were (a primary key, a named unique constraint whose name is the longest PostgreSQL
+/// allows, a partial expression index); the archive's and the undone table's step aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_swap_and_rollback_keep_index_and_constraint_names() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let long_name = format!("fact_order_items_sku_item_unique_{}", "x".repeat(30));
+    assert_eq!(long_name.len(), 63);
+    exec(
+        &warehouse,
+        &format!("ALTER TABLE fact_order_items ADD CONSTRAINT {long_name} UNIQUE (order_id, item_id, sku)"),
+    )
+    .await;
+    exec(
+        &warehouse,
+        "CREATE INDEX \"Big Quantities\" ON fact_order_items (lower(sku)) WHERE quantity > 10",
+    )
+    .await;
+    let before = index_names(&warehouse, "fact_order_items").await;
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    let backfill = Backfill::open(
+        Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
+        demo::MINI_CHALLENGE_SPEC.into(),
+        &db.url,
+    )
+    .await
+    .unwrap();
+    let RunOutcome::Published {
+        run_id, archive, ..
+    } = backfill.run("test", &Quiet).await.unwrap()
+    else {
+        panic!("expected a publish");
+    };
+    assert_eq!(
+        index_names(&warehouse, "fact_order_items").await,
+        before,
+        "the published table has the names the live table had"
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+    let archived = index_names(&warehouse, &archive).await;
+    assert_eq!(archived.len(), 4, "{archived:?}");
+    for name in &archived {
+        let index = name.rsplit_once(' ').unwrap().0;
+        assert!(
+            index.ends_with(&format!("__bf_archive_{run_id}")) && index.len() <= 63,
+            "archive index {name} steps aside: {archived:?}"
+        );
+    }
+
+    let store = control_store(&warehouse);
+    let report = publish::rollback(&store, &run_id).await.unwrap();
+    assert_eq!(
+        index_names(&warehouse, "fact_order_items").await,
+        before,
+        "rollback gives the restored table its names back"
+    );
+    let undone = index_names(&warehouse, &report.kept_as).await;
+    assert_eq!(undone.len(), 4, "{undone:?}");
+    assert!(
+        undone.iter().all(|n| n
+            .rsplit_once(' ')
+            .unwrap()
+            .0
+            .ends_with(&format!("__bf_undone_{run_id}"))),
+        "{undone:?}"
+    );
+    // The names are not only names: the constraint still holds on the restored table.
+    let duplicate = "INSERT INTO fact_order_items SELECT * FROM fact_order_items LIMIT 1";
+    let mut conn = warehouse.acquire().await.unwrap();
+    let error = backfill_common::warehouse::execute(&mut conn, duplicate, &[])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("fact_order_items_pkey"), "{error}");
+}

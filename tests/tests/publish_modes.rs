@@ -350,6 +350,8 @@ async fn swap_partitions_replaces_only_the_partitions_of_the_window() {
     seed_sales(&warehouse).await;
     let before = checksum(&warehouse, "sales", None).await;
     let february_before = checksum(&warehouse, "sales_2024_02", None).await;
+    let february_indexes = index_names(&warehouse, "sales_2024_02").await;
+    assert_eq!(february_indexes, ["sales_2024_02_pkey sales_2024_02_pkey"]);
     let untouched = [
         oid(&warehouse, "sales_2024_01").await,
         oid(&warehouse, "sales_2024_03").await,
@@ -440,11 +442,27 @@ async fn swap_partitions_replaces_only_the_partitions_of_the_window() {
         4,
         "the new February is attached in place of the old one"
     );
+    assert_eq!(
+        index_names(&warehouse, "sales_2024_02").await,
+        february_indexes,
+        "the new February has the old one's index names"
+    );
+    assert_eq!(
+        index_names(&warehouse, &archive).await,
+        [format!(
+            "sales_2024_02_pkey__bf_archive_{run_id} sales_2024_02_pkey__bf_archive_{run_id}"
+        )]
+    );
 
     let store = control_store(&warehouse);
     publish::rollback(&store, &run_id).await.unwrap();
     assert_eq!(checksum(&warehouse, "sales", None).await, before);
     assert_eq!(count(&warehouse, VIEW_TOTAL).await, old_total);
+    assert_eq!(
+        index_names(&warehouse, "sales_2024_02").await,
+        february_indexes,
+        "the restored February has its index names back"
+    );
 }
 
 /// A few days of a large partition: auto merges the window instead of copying the partition;
