@@ -493,6 +493,123 @@ impl ControlStore {
         rows.iter().map(run_from_row).collect()
     }
 
+    /// Stores a spec's text under its hash, once.
+    async fn insert_spec(
+        &self,
+        conn: &mut AnyConnection,
+        spec_hash: &str,
+        canonical_spec: &str,
+        source_text: &str,
+    ) -> Result<(), BackfillError> {
+        let specs = self.table("specs");
+        let exists = fetch_optional(
+            conn,
+            &format!("SELECT spec_hash FROM {specs} WHERE spec_hash = $1"),
+            &[spec_hash.into()],
+        )
+        .await?;
+        if exists.is_none() {
+            execute(
+                conn,
+                &format!("INSERT INTO {specs} (spec_hash, canonical, source_text, created_at) VALUES ($1, $2, $3, $4)"),
+                &[spec_hash.into(), canonical_spec.into(), source_text.into(), now_text().into()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Pins an open run to an amended spec (the same identity, other settings), if it is still
+    /// pinned to `from_hash`, and records the change as a `spec_amended` event whose detail
+    /// starts with `from <old hash> to <new hash>`. An audited run goes back to auditing, so
+    /// that nothing is published without the amended audits.
+    pub async fn amend_run_spec(
+        &self,
+        run: &RunRecord,
+        to_hash: &str,
+        spec_name: &str,
+        canonical_spec: &str,
+        source_text: &str,
+        changes: &[String],
+    ) -> Result<RunRecord, BackfillError> {
+        let mut tx = self.warehouse.pool.begin().await?;
+        self.insert_spec(&mut tx, to_hash, canonical_spec, source_text)
+            .await?;
+        let state = if run.state == RunState::AwaitingApproval {
+            RunState::Auditing
+        } else {
+            run.state
+        };
+        let updated = execute(
+            &mut tx,
+            &format!(
+                "UPDATE {} SET spec_hash = $2, spec_name = $3, state = $4, updated_at = $5 \
+                 WHERE run_id = $1 AND spec_hash = $6 AND state = $7",
+                self.table("runs")
+            ),
+            &[
+                run.run_id.as_str().into(),
+                to_hash.into(),
+                spec_name.into(),
+                state.as_str().into(),
+                now_text().into(),
+                run.spec_hash.as_str().into(),
+                run.state.as_str().into(),
+            ],
+        )
+        .await?;
+        if updated != 1 {
+            return Err(BackfillError::Conflict(format!(
+                "run {} changed while it was being amended (another backfill process is driving it); nothing was amended",
+                run.run_id
+            )));
+        }
+        self.record_event(
+            &mut tx,
+            &run.run_id,
+            None,
+            "spec_amended",
+            &format!(
+                "from {} to {to_hash}: {}",
+                run.spec_hash,
+                changes.join("; ")
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        let mut amended = run.clone();
+        amended.spec_hash = to_hash.to_string();
+        amended.spec_name = spec_name.to_string();
+        amended.state = state;
+        Ok(amended)
+    }
+
+    /// Whether `spec_hash` is one the run was pinned to before an amendment.
+    pub async fn spec_amended_from(
+        &self,
+        run_id: &str,
+        spec_hash: &str,
+    ) -> Result<bool, BackfillError> {
+        let mut conn = self.warehouse.acquire().await?;
+        let rows = fetch_all(
+            &mut conn,
+            &format!(
+                "SELECT detail FROM {} WHERE run_id = $1 AND kind = 'spec_amended'",
+                self.table("events")
+            ),
+            &[run_id.into()],
+        )
+        .await?;
+        let prefix = format!("from {spec_hash} ");
+        for row in &rows {
+            let detail: String = get(row, 0)?;
+            if detail.starts_with(&prefix) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Records a new run, its frozen spec and all its partitions (state pending, token 1).
     /// The caller supplies the transaction so that the shadow can be built in the same one.
     pub async fn insert_run(
@@ -504,21 +621,8 @@ impl ControlStore {
         partitions: &[Partition],
         grain: crate::plan::Grain,
     ) -> Result<(), BackfillError> {
-        let specs = self.table("specs");
-        let exists = fetch_optional(
-            conn,
-            &format!("SELECT spec_hash FROM {specs} WHERE spec_hash = $1"),
-            &[run.spec_hash.as_str().into()],
-        )
-        .await?;
-        if exists.is_none() {
-            execute(
-                conn,
-                &format!("INSERT INTO {specs} (spec_hash, canonical, source_text, created_at) VALUES ($1, $2, $3, $4)"),
-                &[run.spec_hash.as_str().into(), canonical_spec.into(), source_text.into(), now_text().into()],
-            )
+        self.insert_spec(conn, &run.spec_hash, canonical_spec, source_text)
             .await?;
-        }
         execute(
             conn,
             &format!(
@@ -716,7 +820,8 @@ impl ControlStore {
     }
 
     /// First statement of a partition transaction: claims the partition if the task's fencing
-    /// token is still current and the partition is not done. Being a write, it also takes the
+    /// token is still current, the partition is not done and the run is still pinned to the
+    /// task's spec (an amendment re-pins it; a worker's cached context must not outlive that). Being a write, it also takes the
     /// row lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction.
     /// Returns how many times the partition was applied before, or None for a stale task.
     pub async fn claim_partition(
@@ -728,10 +833,12 @@ impl ControlStore {
             conn,
             &format!(
                 "UPDATE {} SET state = 'running', attempt = $4, started_at = $5 \
-                 WHERE run_id = $1 AND partition_key = $2 AND fencing_token = $3 AND state <> 'done' RETURNING times_applied",
-                self.table("partitions")
+                 WHERE run_id = $1 AND partition_key = $2 AND fencing_token = $3 AND state <> 'done' \
+                 AND EXISTS (SELECT 1 FROM {} WHERE run_id = $1 AND spec_hash = $6) RETURNING times_applied",
+                self.table("partitions"),
+                self.table("runs")
             ),
-            &[task.run_id.as_str().into(), task.partition_key.as_str().into(), task.fencing_token.into(), task.attempt.into(), now_text().into()],
+            &[task.run_id.as_str().into(), task.partition_key.as_str().into(), task.fencing_token.into(), task.attempt.into(), now_text().into(), task.spec_hash.as_str().into()],
         )
         .await?;
         if row.is_some() {

@@ -508,9 +508,135 @@ impl Spec {
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// SHA-256 of what decides the rows a run writes: target, partitioning, source, warehouse
+    /// and control schema, publish mode. Two specs with the same identity build the same
+    /// shadow; the rest (execution bounds, concurrency, audits, approval, retention, hooks,
+    /// name, description) may change between attempts of one run, when asked to
+    /// (`backfill run --amend`).
+    pub fn identity_hash(&self) -> String {
+        let value = serde_json::to_value(self).expect("a validated spec always serialises");
+        let identity: serde_json::Map<String, serde_json::Value> = flatten(&value)
+            .into_iter()
+            .filter(|(path, _)| is_identity(path))
+            .collect();
+        let text = serde_json::to_string(&identity).expect("a JSON value always serialises");
+        let digest = Sha256::digest(text.as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// What differs from `earlier`, one `field: before → after` line each, split into
+    /// changes of what the run writes (identity) and changes of settings.
+    pub fn changes_since(&self, earlier: &Spec) -> SpecChanges {
+        let before = flatten(&serde_json::to_value(earlier).expect("serialises"));
+        let after = flatten(&serde_json::to_value(self).expect("serialises"));
+        let mut paths: Vec<&String> = before.keys().chain(after.keys()).collect();
+        paths.sort();
+        paths.dedup();
+        let mut changes = SpecChanges::default();
+        for path in paths {
+            let (old, new) = (before.get(path), after.get(path));
+            if old == new {
+                continue;
+            }
+            let show = |value: Option<&serde_json::Value>| match value {
+                None => "(none)".to_string(),
+                Some(serde_json::Value::Number(n)) if is_duration_path(path) => {
+                    format!("{n}ms")
+                }
+                Some(value) => {
+                    let text = value.to_string();
+                    if text.chars().count() > 80 {
+                        format!("{}…", text.chars().take(80).collect::<String>())
+                    } else {
+                        text
+                    }
+                }
+            };
+            let line = format!("{path}: {} → {}", show(old), show(new));
+            if is_identity(path) {
+                changes.identity.push(line);
+            } else {
+                changes.settings.push(line);
+            }
+        }
+        changes
+    }
+
     pub fn planned_partitions(&self) -> Vec<plan::Partition> {
         plan::partitions(self.partition.grain, &self.partition.scope)
     }
+}
+
+/// How two specs differ: `field: before → after` lines.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SpecChanges {
+    /// Changes of what a run writes: a run in progress can never take them.
+    pub identity: Vec<String>,
+    /// Changes of settings: a run in progress takes them when asked to.
+    pub settings: Vec<String>,
+}
+
+impl SpecChanges {
+    pub fn is_empty(&self) -> bool {
+        self.identity.is_empty() && self.settings.is_empty()
+    }
+}
+
+/// Whether a flattened spec field decides what a run writes.
+fn is_identity(path: &str) -> bool {
+    ["target", "partition", "source"]
+        .iter()
+        .any(|top| path == *top || path.starts_with(&format!("{top}.")))
+        || ["warehouse.name", "warehouse.control_schema", "publish.mode"].contains(&path)
+}
+
+/// Fields serialised as milliseconds.
+fn is_duration_path(path: &str) -> bool {
+    path.ends_with(".partition_timeout")
+        || path.ends_with(".backoff_initial")
+        || path.ends_with(".backoff_max")
+        || path.ends_with(".timeout")
+}
+
+/// A JSON value as `path → leaf`: objects by key (`execution.retries`), array elements by
+/// their `name` when they have one (`audits[not_null_quantity].severity`), else by index.
+fn flatten(value: &serde_json::Value) -> std::collections::BTreeMap<String, serde_json::Value> {
+    fn walk(
+        prefix: &str,
+        value: &serde_json::Value,
+        out: &mut std::collections::BTreeMap<String, serde_json::Value>,
+    ) {
+        let join = |key: &str| {
+            if prefix.is_empty() {
+                key.to_string()
+            } else {
+                format!("{prefix}.{key}")
+            }
+        };
+        match value {
+            serde_json::Value::Object(map) if !map.is_empty() => {
+                for (key, child) in map {
+                    walk(&join(key), child, out);
+                }
+            }
+            serde_json::Value::Array(items) if !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    let label = item
+                        .get("name")
+                        .and_then(|n| n.as_str())
+                        .map(str::to_string)
+                        .unwrap_or_else(|| i.to_string());
+                    walk(&format!("{prefix}[{label}]"), item, out);
+                }
+            }
+            leaf => {
+                out.insert(prefix.to_string(), leaf.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", value, &mut out);
+    out
 }
 
 fn toml_message(error: &toml::de::Error) -> String {
@@ -1689,6 +1815,49 @@ name = "demo"
             number.contains("first = 20240303"),
             "the line is shown: {number}"
         );
+    }
+
+    #[test]
+    fn settings_change_the_hash_but_not_the_identity() {
+        let first = Spec::parse(MINIMAL).unwrap();
+        let amended = Spec::parse(&format!(
+            "{MINIMAL}\n[execution]\npartition_timeout = \"15m\"\n\n[[audit]]\nkind = \"unique_key\"\n"
+        ))
+        .unwrap();
+        assert_ne!(amended.hash(), first.hash());
+        assert_eq!(amended.identity_hash(), first.identity_hash());
+        let changes = amended.changes_since(&first);
+        assert_eq!(changes.identity, Vec::<String>::new());
+        assert!(
+            changes
+                .settings
+                .contains(&"execution.partition_timeout: 300000ms → 900000ms".to_string()),
+            "{changes:?}"
+        );
+        assert!(
+            changes
+                .settings
+                .iter()
+                .any(|c| c.starts_with("audits[unique_key]")),
+            "{changes:?}"
+        );
+
+        let rewritten =
+            Spec::parse(&MINIMAL.replace("SELECT *", "SELECT order_id, item_id, order_date"))
+                .unwrap();
+        assert_ne!(rewritten.identity_hash(), first.identity_hash());
+        let changes = rewritten.changes_since(&first);
+        assert_eq!(changes.identity.len(), 1, "{changes:?}");
+        assert!(
+            changes.identity[0].starts_with("source.query: "),
+            "{changes:?}"
+        );
+        assert!(changes.settings.is_empty());
+
+        let wider = Spec::parse(&MINIMAL.replace("2024-03-06", "2024-03-07")).unwrap();
+        assert_ne!(wider.identity_hash(), first.identity_hash());
+        assert!(!wider.changes_since(&first).identity.is_empty());
+        assert!(first.changes_since(&first).is_empty());
     }
 
     #[test]

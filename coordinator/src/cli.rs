@@ -168,6 +168,12 @@ pub enum Command {
     /// Run a backfill: shadow, partitions, audits, publish. Running it again resumes
     Run {
         spec: PathBuf,
+        /// Carry on the target's open run with this spec's settings when only they changed
+        /// (execution bounds, concurrency, audits, approval, retention, hooks, name): done
+        /// partitions are kept, an audited run is audited again. A change to what the run
+        /// writes (target, partition, source, warehouse, publish mode) is always refused
+        #[arg(long)]
+        amend: bool,
         #[command(flatten)]
         how: RunArgs,
     },
@@ -521,7 +527,16 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 "publish    swap_table, archive kept {} days",
                 backfill.spec.publish.archive_retention_days
             );
-            if let Some(run) = &plan.resumes {
+            if let Some(run) = &plan.resumes
+                && !plan.amends.is_empty()
+            {
+                println!(
+                    "amends     run {run} with `backfill run --amend` (other settings, same rows):"
+                );
+                for change in &plan.amends {
+                    println!("             {change}");
+                }
+            } else if let Some(run) = &plan.resumes {
                 println!("resumes    run {run} (same spec hash)");
             }
             println!(
@@ -530,7 +545,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Run { spec, how } => {
+        Command::Run { spec, amend, how } => {
             let (spec, text) = read_spec(&spec)?;
             let url = resolve_url(&how.connection, Some(&spec.warehouse.name))?;
             let executor = how.distributed.executor(&how.connection)?;
@@ -538,7 +553,7 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             if let Executor::Distributed(options) = &executor {
                 options.check_timeouts(&spec)?;
             }
-            let backfill = Backfill::open(spec, text, &url).await?;
+            let backfill = Backfill::open(spec, text, &url).await?.amending(amend);
             carry_on(&backfill, &url, &how, &executor).await
         }
         Command::Resume { run, how } => {
@@ -848,6 +863,10 @@ fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
             );
             print!("{}", status::render_audits(failures, true));
             println!("details: backfill status {run_id} {flag}");
+            println!(
+                "a threshold that is wrong, not the data: correct it in the spec and run it with --amend \
+                 (the shadow is audited again; no partition is written again)"
+            );
             EXIT_AUDIT_FAILED
         }
         RunOutcome::PartitionsFailed { run_id, failures } => {
@@ -867,6 +886,12 @@ fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
             }
             for (partition, error) in failures.iter().take(20) {
                 println!("  {partition}: {error}");
+            }
+            if failures.iter().any(|(_, error)| error.contains("timeout")) {
+                println!(
+                    "too short a bound? raise execution.partition_timeout (or retries) in the spec and run it with --amend: \
+                     the run carries on, its done partitions are kept"
+                );
             }
             EXIT_PARTITIONS_FAILED
         }

@@ -13,7 +13,7 @@ use backfill_common::ident::TableName;
 use backfill_common::plan::{Grain, Partition};
 use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
-use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec};
+use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec, SpecChanges};
 use backfill_common::telemetry;
 use backfill_common::warehouse::{Bind, Warehouse, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
@@ -42,6 +42,9 @@ pub struct Plan {
     pub shadow_template: String,
     /// The open run this spec would resume, if any.
     pub resumes: Option<String>,
+    /// The settings in which this spec differs from the open run's (resuming then needs
+    /// `--amend`), as `field: before → after`.
+    pub amends: Vec<String>,
     /// How a new run would publish (`auto` resolved), and why.
     pub publish_mode: PublishMode,
     pub publish_reason: String,
@@ -130,6 +133,8 @@ pub struct Backfill {
     pub spec_text: String,
     pub store: ControlStore,
     pub target: TableName,
+    /// Whether an open run started with other settings (same identity) takes this spec's.
+    pub amend: bool,
 }
 
 impl Backfill {
@@ -149,7 +154,44 @@ impl Backfill {
             spec_text,
             store,
             target,
+            amend: false,
         })
+    }
+
+    /// Lets an open run of this target that was started with other settings (the same rows
+    /// to write) carry on with this spec's: `backfill run --amend`.
+    pub fn amending(mut self, amend: bool) -> Backfill {
+        self.amend = amend;
+        self
+    }
+
+    /// The open run of this target, if any, with how this spec differs from the one it is
+    /// pinned to.
+    async fn open_run_and_changes(
+        &self,
+    ) -> Result<Option<(RunRecord, SpecChanges)>, BackfillError> {
+        let runs = self.store.runs_for_target(&self.target.to_string()).await?;
+        let Some(open) = runs.into_iter().find(|r| r.state.is_open()) else {
+            return Ok(None);
+        };
+        if open.spec_hash == self.spec.hash() {
+            return Ok(Some((open, SpecChanges::default())));
+        }
+        let text = self
+            .store
+            .spec_source(&open.spec_hash)
+            .await?
+            .ok_or_else(|| {
+                BackfillError::Invalid(format!(
+                    "the spec {} of run {} is missing from the control store",
+                    open.spec_hash, open.run_id
+                ))
+            })?;
+        let pinned = Spec::parse(&text).map_err(|e| {
+            BackfillError::Invalid(format!("the stored spec of run {}: {e}", open.run_id))
+        })?;
+        let changes = self.spec.changes_since(&pinned);
+        Ok(Some((open, changes)))
     }
 
     /// The source query as the warehouse will run it (parameters as placeholders).
@@ -171,14 +213,14 @@ impl Backfill {
         let has_control_store = warehouse
             .table_exists(&mut conn, &self.store.table_name("runs"))
             .await?;
-        let resumes = if has_control_store {
-            self.store
-                .runs_for_target(&self.target.to_string())
-                .await?
-                .into_iter()
-                .find(|r| r.state.is_open() && r.spec_hash == self.spec.hash())
-        } else {
-            None
+        let (resumes, amends) = match has_control_store {
+            true => match self.open_run_and_changes().await? {
+                Some((run, changes)) if changes.identity.is_empty() => {
+                    (Some(run), changes.settings)
+                }
+                _ => (None, Vec::new()),
+            },
+            false => (None, Vec::new()),
         };
         let (publish_mode, publish_reason) = match &resumes {
             // The run's mode was chosen when it started; its shadow is built for it.
@@ -242,6 +284,7 @@ impl Backfill {
                 .map(|t| t.to_string())
                 .unwrap_or_default(),
             resumes,
+            amends,
             publish_mode,
             publish_reason,
         })
@@ -1072,27 +1115,71 @@ impl Backfill {
         progress: &dyn Progress,
     ) -> Result<Result<RunRecord, RunOutcome>, BackfillError> {
         let hash = self.spec.hash();
-        let runs = self.store.runs_for_target(&self.target.to_string()).await?;
-        if let Some(open) = runs.iter().find(|r| r.state.is_open()) {
-            if open.spec_hash != hash {
+        if let Some((open, changes)) = self.open_run_and_changes().await? {
+            let listed = |lines: &[String]| {
+                lines
+                    .iter()
+                    .take(10)
+                    .map(|l| format!("\n  {l}"))
+                    .collect::<String>()
+            };
+            if !changes.identity.is_empty() {
                 return Err(BackfillError::Conflict(format!(
-                    "run {} on {} is {} with spec {}, but this spec hashes to {}: a changed spec never joins a run in progress. \
-                     Finish that run with its own spec, or abandon it with `backfill abandon {}`, then run again",
+                    "run {} on {} is {} with spec {}, and this spec ({}) changes what it writes:{}\n\
+                     A run in progress never takes such a change. Finish that run with its own spec \
+                     (`backfill resume {}`), or abandon it (`backfill abandon {}`) and run this spec",
                     open.run_id,
                     self.target,
                     open.state.as_str(),
                     &open.spec_hash[..12],
                     &hash[..12],
+                    listed(&changes.identity),
+                    open.run_id,
                     open.run_id
                 )));
             }
+            if !changes.settings.is_empty() && !self.amend {
+                return Err(BackfillError::Conflict(format!(
+                    "run {} on {} is {} with spec {}; this spec ({}) writes the same rows with other settings:{}\n\
+                     Run it again with --amend to carry on run {} with them (its done partitions are kept; \
+                     an audited run is audited again), or resume it unchanged (`backfill resume {}`)",
+                    open.run_id,
+                    self.target,
+                    open.state.as_str(),
+                    &open.spec_hash[..12],
+                    &hash[..12],
+                    listed(&changes.settings),
+                    open.run_id,
+                    open.run_id
+                )));
+            }
+            let open = if changes.settings.is_empty() {
+                open
+            } else {
+                progress.phase(&format!(
+                    "amending run {}:{}",
+                    open.run_id,
+                    listed(&changes.settings)
+                ));
+                self.store
+                    .amend_run_spec(
+                        &open,
+                        &hash,
+                        &self.spec.name,
+                        &self.spec.canonical(),
+                        &self.spec_text,
+                        &changes.settings,
+                    )
+                    .await?
+            };
             progress.phase(&format!(
                 "resuming run {} ({})",
                 open.run_id,
                 open.state.as_str()
             ));
-            return Ok(Ok(open.clone()));
+            return Ok(Ok(open));
         }
+        let runs = self.store.runs_for_target(&self.target.to_string()).await?;
         if let Some(done) = runs
             .iter()
             .find(|r| r.state == RunState::Published && r.spec_hash == hash)

@@ -80,7 +80,8 @@ async fn failing_audit_leaves_target_untouched(db: TestDatabase) {
         .to_string();
     assert!(
         refused.contains(&run_id)
-            && refused.contains("a changed spec never joins a run in progress")
+            && refused.contains("source.query")
+            && refused.contains("never takes such a change")
             && refused.contains("backfill abandon"),
         "{refused}"
     );

@@ -92,6 +92,16 @@ impl StoreContexts {
                 ))
             })?;
         if run.spec_hash != task.spec_hash {
+            if store
+                .spec_amended_from(&run.run_id, &task.spec_hash)
+                .await
+                .map_err(unavailable)?
+            {
+                return Err(ContextError::Superseded(format!(
+                    "run {} was amended from spec {} to {}",
+                    run.run_id, task.spec_hash, run.spec_hash
+                )));
+            }
             return Err(reject(format!(
                 "run {} is pinned to spec {}, the task names spec {}",
                 run.run_id,

@@ -535,6 +535,9 @@ pub enum ContextError {
     Reject(Rejection),
     /// Not now (the warehouse is unreachable): hand the task back.
     Unavailable(BackfillError),
+    /// The task was issued under a spec its run has since been amended from; the amendment
+    /// issued the partition again, so this task is stale: ack it.
+    Superseded(String),
 }
 
 /// Where a worker reports outcomes: the embedded barrier's channel, or the run's result queue.
@@ -649,6 +652,19 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
             return delivery
                 .dead_letter(rejection.as_str(), rejection.to_string())
                 .await;
+        }
+        Err(ContextError::Superseded(why)) => {
+            tracing::info!(%why, "task superseded by an amended spec; acked as stale");
+            span.record("outcome", "stale");
+            metrics::counter!(monitoring::PARTITIONS, "warehouse" => warehouse.clone(), "outcome" => "stale")
+                .increment(1);
+            reports
+                .report(PartitionReport {
+                    task: delivery.message.task.clone(),
+                    outcome: PartitionOutcome::Stale,
+                })
+                .await;
+            return delivery.ack().await;
         }
         Err(ContextError::Unavailable(error)) => {
             tracing::warn!(%error, "cannot reach the task's warehouse; handing the task back");
