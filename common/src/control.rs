@@ -693,6 +693,49 @@ impl ControlStore {
         to: RunState,
         error: Option<&str>,
     ) -> Result<(), BackfillError> {
+        self.change_run_state(conn, run_id, None, from, to, error)
+            .await
+    }
+
+    /// [`Self::set_run_state`], only while the run is still pinned to `run.spec_hash`: a
+    /// process driving a run under a spec the run was since amended from stops at its next
+    /// state change instead of failing, auditing or publishing it under the old settings.
+    pub async fn set_pinned_run_state(
+        &self,
+        conn: &mut AnyConnection,
+        run: &RunRecord,
+        from: &[RunState],
+        to: RunState,
+        error: Option<&str>,
+    ) -> Result<(), BackfillError> {
+        self.change_run_state(conn, &run.run_id, Some(&run.spec_hash), from, to, error)
+            .await
+    }
+
+    /// [`Self::set_pinned_run_state`] in its own transaction.
+    pub async fn set_pinned_run_state_now(
+        &self,
+        run: &RunRecord,
+        from: &[RunState],
+        to: RunState,
+        error: Option<&str>,
+    ) -> Result<(), BackfillError> {
+        let mut tx = self.warehouse.pool.begin().await?;
+        self.set_pinned_run_state(&mut tx, run, from, to, error)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn change_run_state(
+        &self,
+        conn: &mut AnyConnection,
+        run_id: &str,
+        spec_hash: Option<&str>,
+        from: &[RunState],
+        to: RunState,
+        error: Option<&str>,
+    ) -> Result<(), BackfillError> {
         let allowed = from
             .iter()
             .map(|s| format!("'{}'", s.as_str()))
@@ -701,7 +744,8 @@ impl ControlStore {
         let updated = execute(
             conn,
             &format!(
-                "UPDATE {} SET state = $2, error = $3, updated_at = $4 WHERE run_id = $1 AND state IN ({allowed})",
+                "UPDATE {} SET state = $2, error = $3, updated_at = $4 WHERE run_id = $1 AND state IN ({allowed}) \
+                 AND ($5 IS NULL OR spec_hash = $5)",
                 self.table("runs")
             ),
             &[
@@ -709,17 +753,32 @@ impl ControlStore {
                 to.as_str().into(),
                 error.map(str::to_string).into(),
                 now_text().into(),
+                spec_hash.map(str::to_string).into(),
             ],
         )
         .await?;
         if updated != 1 {
             let row = fetch_optional(
                 conn,
-                &format!("SELECT state FROM {} WHERE run_id = $1", self.table("runs")),
+                &format!(
+                    "SELECT state, spec_hash FROM {} WHERE run_id = $1",
+                    self.table("runs")
+                ),
                 &[run_id.into()],
             )
             .await?;
             let now: Option<String> = row.as_ref().map(|r| get(r, 0)).transpose()?;
+            let pinned: Option<String> = row.as_ref().map(|r| get(r, 1)).transpose()?;
+            if let (Some(expected), Some(pinned)) = (spec_hash, &pinned)
+                && expected != pinned
+            {
+                return Err(BackfillError::Conflict(format!(
+                    "run {run_id} was amended to spec {} while this process drove it under spec {}: \
+                     this process stops here and leaves the run to the amended spec",
+                    &pinned[..pinned.len().min(12)],
+                    &expected[..expected.len().min(12)]
+                )));
+            }
             return Err(BackfillError::Conflict(format!(
                 "run {run_id} is {} now, not {}: another backfill process is driving it, so this one stops here",
                 now.as_deref().unwrap_or("gone"),

@@ -582,12 +582,22 @@ impl SpecChanges {
     }
 }
 
-/// Whether a flattened spec field decides what a run writes.
+/// Whether a flattened spec field decides what a run writes. Settings are listed; every
+/// other field (and any field added later, until it is listed here) is identity.
 fn is_identity(path: &str) -> bool {
-    ["target", "partition", "source"]
+    let under = |top: &str| {
+        path == top || path.starts_with(&format!("{top}.")) || path.starts_with(&format!("{top}["))
+    };
+    let setting = ["name", "description", "execution", "audits", "hooks"]
         .iter()
-        .any(|top| path == *top || path.starts_with(&format!("{top}.")))
-        || ["warehouse.name", "warehouse.control_schema", "publish.mode"].contains(&path)
+        .any(|top| under(top))
+        || [
+            "warehouse.concurrency",
+            "publish.approval",
+            "publish.archive_retention_days",
+        ]
+        .contains(&path);
+    !setting
 }
 
 /// Fields serialised as milliseconds.

@@ -300,11 +300,14 @@ async fn rename(
 /// PostgreSQL's longest identifier, in bytes (longer names are silently truncated).
 const MAX_IDENTIFIER_BYTES: usize = 63;
 
-/// One index of a table: its name, and what it is apart from its name and table (so the same
-/// index on two tables has the same signature).
+/// One index of a table: its name, its schema-qualified quoted name (for renames, whatever the
+/// search path), and what it is apart from its name and table (so the same index on two
+/// tables has the same signature).
 struct IndexSignature {
     name: String,
+    schema: String,
     signature: String,
+    constraint: bool,
 }
 
 /// The indexes of a table with their signatures: `pg_get_indexdef` without the `CREATE …
@@ -318,7 +321,7 @@ async fn index_signatures(
         conn,
         "SELECT CAST(ic.relname AS text), quote_ident(CAST(ic.relname AS text)), pg_catalog.pg_get_indexdef(i.indexrelid), \
          quote_ident(CAST(n.nspname AS text)) || '.' || quote_ident(CAST(tc.relname AS text)), \
-         quote_ident(CAST(tc.relname AS text)), coalesce(CAST(con.contype AS text), '') \
+         quote_ident(CAST(tc.relname AS text)), coalesce(CAST(con.contype AS text), ''), CAST(n.nspname AS text) \
          FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
          JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = tc.relnamespace \
          LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
@@ -334,6 +337,7 @@ async fn index_signatures(
         let qualified_table: String = get(row, 3)?;
         let bare_table: String = get(row, 4)?;
         let constraint: String = get(row, 5)?;
+        let schema: String = get(row, 6)?;
         let rest = ["CREATE UNIQUE INDEX ", "CREATE INDEX "]
             .iter()
             .find_map(|head| definition.strip_prefix(head))
@@ -344,32 +348,40 @@ async fn index_signatures(
                 rest.strip_prefix(qualified_table.as_str())
                     .or_else(|| rest.strip_prefix(bare_table.as_str()))
             });
-        if let Some(rest) = rest {
-            let unique = definition.starts_with("CREATE UNIQUE");
-            out.push(IndexSignature {
-                name,
-                signature: format!("{unique}|{constraint}|{rest}"),
-            });
+        match rest {
+            Some(rest) => {
+                let unique = definition.starts_with("CREATE UNIQUE");
+                out.push(IndexSignature {
+                    signature: format!("{unique}|{constraint}|{rest}"),
+                    constraint: !constraint.is_empty(),
+                    name,
+                    schema,
+                });
+            }
+            None => {
+                tracing::warn!(index = %name, %definition, "an index definition has an unexpected form; the index keeps its name")
+            }
         }
     }
     Ok(out)
 }
 
-/// The name an index steps aside to: `<name><suffix>`, the name shortened (and numbered, to
-/// stay unique) when that would exceed PostgreSQL's 63 bytes.
-fn stepped_aside_name(name: &str, suffix: &str, ordinal: usize) -> String {
+/// The names an index may step aside to, in order of preference: `<name><suffix>`, then the
+/// name shortened and numbered (`<name…>_<n><suffix>`), all within PostgreSQL's 63 bytes.
+fn stepped_aside_names(name: &str, suffix: &str) -> impl Iterator<Item = String> {
     let whole = format!("{name}{suffix}");
-    if whole.len() <= MAX_IDENTIFIER_BYTES {
-        return whole;
-    }
-    let tail = format!("_{ordinal}{suffix}");
-    let mut end = MAX_IDENTIFIER_BYTES
-        .saturating_sub(tail.len())
-        .min(name.len());
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{tail}", &name[..end])
+    let whole = (whole.len() <= MAX_IDENTIFIER_BYTES).then_some(whole);
+    let (name, suffix) = (name.to_string(), suffix.to_string());
+    whole.into_iter().chain((1..=999).map(move |ordinal| {
+        let tail = format!("_{ordinal}{suffix}");
+        let mut end = MAX_IDENTIFIER_BYTES
+            .saturating_sub(tail.len())
+            .min(name.len());
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}{tail}", &name[..end])
+    }))
 }
 
 /// After a swap (PostgreSQL), the incoming table's indexes take the names of the outgoing
@@ -378,7 +390,7 @@ fn stepped_aside_name(name: &str, suffix: &str, ordinal: usize) -> String {
 /// indexes: a backfill must not rename them. Renaming an index renames the constraint it backs.
 /// Only incoming indexes `takes_names` accepts are renamed (a rollback renames only indexes
 /// that carry the archive's suffix, so an archive made before names were handed over keeps
-/// its own). An index with no match, or a name already taken, keeps its name.
+/// its own). An index with no match keeps its name (a warning says so for a constraint's).
 async fn hand_over_index_names(
     conn: &mut AnyConnection,
     outgoing: &TableName,
@@ -391,57 +403,82 @@ async fn hand_over_index_names(
     new.retain(|index| takes_names(&index.name));
     let mut pairs = Vec::new();
     for index in old {
-        if let Some(at) = new.iter().position(|n| n.signature == index.signature) {
-            let taker = new.remove(at);
-            if taker.name != index.name {
-                pairs.push((index.name, taker.name));
+        match new.iter().position(|n| n.signature == index.signature) {
+            Some(at) => {
+                let taker = new.remove(at);
+                if taker.name != index.name {
+                    pairs.push((index, taker));
+                }
             }
+            None if index.constraint => {
+                tracing::warn!(index = %index.name, table = %outgoing, "no index of the new table matches this constraint's index; its name is not handed over")
+            }
+            None => {}
         }
     }
-    let qualified = |table: &TableName, name: &str| match &table.schema {
-        Some(schema) => format!("{}.{}", schema.quoted(), quote_catalog_name(name)),
-        None => quote_catalog_name(name),
+    let qualified = |schema: &str, name: &str| {
+        format!(
+            "{}.{}",
+            quote_catalog_name(schema),
+            quote_catalog_name(name)
+        )
     };
     let mut handed = Vec::new();
-    for (ordinal, (name, taker)) in pairs.into_iter().enumerate() {
-        let aside = stepped_aside_name(&name, suffix, ordinal + 1);
-        let taken = !fetch_all(
-            conn,
-            "SELECT 1 FROM pg_catalog.pg_class WHERE relname = $1 AND relnamespace = \
-             (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid = CAST($2 AS regclass))",
-            &[aside.clone().into(), outgoing.quoted().into()],
-        )
-        .await?
-        .is_empty();
-        if taken {
-            tracing::warn!(index = %name, %aside, "an index keeps its name: the name it would step aside to is taken");
-            continue;
+    for (index, taker) in pairs {
+        let mut aside = None;
+        for candidate in stepped_aside_names(&index.name, suffix) {
+            let taken = !fetch_all(
+                conn,
+                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relname = $1 AND n.nspname = $2",
+                &[candidate.clone().into(), index.schema.clone().into()],
+            )
+            .await?
+            .is_empty();
+            if !taken {
+                aside = Some(candidate);
+                break;
+            }
         }
+        let Some(aside) = aside else {
+            tracing::warn!(index = %index.name, "an index keeps its name: no free name to step aside to");
+            continue;
+        };
         execute(
             conn,
             &format!(
                 "ALTER INDEX {} RENAME TO {}",
-                qualified(outgoing, &name),
+                qualified(&index.schema, &index.name),
                 quote_catalog_name(&aside)
             ),
             &[],
         )
         .await
-        .map_err(|e| e.context(format!("renaming index {name} of {outgoing} to {aside}")))?;
-        handed.push((name, taker));
+        .map_err(|e| {
+            e.context(format!(
+                "renaming index {} of {outgoing} to {aside}",
+                index.name
+            ))
+        })?;
+        handed.push((index.name, taker));
     }
     for (name, taker) in handed {
         execute(
             conn,
             &format!(
                 "ALTER INDEX {} RENAME TO {}",
-                qualified(incoming, &taker),
+                qualified(&taker.schema, &taker.name),
                 quote_catalog_name(&name)
             ),
             &[],
         )
         .await
-        .map_err(|e| e.context(format!("renaming index {taker} of {incoming} to {name}")))?;
+        .map_err(|e| {
+            e.context(format!(
+                "renaming index {} of {incoming} to {name}",
+                taker.name
+            ))
+        })?;
     }
     Ok(())
 }
@@ -524,7 +561,7 @@ pub async fn swap_table(
         store.insert_archive(&mut tx, &record).await?;
         record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
         store
-            .set_run_state(&mut tx, &run.run_id, &PUBLISHABLE, RunState::Published, None)
+            .set_pinned_run_state(&mut tx, run, &PUBLISHABLE, RunState::Published, None)
             .await?;
         tx.commit().await?;
         Ok::<_, BackfillError>(record)
@@ -779,13 +816,7 @@ pub async fn swap_window(
         )
         .await?;
     store
-        .set_run_state(
-            &mut tx,
-            &run.run_id,
-            &PUBLISHABLE,
-            RunState::Published,
-            None,
-        )
+        .set_pinned_run_state(&mut tx, run, &PUBLISHABLE, RunState::Published, None)
         .await?;
     tx.commit().await?;
     Ok((record, writes))
@@ -1003,13 +1034,7 @@ pub async fn swap_partitions(
     )
     .await?;
     store
-        .set_run_state(
-            &mut tx,
-            &run.run_id,
-            &PUBLISHABLE,
-            RunState::Published,
-            None,
-        )
+        .set_pinned_run_state(&mut tx, run, &PUBLISHABLE, RunState::Published, None)
         .await?;
     tx.commit().await?;
     Ok(records)
@@ -1580,21 +1605,34 @@ mod tests {
 
     #[test]
     fn a_stepped_aside_name_fits_postgres_and_keeps_the_suffix() {
+        let first = |name: &str, suffix: &str| stepped_aside_names(name, suffix).next().unwrap();
         assert_eq!(
-            stepped_aside_name("orders_pkey", "__bf_archive_ab12cd34", 1),
+            first("orders_pkey", "__bf_archive_ab12cd34"),
             "orders_pkey__bf_archive_ab12cd34"
         );
         let long = "x".repeat(63);
-        let aside = stepped_aside_name(&long, "__bf_archive_ab12cd34", 3);
-        assert_eq!(aside.len(), 63);
-        assert!(aside.ends_with("_3__bf_archive_ab12cd34"), "{aside}");
+        let names: Vec<String> = stepped_aside_names(&long, "__bf_archive_ab12cd34")
+            .take(3)
+            .collect();
+        assert_eq!(names.len(), 3);
+        for (n, name) in names.iter().enumerate() {
+            assert_eq!(name.len(), 63);
+            assert!(
+                name.ends_with(&format!("_{}__bf_archive_ab12cd34", n + 1)),
+                "{name}"
+            );
+        }
         // never cut inside a character
         let accented = "é".repeat(31);
-        let aside = stepped_aside_name(&accented, "__bf_undone_ab12cd34", 2);
+        let aside = first(&accented, "__bf_undone_ab12cd34");
         assert!(
-            aside.len() <= 63 && aside.ends_with("_2__bf_undone_ab12cd34"),
+            aside.len() <= 63 && aside.ends_with("_1__bf_undone_ab12cd34"),
             "{aside}"
         );
         assert!(aside.starts_with("éé"));
+        // a short name that fits is tried first, then numbered ones
+        let mut short = stepped_aside_names("a", "_s");
+        assert_eq!(short.next().unwrap(), "a_s");
+        assert_eq!(short.next().unwrap(), "a_1_s");
     }
 }

@@ -191,6 +191,18 @@ impl Backfill {
             BackfillError::Invalid(format!("the stored spec of run {}: {e}", open.run_id))
         })?;
         let changes = self.spec.changes_since(&pinned);
+        if changes.is_empty() {
+            // Another hash for the same fields: the binaries canonicalise specs differently.
+            return Err(BackfillError::Conflict(format!(
+                "run {} is pinned to spec {}, which this version of backfill reads as the same spec but hashes to {}: \
+                 it was started by another version. Carry it on with the version that started it, \
+                 or abandon it (`backfill abandon {}`) and run the spec again",
+                open.run_id,
+                &open.spec_hash[..open.spec_hash.len().min(12)],
+                &self.spec.hash()[..12],
+                open.run_id
+            )));
+        }
         Ok(Some((open, changes)))
     }
 
@@ -524,9 +536,9 @@ impl Backfill {
                 run.shadow_table
             );
             self.store
-                .set_run_state(
+                .set_pinned_run_state(
                     &mut tx,
-                    &run.run_id,
+                    run,
                     &[RunState::Auditing, RunState::AuditFailed],
                     RunState::AuditFailed,
                     Some(&message),
@@ -555,9 +567,9 @@ impl Backfill {
                 )
                 .await?;
             self.store
-                .set_run_state(
+                .set_pinned_run_state(
                     &mut tx,
-                    &run.run_id,
+                    run,
                     &[RunState::Auditing, RunState::AuditFailed],
                     RunState::AwaitingApproval,
                     None,
@@ -594,7 +606,7 @@ impl Backfill {
         )?);
         if run.state == RunState::Failed {
             self.store
-                .set_run_state_now(&run.run_id, &[RunState::Failed], RunState::Running, None)
+                .set_pinned_run_state_now(run, &[RunState::Failed], RunState::Running, None)
                 .await?;
         }
         let tasks = self.reissue_unfinished(run, progress).await?;
@@ -715,7 +727,7 @@ impl Backfill {
             }
         }
         self.store
-            .set_run_state_now(&run.run_id, &[RunState::Running], RunState::Auditing, None)
+            .set_pinned_run_state_now(run, &[RunState::Running], RunState::Auditing, None)
             .await?;
         Ok(None)
     }
@@ -728,12 +740,7 @@ impl Backfill {
         failures: Vec<(String, String)>,
     ) -> Result<RunOutcome, BackfillError> {
         self.store
-            .set_run_state_now(
-                &run.run_id,
-                &[RunState::Running],
-                RunState::Failed,
-                Some(message),
-            )
+            .set_pinned_run_state_now(run, &[RunState::Running], RunState::Failed, Some(message))
             .await?;
         Ok(RunOutcome::PartitionsFailed {
             run_id: run.run_id.clone(),
@@ -961,7 +968,7 @@ impl Backfill {
             "{failure}; the target was not touched. Fix the hook's cause and run the same spec again"
         );
         self.store
-            .set_run_state_now(&run.run_id, from, RunState::Failed, Some(&message))
+            .set_pinned_run_state_now(run, from, RunState::Failed, Some(&message))
             .await?;
         Ok(RunOutcome::Blocked {
             run_id: run.run_id.clone(),

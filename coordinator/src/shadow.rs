@@ -227,6 +227,9 @@ async fn defer_indexes(
         "SELECT CAST(ic.relname AS text), \
          CASE WHEN con.oid IS NULL THEN pg_catalog.pg_get_indexdef(i.indexrelid) \
              || coalesce(' TABLESPACE ' || quote_ident(CAST(ts.spcname AS text)), '') \
+           WHEN con.contype IN ('p', 'u') THEN format('ALTER TABLE %s ADD CONSTRAINT %I %s', $1, con.conname, pg_catalog.pg_get_constraintdef(con.oid)) \
+             || coalesce(' WITH (' || array_to_string(ic.reloptions, ', ') || ')', '') \
+             || coalesce(' USING INDEX TABLESPACE ' || quote_ident(CAST(ts.spcname AS text)), '') \
            ELSE format('ALTER TABLE %s ADD CONSTRAINT %I %s', $1, con.conname, pg_catalog.pg_get_constraintdef(con.oid)) END, \
          CASE WHEN con.oid IS NULL THEN format('DROP INDEX %s', CAST(CAST(i.indexrelid AS regclass) AS text)) \
            ELSE format('ALTER TABLE %s DROP CONSTRAINT %I', $1, con.conname) END, \

@@ -150,6 +150,67 @@ async fn a_timed_out_partition_resumes_with_an_amended_timeout() {
     );
 }
 
+/// A process still driving the run under the spec it was amended from (a second coordinator
+/// started with `--amend` while the first one runs) stops at its next state change: it can
+/// neither fail, audit nor publish the run under the old settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_driving_the_old_spec_stops_at_its_next_state_change() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let first = slow_last_day("1s");
+    let outcome = open(&db, &first, false)
+        .await
+        .run("test", &Quiet)
+        .await
+        .unwrap();
+    let RunOutcome::PartitionsFailed { run_id, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    let store = control_store(&warehouse);
+    let old = store.find_run(&run_id).await.unwrap().unwrap();
+    let longer = Spec::parse(&slow_last_day("30s")).unwrap();
+    let amended = store
+        .amend_run_spec(
+            &old,
+            &longer.hash(),
+            &longer.name,
+            &longer.canonical(),
+            &slow_last_day("30s"),
+            &["execution.partition_timeout: 1000ms → 30000ms".to_string()],
+        )
+        .await
+        .unwrap();
+    let refused = store
+        .set_pinned_run_state_now(&old, &[RunState::Failed], RunState::Running, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("was amended"), "{refused}");
+    // A second amendment from the same stale record is refused too.
+    assert!(
+        store
+            .amend_run_spec(
+                &old,
+                &longer.hash(),
+                &longer.name,
+                &longer.canonical(),
+                "",
+                &[]
+            )
+            .await
+            .is_err()
+    );
+    store
+        .set_pinned_run_state_now(&amended, &[RunState::Failed], RunState::Running, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_run(&run_id).await.unwrap().unwrap().state,
+        RunState::Running
+    );
+}
+
 /// An audit threshold set too tight fails the run; the corrected threshold, amended, audits
 /// the same shadow again and publishes without writing any partition again.
 async fn a_failed_audit_is_audited_again_with_an_amended_threshold(db: TestDatabase) {

@@ -258,8 +258,16 @@ async fn postgres_swap_and_rollback_keep_index_and_constraint_names() {
         "CREATE INDEX \"Big Quantities\" ON fact_order_items (lower(sku)) WHERE quantity > 10",
     )
     .await;
+    // Storage parameters of a key index survive the deferred rebuild (and let the name match).
+    exec(
+        &warehouse,
+        "ALTER INDEX fact_order_items_pkey SET (fillfactor = 70)",
+    )
+    .await;
     let before = index_names(&warehouse, "fact_order_items").await;
     assert_eq!(before.len(), 4, "{before:?}");
+    let fillfactor = "SELECT count(*) FROM pg_class WHERE oid = CAST('fact_order_items_pkey' AS regclass) \
+                      AND reloptions = ARRAY['fillfactor=70']";
 
     let backfill = Backfill::open(
         Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
@@ -278,6 +286,11 @@ async fn postgres_swap_and_rollback_keep_index_and_constraint_names() {
         index_names(&warehouse, "fact_order_items").await,
         before,
         "the published table has the names the live table had"
+    );
+    assert_eq!(
+        count(&warehouse, fillfactor).await,
+        1,
+        "the key keeps its fillfactor"
     );
     assert_eq!(
         checksum(&warehouse, "fact_order_items", None).await,

@@ -13,7 +13,9 @@ use backfill_common::warehouse::{Warehouse, execute};
 use backfill_coordinator::demo;
 use backfill_coordinator::runner::{Backfill, Quiet, RunOutcome};
 use backfill_tests::*;
-use backfill_worker::{PartitionContext, PartitionOutcome, run_partition, shadow_facts};
+use backfill_worker::{
+    PartitionContext, PartitionOutcome, run_partition, run_partition_until, shadow_facts,
+};
 
 /// Runs the mini challenge with an extra audit that always fails, so the run stays open with
 /// a complete shadow; returns the worker context for that run.
@@ -320,6 +322,97 @@ async fn lock_timeout_is_retried_with_backoff() {
         record.error.is_none(),
         "a successful attempt clears the error"
     );
+}
+
+/// A worker told to stop hands back a task that never ran (waiting for its first lease), but
+/// one whose attempt already failed (backing off before the retry) reports that failure: the
+/// queue counts it as a delivery, so a fleet that keeps restarting cannot retry a failing
+/// partition forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_hands_back_only_a_task_that_never_ran() {
+    use backfill_common::semaphore::Semaphore;
+    let db = TestDatabase::postgres().await;
+    let (warehouse, store, ctx, run_id) = open_run_with_complete_shadow(
+        &db,
+        &[
+            ("partition_timeout = \"5m\"", "partition_timeout = \"1s\""),
+            ("backoff_initial = \"200ms\"", "backoff_initial = \"60s\""),
+            ("backoff_max = \"5s\"", "backoff_max = \"60s\""),
+        ],
+    )
+    .await;
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+
+    // Never ran: every slot is taken, the stop comes while it waits.
+    let semaphore = InMemorySemaphore::new();
+    let mut held = Vec::new();
+    for _ in 0..ctx.concurrency {
+        held.push(
+            semaphore
+                .acquire(&ctx.warehouse_name, ctx.concurrency)
+                .await
+                .unwrap(),
+        );
+    }
+    let task = reissue(&warehouse, &store, &run_id, "2024-03-03").await;
+    let waiting = {
+        let (ctx, semaphore, stop) = (ctx.clone(), semaphore.clone(), stop.clone());
+        tokio::spawn(async move { run_partition_until(&ctx, &semaphore, task, Some(&stop)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_sender.send(true).unwrap();
+    let report = waiting.await.unwrap();
+    assert!(
+        matches!(report.outcome, PartitionOutcome::HandedBack),
+        "{:?}",
+        report.outcome
+    );
+    drop(held);
+
+    // Ran and failed: the shadow is locked past the 1 s timeout, the stop comes in the 60 s
+    // backoff.
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let task = reissue(&warehouse, &store, &run_id, "2024-03-04").await;
+    let mut locker = warehouse.pool.begin().await.unwrap();
+    execute(
+        &mut locker,
+        &format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            ctx.shadow.quoted()
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    let running = {
+        let (ctx, semaphore, stop) = (ctx.clone(), semaphore.clone(), stop.clone());
+        tokio::spawn(async move { run_partition_until(&ctx, &semaphore, task, Some(&stop)).await })
+    };
+    let retrying = format!(
+        "SELECT count(*) FROM {} WHERE run_id = '{run_id}' AND partition_key = '2024-03-04' AND kind = 'partition_retrying'",
+        store.table("events")
+    );
+    let started = std::time::Instant::now();
+    while count(&warehouse, &retrying).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the attempt never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_sender.send(true).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the backoff is cut short by the stop")
+        .unwrap();
+    locker.commit().await.unwrap();
+    match &report.outcome {
+        PartitionOutcome::Failed { retry, error } => {
+            assert_eq!(*retry, backfill_common::Retry::Transient);
+            assert!(error.contains("timeout"), "{error}");
+        }
+        other => panic!("expected the failed attempt, got {other:?}"),
+    }
 }
 
 /// A key that moved from another partition into this one is a collision: the partition fails

@@ -33,8 +33,9 @@ pub enum PartitionOutcome {
     Stale,
     /// A permanent error, or transient errors past the retry budget.
     Failed { error: String, retry: Retry },
-    /// The worker is stopping and had not started an attempt (it was waiting for a lease or
-    /// backing off): the task goes back to the queue for another worker.
+    /// The worker is stopping and the task never ran (it was waiting for its first lease): it
+    /// goes back to the queue for another worker without counting a delivery. A worker that
+    /// stops after a failed attempt (waiting to retry) reports that failure instead.
     HandedBack,
 }
 
@@ -55,9 +56,10 @@ pub async fn run_partition<S: Semaphore>(
     run_partition_until(ctx, semaphore, task, None).await
 }
 
-/// `run_partition` that gives the task back when `stop` turns true while it waits for a
-/// lease or backs off: a stopping worker never holds a delivery for an unbounded wait (an
-/// attempt already running is finished).
+/// `run_partition` that stops waiting when `stop` turns true: a stopping worker never holds
+/// a delivery for an unbounded wait (an attempt already running is finished). Stopped while
+/// waiting for its first lease, the task is handed back (it never ran); stopped while backing
+/// off after a failed attempt, that failure is the outcome.
 pub async fn run_partition_until<S: Semaphore>(
     ctx: &PartitionContext,
     semaphore: &S,
@@ -84,6 +86,16 @@ pub async fn run_partition_until<S: Semaphore>(
         .with_jitter()
         .build();
     let warehouse = ctx.warehouse_name.clone();
+    // Once an attempt has failed, stopping is that failure (the delivery counts), not a
+    // hand-back of a task that never ran.
+    let mut last_error: Option<String> = None;
+    let stopped_outcome = |last_error: &Option<String>| match last_error {
+        Some(error) => PartitionOutcome::Failed {
+            error: error.clone(),
+            retry: Retry::Transient,
+        },
+        None => PartitionOutcome::HandedBack,
+    };
     loop {
         let result = {
             let waiting = Instant::now();
@@ -97,7 +109,7 @@ pub async fn run_partition_until<S: Semaphore>(
             let lease = tokio::select! {
                 lease = acquire => lease,
                 () = stopped(stop) => {
-                    return PartitionReport { task, outcome: PartitionOutcome::HandedBack };
+                    return PartitionReport { task, outcome: stopped_outcome(&last_error) };
                 }
             };
             metrics::histogram!(monitoring::SEMAPHORE_WAIT_SECONDS, "warehouse" => warehouse.clone())
@@ -142,10 +154,11 @@ pub async fn run_partition_until<S: Semaphore>(
                     Some(delay) => {
                         metrics::counter!(monitoring::RETRIES, "warehouse" => warehouse.clone())
                             .increment(1);
+                        last_error = Some(message);
                         tokio::select! {
                             () = tokio::time::sleep(delay) => {}
                             () = stopped(stop) => {
-                                return PartitionReport { task, outcome: PartitionOutcome::HandedBack };
+                                return PartitionReport { task, outcome: stopped_outcome(&last_error) };
                             }
                         }
                         task.attempt += 1;

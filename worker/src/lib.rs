@@ -15,5 +15,5 @@ pub mod distributed;
 
 pub use execute::{
     ContextError, ContextSource, FixedContext, PartitionOutcome, PartitionReport, ReportSink,
-    consume, run_partition,
+    consume, run_partition, run_partition_until,
 };
