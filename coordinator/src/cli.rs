@@ -167,6 +167,7 @@ pub enum Command {
     },
     /// Run a backfill: shadow, partitions, audits, publish. Running it again resumes
     Run {
+        /// The backfill spec (TOML)
         spec: PathBuf,
         /// Carry on the target's open run with this spec's settings when only they changed
         /// (execution bounds, concurrency, audits, approval, retention, hooks, name): done
