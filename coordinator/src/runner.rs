@@ -1330,6 +1330,7 @@ async fn run_embedded_workers(
             contexts.clone(),
             reports.clone(),
             EMBEDDED_DELIVERY_LIMIT,
+            None,
             stop.clone(),
         )));
     }

@@ -936,3 +936,69 @@ async fn a_task_redelivered_after_publish_is_stale_for_a_fresh_worker() {
     broker.close().await;
     assert_eq!(cluster.terminate(1, Duration::from_secs(15)), Some(0));
 }
+
+/// Limit 1 and a first partition that holds the warehouse for 5 s: a second worker whose
+/// broker consumer timeout leaves it under a second of lease wait per delivery (12 s, 90% of
+/// it, less a partition_timeout of 10 s) takes tasks, cannot get the lease in time and hands
+/// each back instead of holding it until the broker closes its channel. Hand-backs are not
+/// deliveries: nothing is dead-lettered, the run completes, every partition once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_a_lease_in_time_hands_the_task_back_uncounted() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let mut cluster = Cluster::new("demo", &db.url);
+    cluster.start_worker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("slow.toml");
+    let one_slow_day = slow_spec(0.0, 1)
+        .replace(
+            "CROSS JOIN (SELECT pg_sleep(0)) AS slow",
+            "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-01' THEN 5 ELSE 0 END)) AS slow",
+        )
+        .replace("partition_timeout = \"5m\"", "partition_timeout = \"10s\"");
+    assert!(one_slow_day.contains("THEN 5") && one_slow_day.contains("\"10s\""));
+    std::fs::write(&spec, one_slow_day).unwrap();
+    let coordinator = cluster
+        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let slow_running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%pg_sleep%'",
+        cluster.prefix
+    );
+    let started = Instant::now();
+    while count(&warehouse, &slow_running).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the slow partition never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.start_worker(&[("BACKFILL_BROKER_CONSUMER_TIMEOUT", "12s")]);
+    let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let log = cluster.worker_log(1);
+    assert!(
+        log.contains("no lease in time") && log.contains("handed back before it started"),
+        "{log}"
+    );
+    let broker = cluster.broker().await;
+    assert!(broker.dead_letters("demo", 10).await.unwrap().is_empty());
+    broker.close().await;
+    let run_id = control_store(&warehouse)
+        .all_runs()
+        .await
+        .unwrap()
+        .remove(0)
+        .run_id;
+    assert_applied_once_and_correct(&warehouse, &run_id).await;
+    for index in [0, 1] {
+        assert_eq!(cluster.terminate(index, Duration::from_secs(30)), Some(0));
+    }
+}

@@ -357,7 +357,9 @@ async fn stopping_hands_back_only_a_task_that_never_ran() {
     let task = reissue(&warehouse, &store, &run_id, "2024-03-03").await;
     let waiting = {
         let (ctx, semaphore, stop) = (ctx.clone(), semaphore.clone(), stop.clone());
-        tokio::spawn(async move { run_partition_until(&ctx, &semaphore, task, Some(&stop)).await })
+        tokio::spawn(
+            async move { run_partition_until(&ctx, &semaphore, task, Some(&stop), None).await },
+        )
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop_sender.send(true).unwrap();
@@ -386,7 +388,9 @@ async fn stopping_hands_back_only_a_task_that_never_ran() {
     .unwrap();
     let running = {
         let (ctx, semaphore, stop) = (ctx.clone(), semaphore.clone(), stop.clone());
-        tokio::spawn(async move { run_partition_until(&ctx, &semaphore, task, Some(&stop)).await })
+        tokio::spawn(
+            async move { run_partition_until(&ctx, &semaphore, task, Some(&stop), None).await },
+        )
     };
     let retrying = format!(
         "SELECT count(*) FROM {} WHERE run_id = '{run_id}' AND partition_key = '2024-03-04' AND kind = 'partition_retrying'",

@@ -53,18 +53,25 @@ pub async fn run_partition<S: Semaphore>(
     semaphore: &S,
     task: PartitionTask,
 ) -> PartitionReport {
-    run_partition_until(ctx, semaphore, task, None).await
+    run_partition_until(ctx, semaphore, task, None, None).await
 }
 
 /// `run_partition` that stops waiting when `stop` turns true: a stopping worker never holds
 /// a delivery for an unbounded wait (an attempt already running is finished). Stopped while
 /// waiting for its first lease, the task is handed back (it never ran); stopped while backing
 /// off after a failed attempt, that failure is the outcome.
+///
+/// With a `deadline` (the broker's consumer timeout for the delivery, less a margin), a lease
+/// is waited for only as long as an attempt can still finish before it; a backoff that would
+/// leave no time for the next attempt is not slept. Out of time, the outcome is the same as
+/// stopping: a task that never ran is handed back, one whose attempt failed reports that
+/// failure. The broker therefore never closes the channel over a delivery held too long.
 pub async fn run_partition_until<S: Semaphore>(
     ctx: &PartitionContext,
     semaphore: &S,
     mut task: PartitionTask,
     stop: Option<&tokio::sync::watch::Receiver<bool>>,
+    deadline: Option<Instant>,
 ) -> PartitionReport {
     if task.run_id != ctx.run_id || task.spec_hash != ctx.spec_hash {
         let error = format!(
@@ -106,9 +113,23 @@ pub async fn run_partition_until<S: Semaphore>(
                     warehouse = %ctx.warehouse_name,
                     limit = ctx.concurrency
                 ));
+            // How long a lease may be waited for: the time left, less one whole attempt.
+            let wait_limit = deadline.map(|deadline| {
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(ctx.timeout)
+            });
             let lease = tokio::select! {
                 lease = acquire => lease,
                 () = stopped(stop) => {
+                    return PartitionReport { task, outcome: stopped_outcome(&last_error) };
+                }
+                () = sleep_at_most(wait_limit) => {
+                    tracing::info!(
+                        partition = %task.partition_key,
+                        waited = ?waiting.elapsed(),
+                        "no lease in time for an attempt within the delivery's time budget (the broker's consumer timeout)"
+                    );
                     return PartitionReport { task, outcome: stopped_outcome(&last_error) };
                 }
             };
@@ -151,6 +172,21 @@ pub async fn run_partition_until<S: Semaphore>(
                     tracing::warn!(partition = %task.partition_key, error = %record_error, "could not record the partition error");
                 }
                 match next {
+                    Some(delay)
+                        if deadline.is_some_and(|deadline| {
+                            Instant::now() + delay + ctx.timeout > deadline
+                        }) =>
+                    {
+                        // No time left in this delivery for the backoff and another attempt:
+                        // give it up now (the queue counts it and delivers it again).
+                        return PartitionReport {
+                            task,
+                            outcome: PartitionOutcome::Failed {
+                                error: message,
+                                retry,
+                            },
+                        };
+                    }
                     Some(delay) => {
                         metrics::counter!(monitoring::RETRIES, "warehouse" => warehouse.clone())
                             .increment(1);
@@ -592,6 +628,7 @@ pub async fn consume<Q: TaskQueue, S: Semaphore, C: ContextSource, R: ReportSink
     contexts: Arc<C>,
     reports: Arc<R>,
     delivery_limit: u32,
+    delivery_budget: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), BackfillError> {
     loop {
@@ -612,6 +649,7 @@ pub async fn consume<Q: TaskQueue, S: Semaphore, C: ContextSource, R: ReportSink
             contexts.as_ref(),
             reports.as_ref(),
             delivery_limit,
+            delivery_budget.map(|budget| Instant::now() + budget),
             &stop,
         )
         .instrument(span)
@@ -642,6 +680,14 @@ fn partition_span(delivery: &Delivery) -> tracing::Span {
     span
 }
 
+/// Sleeps for `limit`, or forever without one.
+async fn sleep_at_most(limit: Option<Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs one delivery and settles it once its outcome is durable.
 async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
     delivery: Delivery,
@@ -649,6 +695,7 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
     contexts: &C,
     reports: &R,
     delivery_limit: u32,
+    deadline: Option<Instant>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), BackfillError> {
     let span = tracing::Span::current();
@@ -688,8 +735,14 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
         }
     };
     let started = Instant::now();
-    let report =
-        run_partition_until(&ctx, semaphore, delivery.message.task.clone(), Some(stop)).await;
+    let report = run_partition_until(
+        &ctx,
+        semaphore,
+        delivery.message.task.clone(),
+        Some(stop),
+        deadline,
+    )
+    .await;
     let requeued = matches!(
         report.outcome,
         PartitionOutcome::Failed {
@@ -706,7 +759,14 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
     );
     match &report.outcome {
         PartitionOutcome::HandedBack => {
-            tracing::info!(partition = %report.task.partition_key, "stopping: task handed back before it started");
+            if *stop.borrow() {
+                tracing::info!(partition = %report.task.partition_key, "stopping: task handed back before it started");
+            } else {
+                tracing::info!(partition = %report.task.partition_key, "task handed back before it started: another worker may get a lease sooner");
+                // Not straight back into the queue's hands: a worker whose budget leaves no
+                // room for waiting would otherwise spin on the same tasks.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             delivery.hand_back().await
         }
         PartitionOutcome::Done { .. } | PartitionOutcome::Stale => {

@@ -59,6 +59,10 @@ struct Args {
     /// How long a semaphore lease outlives a silent (dead) worker
     #[arg(long, env = "BACKFILL_LEASE_TTL", default_value = "30s")]
     lease_ttl: String,
+    /// The broker's consumer_timeout: a task is held at most 90% of it (lease waits included;
+    /// a task that never got a lease in time is handed back, uncounted, to the queue)
+    #[arg(long, env = "BACKFILL_BROKER_CONSUMER_TIMEOUT", default_value = "30m")]
+    broker_consumer_timeout: String,
     /// Name in logs, results and pg_stat_activity (default: backfill-worker-<pid>)
     #[arg(long, env = "BACKFILL_WORKER_ID")]
     worker_id: Option<String>,
@@ -134,6 +138,7 @@ async fn run(mut args: Args) -> Result<()> {
             args.lease_ttl
         )
     })?;
+    delivery_budget(&args)?;
     let readiness = Readiness::default();
     if let Some(address) = &args.listen {
         let bound = monitoring::serve(address, monitoring::router(readiness.clone(), None))
@@ -202,6 +207,17 @@ async fn run(mut args: Args) -> Result<()> {
     }
 }
 
+/// How long one delivery may be held: 90% of the broker's consumer timeout.
+fn delivery_budget(args: &Args) -> Result<Duration> {
+    let timeout = parse_duration(&args.broker_consumer_timeout).ok_or_else(|| {
+        anyhow!(
+            "--broker-consumer-timeout: `{}` is not a duration like 30m",
+            args.broker_consumer_timeout
+        )
+    })?;
+    Ok(timeout * 9 / 10)
+}
+
 /// One connection's worth of work: declare the topology, consume until stopped (Ok) or until
 /// the broker goes away (Err).
 async fn serve(
@@ -259,6 +275,7 @@ async fn serve(
                 contexts.clone(),
                 reports.clone(),
                 args.delivery_limit,
+                Some(delivery_budget(args)?),
                 local_stop.clone(),
             ));
         }
