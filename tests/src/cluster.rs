@@ -91,6 +91,12 @@ impl Cluster {
         pid
     }
 
+    /// A path in the cluster's own temporary directory (removed with the cluster), e.g. for
+    /// a spec file.
+    pub fn log_path(&self, name: &str) -> std::path::PathBuf {
+        self.log_dir.path().join(name)
+    }
+
     pub fn worker_log(&self, index: usize) -> String {
         std::fs::read_to_string(self.log_dir.path().join(format!("worker-{index}.log")))
             .unwrap_or_default()

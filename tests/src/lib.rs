@@ -208,6 +208,37 @@ pub async fn index_names(warehouse: &Warehouse, table: &str) -> Vec<String> {
     rows.iter().map(|r| get(r, 0).unwrap()).collect()
 }
 
+/// The mini challenge published once: every partition of the run done and written exactly
+/// once, `fact_order_items` equal to `expected_order_items` without a duplicate key, and one
+/// archive.
+pub async fn assert_mini_challenge_published_once(warehouse: &Warehouse, run_id: &str) {
+    let store = control_store(warehouse);
+    for p in store.partitions(run_id).await.unwrap() {
+        assert_eq!(
+            (p.state, p.times_applied),
+            (backfill_common::control::PartitionState::Done, 1),
+            "partition {} applied once",
+            p.partition_key
+        );
+    }
+    assert_eq!(
+        checksum(warehouse, "fact_order_items", None).await,
+        checksum(warehouse, "expected_order_items", None).await
+    );
+    assert_eq!(
+        duplicate_keys(warehouse, "fact_order_items", "order_id, item_id").await,
+        0
+    );
+    let archives: Vec<_> = store
+        .archives()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.run_id == run_id)
+        .collect();
+    assert_eq!(archives.len(), 1, "published exactly once: {archives:?}");
+}
+
 pub async fn exec(warehouse: &Warehouse, sql: &str) {
     let mut conn = warehouse.acquire().await.expect("connection");
     execute(&mut conn, sql, &[])

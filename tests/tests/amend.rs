@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use backfill_common::control::{PartitionState, PartitionTask, RunState};
+use backfill_common::control::{PartitionTask, RunState};
 use backfill_common::envelope::{ResultKind, TaskMessage};
 use backfill_common::spec::Spec;
 use backfill_coordinator::demo;
@@ -26,6 +26,22 @@ async fn open(db: &TestDatabase, spec_text: &str, amend: bool) -> Backfill {
     .amending(amend)
 }
 
+/// Runs `spec_text` with `--amend`: the open run `run_id` must carry on and publish.
+async fn publish_amended(db: &TestDatabase, spec_text: &str, run_id: &str) {
+    let outcome = open(db, spec_text, true)
+        .await
+        .run("test", &Quiet)
+        .await
+        .unwrap();
+    let RunOutcome::Published {
+        run_id: published, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(published, run_id, "the same run carried on");
+}
+
 /// The mini challenge with 2024-03-06 sleeping 2 s in its source query, no retries, and the
 /// given partition timeout.
 fn slow_last_day(timeout: &str) -> String {
@@ -40,27 +56,6 @@ fn slow_last_day(timeout: &str) -> String {
         ),
         ("retries = 3", "retries = 0"),
     ])
-}
-
-/// Every partition done and written exactly once, the published table the expected one.
-async fn assert_published_once(warehouse: &backfill_common::warehouse::Warehouse, run_id: &str) {
-    let store = control_store(warehouse);
-    for partition in store.partitions(run_id).await.unwrap() {
-        assert_eq!(
-            (partition.state, partition.times_applied),
-            (PartitionState::Done, 1),
-            "partition {} written once",
-            partition.partition_key
-        );
-    }
-    assert_eq!(
-        checksum(warehouse, "fact_order_items", None).await,
-        checksum(warehouse, "expected_order_items", None).await
-    );
-    assert_eq!(
-        duplicate_keys(warehouse, "fact_order_items", "order_id, item_id").await,
-        0
-    );
 }
 
 /// A partition times out; the same spec with a longer timeout carries the run on with
@@ -116,19 +111,8 @@ async fn a_timed_out_partition_resumes_with_an_amended_timeout() {
     assert_eq!(run.state, RunState::Failed);
     assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
 
-    let outcome = open(&db, &longer, true)
-        .await
-        .run("test", &Quiet)
-        .await
-        .unwrap();
-    let RunOutcome::Published {
-        run_id: published, ..
-    } = outcome
-    else {
-        panic!("{outcome:?}")
-    };
-    assert_eq!(published, run_id, "the same run carried on");
-    assert_published_once(&warehouse, &run_id).await;
+    publish_amended(&db, &longer, &run_id).await;
+    assert_mini_challenge_published_once(&warehouse, &run_id).await;
     let run = store.find_run(&run_id).await.unwrap().unwrap();
     let amended_hash = Spec::parse(&longer).unwrap().hash();
     assert_eq!(run.spec_hash, amended_hash);
@@ -234,19 +218,8 @@ async fn a_failed_audit_is_audited_again_with_an_amended_threshold(db: TestDatab
             .all(|f| f.audit_name == "total_quantity_halved"),
         "{failures:?}"
     );
-    let outcome = open(&db, demo::MINI_CHALLENGE_SPEC, true)
-        .await
-        .run("test", &Quiet)
-        .await
-        .unwrap();
-    let RunOutcome::Published {
-        run_id: published, ..
-    } = outcome
-    else {
-        panic!("{outcome:?}")
-    };
-    assert_eq!(published, run_id);
-    assert_published_once(&warehouse, &run_id).await;
+    publish_amended(&db, demo::MINI_CHALLENGE_SPEC, &run_id).await;
+    assert_mini_challenge_published_once(&warehouse, &run_id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,6 +391,6 @@ async fn a_task_issued_before_an_amendment_is_stale_for_workers() {
         true,
     );
     assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
-    assert_published_once(&warehouse, &run.run_id).await;
+    assert_mini_challenge_published_once(&warehouse, &run.run_id).await;
     assert_eq!(cluster.terminate(1, Duration::from_secs(15)), Some(0));
 }

@@ -369,27 +369,15 @@ async fn assert_applied_once_and_correct(
     warehouse: &backfill_common::warehouse::Warehouse,
     run_id: &str,
 ) {
-    let store = control_store(warehouse);
-    let partitions = store.partitions(run_id).await.unwrap();
-    assert_eq!(partitions.len(), 10);
-    for p in &partitions {
-        assert_eq!(
-            (p.state, p.times_applied),
-            (PartitionState::Done, 1),
-            "partition {} applied once",
-            p.partition_key
-        );
-    }
     assert_eq!(
-        checksum(warehouse, "fact_order_items", None).await,
-        checksum(warehouse, "expected_order_items", None).await
+        control_store(warehouse)
+            .partitions(run_id)
+            .await
+            .unwrap()
+            .len(),
+        10
     );
-    assert_eq!(
-        duplicate_keys(warehouse, "fact_order_items", "order_id, item_id").await,
-        0
-    );
-    let archives = store.archives().await.unwrap();
-    assert_eq!(archives.len(), 1, "published exactly once: {archives:?}");
+    assert_mini_challenge_published_once(warehouse, run_id).await;
 }
 
 /// SIGKILL a worker in the middle of a partition: its task is redelivered to the other worker,
@@ -770,24 +758,23 @@ async fn configuration_from_a_file() {
     );
 }
 
-/// Limit 1, one partition (2024-03-01, the first) that holds the warehouse for 5 s: a worker
-/// starts on it, then a second worker joins, takes the next task and waits for the lease.
-/// SIGTERM to that second worker makes it hand the task back and exit while the slow partition
-/// is still running (it does not wait for the lease); the run still completes, every partition
-/// once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
-    let db = TestDatabase::postgres().await;
-    let warehouse = db.warehouse().await;
-    demo::seed_mini_challenge(&warehouse).await.unwrap();
+/// A cluster with one worker running the mini challenge over 10 days at concurrency 1, the
+/// first day (2024-03-01) holding the warehouse for 5 s; returns once that partition runs on
+/// worker 0, with the coordinator process and the query that counts it running. `edit`
+/// changes the spec first.
+async fn one_slow_day_running(
+    db: &TestDatabase,
+    warehouse: &backfill_common::warehouse::Warehouse,
+    edit: impl Fn(String) -> String,
+) -> (Cluster, std::process::Child, String) {
+    demo::seed_mini_challenge(warehouse).await.unwrap();
     let mut cluster = Cluster::new("demo", &db.url);
     cluster.start_worker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("slow.toml");
-    let one_slow_day = slow_spec(0.0, 1).replace(
+    let spec = cluster.log_path("slow.toml");
+    let one_slow_day = edit(slow_spec(0.0, 1).replace(
         "CROSS JOIN (SELECT pg_sleep(0)) AS slow",
         "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-01' THEN 5 ELSE 0 END)) AS slow",
-    );
+    ));
     assert!(one_slow_day.contains("THEN 5"), "{one_slow_day}");
     std::fs::write(&spec, one_slow_day).unwrap();
     let coordinator = cluster
@@ -801,13 +788,27 @@ async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
         cluster.prefix
     );
     let started = Instant::now();
-    while count(&warehouse, &slow_running).await == 0 {
+    while count(warehouse, &slow_running).await == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the slow partition never started"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (cluster, coordinator, slow_running)
+}
+
+/// Limit 1, one partition (2024-03-01, the first) that holds the warehouse for 5 s: a worker
+/// starts on it, then a second worker joins, takes the next task and waits for the lease.
+/// SIGTERM to that second worker makes it hand the task back and exit while the slow partition
+/// is still running (it does not wait for the lease); the run still completes, every partition
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waiting_for_a_lease_stops_promptly_and_hands_its_task_back() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    let (mut cluster, coordinator, slow_running) =
+        one_slow_day_running(&db, &warehouse, |spec| spec).await;
     // Worker 1 joins, takes the next task and waits for the lease worker 0 holds.
     cluster.start_worker(&[]);
     let started = Instant::now();
@@ -946,37 +947,10 @@ async fn a_task_redelivered_after_publish_is_stale_for_a_fresh_worker() {
 async fn a_worker_without_a_lease_in_time_hands_the_task_back_uncounted() {
     let db = TestDatabase::postgres().await;
     let warehouse = db.warehouse().await;
-    demo::seed_mini_challenge(&warehouse).await.unwrap();
-    let mut cluster = Cluster::new("demo", &db.url);
-    cluster.start_worker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("slow.toml");
-    let one_slow_day = slow_spec(0.0, 1)
-        .replace(
-            "CROSS JOIN (SELECT pg_sleep(0)) AS slow",
-            "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-01' THEN 5 ELSE 0 END)) AS slow",
-        )
-        .replace("partition_timeout = \"5m\"", "partition_timeout = \"10s\"");
-    assert!(one_slow_day.contains("THEN 5") && one_slow_day.contains("\"10s\""));
-    std::fs::write(&spec, one_slow_day).unwrap();
-    let coordinator = cluster
-        .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let slow_running = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%pg_sleep%'",
-        cluster.prefix
-    );
-    let started = Instant::now();
-    while count(&warehouse, &slow_running).await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the slow partition never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut cluster, coordinator, _) = one_slow_day_running(&db, &warehouse, |spec| {
+        spec.replace("partition_timeout = \"5m\"", "partition_timeout = \"10s\"")
+    })
+    .await;
     cluster.start_worker(&[("BACKFILL_BROKER_CONSUMER_TIMEOUT", "12s")]);
     let output = tokio::task::spawn_blocking(move || coordinator.wait_with_output())
         .await
