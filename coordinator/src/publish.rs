@@ -308,6 +308,8 @@ struct IndexSignature {
     schema: String,
     signature: String,
     constraint: bool,
+    /// The comment on the constraint the index backs (`COMMENT ON CONSTRAINT`).
+    constraint_comment: Option<String>,
 }
 
 /// The indexes of a table with their signatures: `pg_get_indexdef` without the `CREATE …
@@ -321,7 +323,8 @@ async fn index_signatures(
         conn,
         "SELECT CAST(ic.relname AS text), quote_ident(CAST(ic.relname AS text)), pg_catalog.pg_get_indexdef(i.indexrelid), \
          quote_ident(CAST(n.nspname AS text)) || '.' || quote_ident(CAST(tc.relname AS text)), \
-         quote_ident(CAST(tc.relname AS text)), coalesce(CAST(con.contype AS text), ''), CAST(n.nspname AS text) \
+         quote_ident(CAST(tc.relname AS text)), coalesce(CAST(con.contype AS text), ''), CAST(n.nspname AS text), \
+         pg_catalog.obj_description(con.oid, 'pg_constraint') \
          FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
          JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = tc.relnamespace \
          LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
@@ -338,6 +341,7 @@ async fn index_signatures(
         let bare_table: String = get(row, 4)?;
         let constraint: String = get(row, 5)?;
         let schema: String = get(row, 6)?;
+        let constraint_comment: Option<String> = get(row, 7)?;
         let rest = ["CREATE UNIQUE INDEX ", "CREATE INDEX "]
             .iter()
             .find_map(|head| definition.strip_prefix(head))
@@ -354,6 +358,7 @@ async fn index_signatures(
                 out.push(IndexSignature {
                     signature: format!("{unique}|{constraint}|{rest}"),
                     constraint: !constraint.is_empty(),
+                    constraint_comment,
                     name,
                     schema,
                 });
@@ -460,9 +465,9 @@ async fn hand_over_index_names(
                 index.name
             ))
         })?;
-        handed.push((index.name, taker));
+        handed.push((index.name, index.constraint_comment, taker));
     }
-    for (name, taker) in handed {
+    for (name, comment, taker) in handed {
         execute(
             conn,
             &format!(
@@ -479,6 +484,20 @@ async fn hand_over_index_names(
                 taker.name
             ))
         })?;
+        // A key constraint's comment does not travel with `CREATE TABLE … LIKE`: carry it.
+        if let (Some(comment), None) = (&comment, &taker.constraint_comment) {
+            execute(
+                conn,
+                &format!(
+                    "COMMENT ON CONSTRAINT {} ON {} IS {}",
+                    quote_catalog_name(&name),
+                    incoming.quoted(),
+                    string_literal(comment)
+                ),
+                &[],
+            )
+            .await?;
+        }
     }
     Ok(())
 }

@@ -52,6 +52,11 @@ async fn shadow_indexes_are_deferred_then_built_before_the_audits() {
         "COMMENT ON INDEX fact_order_items_order_date IS 'serves the daily dashboard'",
     )
     .await;
+    exec(
+        &warehouse,
+        "COMMENT ON CONSTRAINT fact_order_items_pkey ON fact_order_items IS 'one row per order item'",
+    )
+    .await;
     let shape = index_shape(&warehouse, "fact_order_items").await;
     assert_eq!(
         shape,
@@ -83,6 +88,16 @@ async fn shadow_indexes_are_deferred_then_built_before_the_audits() {
         .await,
         1,
         "the index comment came back with the index"
+    );
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT count(*) FROM pg_constraint c WHERE c.conrelid = CAST('fact_order_items' AS regclass) \
+             AND c.conname = 'fact_order_items_pkey' AND obj_description(c.oid, 'pg_constraint') = 'one row per order item'"
+        )
+        .await,
+        1,
+        "the key constraint came back with its name and comment"
     );
     assert_eq!(
         checksum(&warehouse, "fact_order_items", None).await,

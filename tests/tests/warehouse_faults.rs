@@ -704,3 +704,64 @@ async fn a_task_whose_workers_keep_dying_is_dead_lettered_by_the_broker() {
     assert_published_correctly(&warehouse, &run_id).await;
     assert_queues_empty(&mut cluster).await;
 }
+
+/// A worker that cannot reach the task's warehouse (connection refused) hands the task back
+/// without counting a delivery, again and again: an outage longer than the delivery limit
+/// ends with the task still queued for when the warehouse is back, not dead-lettered. (Slow:
+/// each attempt waits out the connection pool's 15 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_outage_never_uses_up_a_tasks_deliveries() {
+    let refused = "postgres://postgres@127.0.0.1:1/db";
+    let mut cluster = Cluster::new("demo", refused);
+    // A delivery limit of 1: one counted return would dead-letter the task.
+    cluster.start_worker(&[("BACKFILL_DELIVERY_LIMIT", "1")]);
+    let started = std::time::Instant::now();
+    while !cluster.worker_log(0).contains("worker ready") {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{}",
+            cluster.worker_log(0)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let broker = cluster.broker().await;
+    let task = backfill_common::envelope::TaskMessage {
+        task: backfill_common::control::PartitionTask {
+            run_id: "outage01".into(),
+            spec_hash: "0".repeat(64),
+            partition_key: "2024-03-04".into(),
+            range_start: "2024-03-04".into(),
+            range_end: "2024-03-05".into(),
+            attempt: 1,
+            fencing_token: 1,
+        },
+        warehouse: "demo".into(),
+        control_schema: "backfill".into(),
+        reply_to: "nowhere".into(),
+    };
+    broker.publish_task(&task).await.unwrap();
+    let started = std::time::Instant::now();
+    while cluster
+        .worker_log(0)
+        .matches("cannot reach the task's warehouse")
+        .count()
+        < 2
+    {
+        // each attempt to connect gives up after the pool's 15 s
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "{}",
+            cluster.worker_log(0)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Two deliveries against a limit of 1, neither counted.
+    assert!(broker.dead_letters("demo", 10).await.unwrap().is_empty());
+    assert!(
+        !cluster.worker_log(0).contains("dead-letter"),
+        "{}",
+        cluster.worker_log(0)
+    );
+    cluster.kill(0);
+    broker.close().await;
+}

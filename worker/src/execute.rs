@@ -727,11 +727,13 @@ async fn handle_delivery<S: Semaphore, C: ContextSource, R: ReportSink>(
             return delivery.ack().await;
         }
         Err(ContextError::Unavailable(error)) => {
+            // The task never ran: an outage of its warehouse is not a failed delivery, so a
+            // long outage ends with the backfill carrying on, not in dead letters.
             tracing::warn!(%error, "cannot reach the task's warehouse; handing the task back");
             span.record("outcome", "requeued");
             metrics::counter!(monitoring::REQUEUED, "warehouse" => warehouse).increment(1);
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            return delivery.nack(true).await;
+            return delivery.hand_back().await;
         }
     };
     let started = Instant::now();
