@@ -185,8 +185,9 @@ async fn rerun_waits_for_a_statement_of_the_killed_process() {
     let dir = tempfile::tempdir().unwrap();
     let spec_path = dir.path().join("spec.toml");
     // One partition whose statement outlasts the rerun's start-up plus the 5 s lock timeout
-    // of its first try, even on a loaded machine.
-    let one_day = spec("(SELECT pg_sleep(9)) AS slow")
+    // of its first try, even on a loaded machine (9 s was not enough once, with the whole
+    // suite running on 2 cores).
+    let one_day = spec("(SELECT pg_sleep(15)) AS slow")
         .replace("last = \"2024-03-10\"", "last = \"2024-03-01\"");
     std::fs::write(&spec_path, one_day).unwrap();
     let run = || {
@@ -200,7 +201,7 @@ async fn rerun_waits_for_a_statement_of_the_killed_process() {
         command
     };
     let mut child = run().spawn().unwrap();
-    let busy = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep(9)%' AND query NOT LIKE '%pg_stat_activity%'";
+    let busy = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep(15)%' AND query NOT LIKE '%pg_stat_activity%'";
     let started = Instant::now();
     while count(&warehouse, busy).await == 0 {
         assert!(
