@@ -239,6 +239,26 @@ pub async fn assert_mini_challenge_published_once(warehouse: &Warehouse, run_id:
     assert_eq!(archives.len(), 1, "published exactly once: {archives:?}");
 }
 
+/// A task of the mini challenge's warehouse `demo` for the day 2024-03-04 of run `run_id`, under a
+/// spec no run has (all zeros), first attempt and token, replying nowhere: what tests publish
+/// to a worker that must refuse it or cannot run it.
+pub fn unknown_spec_task(run_id: &str) -> backfill_common::envelope::TaskMessage {
+    backfill_common::envelope::TaskMessage {
+        task: backfill_common::control::PartitionTask {
+            run_id: run_id.into(),
+            spec_hash: "0".repeat(64),
+            partition_key: "2024-03-04".into(),
+            range_start: "2024-03-04".into(),
+            range_end: "2024-03-05".into(),
+            attempt: 1,
+            fencing_token: 1,
+        },
+        warehouse: "demo".into(),
+        control_schema: "backfill".into(),
+        reply_to: "nowhere".into(),
+    }
+}
+
 pub async fn exec(warehouse: &Warehouse, sql: &str) {
     let mut conn = warehouse.acquire().await.expect("connection");
     execute(&mut conn, sql, &[])

@@ -178,20 +178,7 @@ async fn worker_survives_bad_tasks_and_reports_reasons() {
     cluster.start_worker(&[]);
     let broker = cluster.broker().await;
     broker.declare_warehouse("demo").await.unwrap();
-    let ghost = TaskMessage {
-        task: PartitionTask {
-            run_id: "ghost001".into(),
-            spec_hash: "0".repeat(64),
-            partition_key: "2024-03-04".into(),
-            range_start: "2024-03-04".into(),
-            range_end: "2024-03-05".into(),
-            attempt: 1,
-            fencing_token: 1,
-        },
-        warehouse: "demo".into(),
-        control_schema: "backfill".into(),
-        reply_to: "nowhere".into(),
-    };
+    let ghost = unknown_spec_task("ghost001");
     broker.publish_task(&ghost).await.unwrap();
     let forged = backfill_common::envelope::Keyring::new(
         backfill_common::envelope::SigningKey::new("k1", b"a forger's own key!!".to_vec()).unwrap(),

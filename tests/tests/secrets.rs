@@ -409,20 +409,7 @@ async fn no_secret_in_any_output_of_a_run_or_its_failures() {
     unreachable_warehouse.start_worker(&[debug]);
     let other_broker = unreachable_warehouse.broker().await;
     other_broker.declare_warehouse("demo").await.unwrap();
-    let task = backfill_common::envelope::TaskMessage {
-        task: backfill_common::control::PartitionTask {
-            run_id: run_id.clone(),
-            spec_hash: "0".repeat(64),
-            partition_key: "2024-03-04".into(),
-            range_start: "2024-03-04".into(),
-            range_end: "2024-03-05".into(),
-            attempt: 1,
-            fencing_token: 1,
-        },
-        warehouse: "demo".into(),
-        control_schema: "backfill".into(),
-        reply_to: "nowhere".into(),
-    };
+    let task = unknown_spec_task(&run_id);
     other_broker.publish_task(&task).await.unwrap();
     let started = Instant::now();
     while !unreachable_warehouse

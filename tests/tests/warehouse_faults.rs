@@ -725,20 +725,7 @@ async fn a_warehouse_outage_never_uses_up_a_tasks_deliveries() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let broker = cluster.broker().await;
-    let task = backfill_common::envelope::TaskMessage {
-        task: backfill_common::control::PartitionTask {
-            run_id: "outage01".into(),
-            spec_hash: "0".repeat(64),
-            partition_key: "2024-03-04".into(),
-            range_start: "2024-03-04".into(),
-            range_end: "2024-03-05".into(),
-            attempt: 1,
-            fencing_token: 1,
-        },
-        warehouse: "demo".into(),
-        control_schema: "backfill".into(),
-        reply_to: "nowhere".into(),
-    };
+    let task = unknown_spec_task("outage01");
     broker.publish_task(&task).await.unwrap();
     let started = std::time::Instant::now();
     while cluster
