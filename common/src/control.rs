@@ -880,8 +880,9 @@ impl ControlStore {
 
     /// First statement of a partition transaction: claims the partition if the task's fencing
     /// token is still current, the partition is not done and the run is still pinned to the
-    /// task's spec (an amendment re-pins it; a worker's cached context must not outlive that). Being a write, it also takes the
-    /// row lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction.
+    /// task's spec (an amendment re-pins it; a worker's cached context must not outlive that).
+    /// Being a write, it also takes the row lock (PostgreSQL) or the write lock (SQLite) for
+    /// the rest of the transaction.
     /// Returns how many times the partition was applied before, or None for a stale task.
     pub async fn claim_partition(
         &self,

@@ -22,9 +22,10 @@ pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 pub trait Settle: Send {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>>;
     fn nack(self: Box<Self>, requeue: bool) -> BoxFuture<'static, Result<(), BackfillError>>;
-    /// Returns a task that never started (its worker is stopping) without counting this
-    /// delivery: the next one carries the same `delivery_count`. A rolling restart of the whole
-    /// fleet must not use up a task's deliveries. Should the queue deliver it twice after a
+    /// Returns a task that never started (its worker is stopping, got no lease in time, or
+    /// cannot reach the warehouse) without counting this delivery: the next one carries the
+    /// same `delivery_count`. A rolling restart of the whole fleet must not use up a task's
+    /// deliveries. Should the queue deliver it twice after a
     /// failure half-way, the second copy is stale (claims fence it), never lost.
     fn hand_back(self: Box<Self>) -> BoxFuture<'static, Result<(), BackfillError>>;
     /// Moves the message to the dead-letter queue with a reason, and acks it.

@@ -33,9 +33,10 @@ pub enum PartitionOutcome {
     Stale,
     /// A permanent error, or transient errors past the retry budget.
     Failed { error: String, retry: Retry },
-    /// The worker is stopping and the task never ran (it was waiting for its first lease): it
-    /// goes back to the queue for another worker without counting a delivery. A worker that
-    /// stops after a failed attempt (waiting to retry) reports that failure instead.
+    /// The task never ran: the worker is stopping, or the delivery's time budget ran out,
+    /// while it waited for its first lease. It goes back to the queue for another worker
+    /// without counting a delivery. Stopping or running out of time after a failed attempt
+    /// reports that failure instead.
     HandedBack,
 }
 

@@ -254,6 +254,7 @@ async fn serve(
             let _ = sender.send(true);
         })
     };
+    let budget = delivery_budget(args)?;
     let mut consumers = tokio::task::JoinSet::new();
     let mut queues = Vec::new();
     for warehouse in &args.warehouses {
@@ -275,7 +276,7 @@ async fn serve(
                 contexts.clone(),
                 reports.clone(),
                 args.delivery_limit,
-                Some(delivery_budget(args)?),
+                Some(budget),
                 local_stop.clone(),
             ));
         }
