@@ -4,14 +4,14 @@
 
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
-use sqlx::AnyConnection;
-use sqlx::any::AnyRow;
 
-use crate::dialect::Dialect;
+use crate::engine::{Engine, SqlType};
 use crate::error::BackfillError;
 use crate::ident::{Ident, TableName};
 use crate::plan::Partition;
-use crate::warehouse::{Bind, Warehouse, execute, fetch_all, fetch_one, fetch_optional, get};
+use crate::warehouse::{
+    Bind, Row, Session, Warehouse, execute, fetch_all, fetch_one, fetch_optional, get,
+};
 
 pub fn now_text() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -19,13 +19,13 @@ pub fn now_text() -> String {
 
 /// Versioned migrations; each runs once, in order, inside one transaction.
 fn migrations(
-    dialect: Dialect,
+    engine: &dyn Engine,
     t: &dyn Fn(&str) -> String,
     index: &dyn Fn(&str) -> String,
 ) -> Vec<(i64, &'static str, Vec<String>)> {
-    let bigint = dialect.bigint();
-    let double = dialect.double();
-    let serial = dialect.serial_primary_key();
+    let bigint = engine.sql_type(SqlType::BigInt);
+    let double = engine.sql_type(SqlType::Double);
+    let serial = engine.sql_type(SqlType::SerialPrimaryKey);
     vec![
         (
             1,
@@ -263,7 +263,7 @@ pub struct RunRecord {
 
 const RUN_COLUMNS: &str = "run_id, spec_hash, spec_name, target, state, tool_version, owner, shadow_table, archive_table, error, created_at, updated_at, published_at";
 
-fn run_from_row(row: &AnyRow) -> Result<RunRecord, BackfillError> {
+fn run_from_row(row: &Row) -> Result<RunRecord, BackfillError> {
     let state: String = get(row, 4)?;
     Ok(RunRecord {
         run_id: get(row, 0)?,
@@ -356,8 +356,8 @@ impl ControlStore {
         ControlStore { warehouse, schema }
     }
 
-    pub fn dialect(&self) -> Dialect {
-        self.warehouse.dialect
+    pub fn engine(&self) -> &'static dyn Engine {
+        self.warehouse.engine()
     }
 
     /// Quoted name of a control table.
@@ -366,43 +366,20 @@ impl ControlStore {
     }
 
     pub fn table_name(&self, name: &str) -> TableName {
-        self.warehouse.dialect.control_table(&self.schema, name)
+        self.engine().control_table(&self.schema, name)
     }
 
     /// Brings the control store to the latest version. Safe to call from many processes at
     /// once: PostgreSQL serialises migrators with an advisory lock, SQLite with its write lock.
     pub async fn migrate(&self) -> Result<(), BackfillError> {
-        let mut tx = self.warehouse.pool.begin().await?;
+        let mut tx = self.warehouse.begin().await?;
         let migrations_table = self.table("schema_migrations");
-        match self.dialect() {
-            Dialect::Postgres => {
-                execute(
-                    &mut tx,
-                    "SELECT CAST(pg_advisory_xact_lock(7036419520113) AS text)",
-                    &[],
-                )
-                .await?;
-                execute(
-                    &mut tx,
-                    &format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema.quoted()),
-                    &[],
-                )
-                .await?;
-            }
-            Dialect::Sqlite => {
-                // Take the write lock first so two migrators do not both see version 0.
-                execute(
-                    &mut tx,
-                    "CREATE TABLE IF NOT EXISTS bf_migration_lock (x INTEGER)",
-                    &[],
-                )
-                .await?;
-                execute(&mut tx, "DELETE FROM bf_migration_lock", &[]).await?;
-            }
-        }
+        self.engine()
+            .lock_control_store(&mut tx, &self.schema)
+            .await?;
         execute(
             &mut tx,
-            &format!("CREATE TABLE IF NOT EXISTS {migrations_table} (version {} PRIMARY KEY, description text NOT NULL, applied_at text NOT NULL)", self.dialect().bigint()),
+            &format!("CREATE TABLE IF NOT EXISTS {migrations_table} (version {} PRIMARY KEY, description text NOT NULL, applied_at text NOT NULL)", self.engine().sql_type(SqlType::BigInt)),
             &[],
         )
         .await?;
@@ -410,19 +387,15 @@ impl ControlStore {
             &mut tx,
             &format!(
                 "SELECT CAST(coalesce(max(version), 0) AS {}) FROM {migrations_table}",
-                self.dialect().bigint()
+                self.engine().sql_type(SqlType::BigInt)
             ),
             &[],
         )
         .await?;
         let current: i64 = get(&row, 0)?;
         let t = |name: &str| self.table(name);
-        // Indexes live in the control schema on PostgreSQL; SQLite index names are global.
-        let index = |name: &str| match self.dialect() {
-            Dialect::Postgres => format!("{}.\"{name}\"", self.schema.quoted()),
-            Dialect::Sqlite => format!("\"{name}\""),
-        };
-        let migrations = migrations(self.dialect(), &t, &index);
+        let index = |name: &str| self.engine().control_index(&self.schema, name);
+        let migrations = migrations(self.engine(), &t, &index);
         let known = migrations.last().map_or(0, |(version, _, _)| *version);
         if current > known {
             // An older binary would misread what a newer one recorded (e.g. a run whose
@@ -496,7 +469,7 @@ impl ControlStore {
     /// Stores a spec's text under its hash, once.
     async fn insert_spec(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         spec_hash: &str,
         canonical_spec: &str,
         source_text: &str,
@@ -532,7 +505,7 @@ impl ControlStore {
         source_text: &str,
         changes: &[String],
     ) -> Result<RunRecord, BackfillError> {
-        let mut tx = self.warehouse.pool.begin().await?;
+        let mut tx = self.warehouse.begin().await?;
         self.insert_spec(&mut tx, to_hash, canonical_spec, source_text)
             .await?;
         let state = if run.state == RunState::AwaitingApproval {
@@ -614,7 +587,7 @@ impl ControlStore {
     /// The caller supplies the transaction so that the shadow can be built in the same one.
     pub async fn insert_run(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run: &RunRecord,
         canonical_spec: &str,
         source_text: &str,
@@ -687,7 +660,7 @@ impl ControlStore {
     /// what the state is now.
     pub async fn set_run_state(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run_id: &str,
         from: &[RunState],
         to: RunState,
@@ -702,7 +675,7 @@ impl ControlStore {
     /// state change instead of failing, auditing or publishing it under the old settings.
     pub async fn set_pinned_run_state(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run: &RunRecord,
         from: &[RunState],
         to: RunState,
@@ -720,7 +693,7 @@ impl ControlStore {
         to: RunState,
         error: Option<&str>,
     ) -> Result<(), BackfillError> {
-        let mut tx = self.warehouse.pool.begin().await?;
+        let mut tx = self.warehouse.begin().await?;
         self.set_pinned_run_state(&mut tx, run, from, to, error)
             .await?;
         tx.commit().await?;
@@ -729,7 +702,7 @@ impl ControlStore {
 
     async fn change_run_state(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run_id: &str,
         spec_hash: Option<&str>,
         from: &[RunState],
@@ -805,7 +778,7 @@ impl ControlStore {
         to: RunState,
         error: Option<&str>,
     ) -> Result<(), BackfillError> {
-        let mut tx = self.warehouse.pool.begin().await?;
+        let mut tx = self.warehouse.begin().await?;
         self.set_run_state(&mut tx, run_id, from, to, error).await?;
         tx.commit().await?;
         Ok(())
@@ -813,7 +786,7 @@ impl ControlStore {
 
     pub async fn record_event(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run_id: &str,
         partition: Option<&str>,
         kind: &str,
@@ -838,18 +811,13 @@ impl ControlStore {
         &self,
         run: &RunRecord,
     ) -> Result<Vec<PartitionTask>, BackfillError> {
-        let mut tx = self.warehouse.pool.begin().await?;
+        let mut tx = self.warehouse.begin().await?;
         let partitions = self.table("partitions");
-        if self.dialect() == Dialect::Postgres {
-            // A partition row stays locked while a statement of a killed process still runs:
-            // give up quickly (transient) rather than hang silently; the caller retries.
-            execute(
-                &mut tx,
-                "SELECT set_config('lock_timeout', '5s', true)",
-                &[],
-            )
+        // A partition row stays locked while a statement of a killed process still runs:
+        // give up quickly (transient) rather than hang silently; the caller retries.
+        self.engine()
+            .set_lock_timeout(&mut tx, std::time::Duration::from_secs(5))
             .await?;
-        }
         execute(
             &mut tx,
             &format!("UPDATE {partitions} SET fencing_token = fencing_token + 1, state = 'pending', error = NULL WHERE run_id = $1 AND state <> 'done'"),
@@ -886,7 +854,7 @@ impl ControlStore {
     /// Returns how many times the partition was applied before, or None for a stale task.
     pub async fn claim_partition(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         task: &PartitionTask,
     ) -> Result<Option<i64>, BackfillError> {
         let row = fetch_optional(
@@ -914,7 +882,7 @@ impl ControlStore {
 
     pub async fn checkpoint_partition(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         task: &PartitionTask,
         counts: MergeCounts,
         rows_after: i64,
@@ -977,17 +945,12 @@ impl ControlStore {
         error: &str,
     ) -> Result<(), BackfillError> {
         let error = &crate::warehouse::redact_secrets(error);
-        let mut tx = self.warehouse.pool.begin().await?;
-        if self.dialect() == Dialect::Postgres {
-            // The row may be locked by the very statement that failed (a killed process's) or
-            // by another session: recording is bookkeeping, never a reason to hang a worker.
-            execute(
-                &mut tx,
-                "SELECT set_config('lock_timeout', '2s', true)",
-                &[],
-            )
+        let mut tx = self.warehouse.begin().await?;
+        // The row may be locked by the very statement that failed (a killed process's) or
+        // by another session: recording is bookkeeping, never a reason to hang a worker.
+        self.engine()
+            .set_lock_timeout(&mut tx, std::time::Duration::from_secs(2))
             .await?;
-        }
         let updated = execute(
             &mut tx,
             &format!(
@@ -1029,7 +992,7 @@ impl ControlStore {
         error: &str,
     ) -> Result<bool, BackfillError> {
         let error = &crate::warehouse::redact_secrets(error);
-        let mut tx = self.warehouse.pool.begin().await?;
+        let mut tx = self.warehouse.begin().await?;
         let updated = execute(
             &mut tx,
             &format!(
@@ -1105,7 +1068,7 @@ impl ControlStore {
 
     pub async fn replace_audits(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run_id: &str,
         audits: &[AuditRecord],
     ) -> Result<(), BackfillError> {
@@ -1175,7 +1138,7 @@ impl ControlStore {
 
     pub async fn insert_archive(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         archive: &ArchiveRecord,
     ) -> Result<(), BackfillError> {
         execute(
@@ -1230,7 +1193,7 @@ impl ControlStore {
 
     pub async fn mark_archive(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         archive_table: &str,
         column: ArchiveMark,
     ) -> Result<(), BackfillError> {
@@ -1253,7 +1216,7 @@ impl ControlStore {
     /// Records one of the facts a run keeps beside its state (see `RunNote`).
     pub async fn set_run_note(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut dyn Session,
         run_id: &str,
         note: RunNote,
         value: &str,

@@ -1,12 +1,12 @@
 //! The vocabulary of backfill, shared by the worker and the coordinator: the spec and its
-//! validation, the partition planner, identifiers and quoting, the warehouse dialects, the
+//! validation, the partition planner, identifiers and quoting, the warehouse engines, the
 //! control store, and the capability traits (`TaskQueue`, `Semaphore`) with their in-memory
 //! implementations. Nothing here knows about the CLI.
 
 pub mod broker;
 pub mod config;
 pub mod control;
-pub mod dialect;
+pub mod engine;
 pub mod envelope;
 pub mod error;
 pub mod ident;

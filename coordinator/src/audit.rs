@@ -8,14 +8,13 @@ use std::collections::BTreeMap;
 
 use backfill_common::BackfillError;
 use backfill_common::control::AuditRecord;
-use backfill_common::dialect::Dialect;
+use backfill_common::engine::Engine;
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
 use backfill_common::spec::{
     AggregateBounds, AggregateFunction, Audit, AuditCheck, PublishMode, Severity, Spec,
 };
-use backfill_common::warehouse::{Bind, Warehouse, fetch_all, fetch_one, get};
-use sqlx::AnyConnection;
+use backfill_common::warehouse::{Bind, Session, Warehouse, fetch_all, fetch_one, get};
 
 use crate::window::window_condition;
 
@@ -26,9 +25,9 @@ pub const WARN: &str = "warn";
 /// Partition label used for audits about the whole window rather than one partition.
 pub const WHOLE_WINDOW: &str = "*";
 
-/// Whether the spec's audits can run on this dialect and against this target; checked before
+/// Whether the spec's audits can run on this engine and against this target; checked before
 /// anything is written.
-pub fn check_supported(spec: &Spec, dialect: Dialect) -> Result<(), BackfillError> {
+pub fn check_supported(spec: &Spec, engine: &dyn Engine) -> Result<(), BackfillError> {
     for audit in &spec.audits {
         let AuditCheck::Aggregate {
             function,
@@ -41,12 +40,12 @@ pub fn check_supported(spec: &Spec, dialect: Dialect) -> Result<(), BackfillErro
         if matches!(
             function,
             AggregateFunction::Median | AggregateFunction::Percentile(_)
-        ) && !dialect.supports_percentiles()
+        ) && !engine.capabilities().percentiles
         {
             return Err(BackfillError::Invalid(format!(
                 "audit `{}`: median and percentile need PostgreSQL; {} cannot compute them in SQL (use avg, min or max instead)",
                 audit.name,
-                dialect.name()
+                engine.name()
             )));
         }
         let compares_with_current = bounds.max_change_pct.is_some()
@@ -72,19 +71,19 @@ fn is_added_column(spec: &Spec, column: &Ident) -> bool {
 
 pub async fn run_audits(
     warehouse: &Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     spec: &Spec,
     target: &TableName,
     shadow: &TableName,
     partitions: &[Partition],
     mode: PublishMode,
 ) -> Result<Vec<AuditRecord>, BackfillError> {
-    let dialect = warehouse.dialect;
+    let engine = warehouse.engine();
     let grain = spec.partition.grain;
-    let group = dialect.partition_group(&format!("t.{}", spec.partition.column.quoted()), grain);
-    let label = dialect.group_label(&group, grain);
+    let group = engine.partition_group(&format!("t.{}", spec.partition.column.quoted()), grain);
+    let label = engine.group_label(&group, grain);
     let (window, window_binds) =
-        window_condition(dialect, grain, &spec.partition.column, "t", partitions, 1);
+        window_condition(engine, grain, &spec.partition.column, "t", partitions, 1);
     let mut records = Vec::new();
 
     // Unique key over the window (keys outside it were copied from the current table).
@@ -111,7 +110,7 @@ pub async fn run_audits(
                 .collect::<Vec<_>>()
                 .join(" AND ");
             let (outside_o, outside_binds) = window_condition(
-                dialect,
+                engine,
                 grain,
                 &spec.partition.column,
                 "o",
@@ -265,13 +264,13 @@ pub async fn run_audits(
         } = &audit.check
         {
             let expr = aggregate_sql(
-                dialect,
+                engine,
                 *function,
                 column.as_ref().map(|c| format!("t.{}", c.quoted())),
             )?;
             let absent = column.as_ref().is_some_and(|c| is_added_column(spec, c));
             on_current.push(if absent {
-                dialect.as_float("NULL")
+                engine.as_float("NULL")
             } else {
                 expr.clone()
             });
@@ -289,15 +288,15 @@ pub async fn run_audits(
         let mut condition = condition.clone();
         for (i, bind) in audit_binds.iter().enumerate().rev() {
             // Highest index first, so `{1}` is not replaced inside `{10}`.
-            let placeholder = dialect.placeholder(shadow_binds.len() + i + 1);
+            let placeholder = engine.placeholder(shadow_binds.len() + i + 1);
             let typed = match bind {
                 Bind::Text(_) => format!("CAST({placeholder} AS text)"),
-                _ => dialect.as_float(&placeholder),
+                _ => engine.as_float(&placeholder),
             };
             condition = condition.replace(&format!("{{{i}}}"), &typed);
         }
         shadow_binds.extend(audit_binds.iter().cloned());
-        shadow_extras.push(dialect.as_float(&format!(
+        shadow_extras.push(engine.as_float(&format!(
             "coalesce(sum(CASE WHEN {condition} THEN 1 ELSE 0 END), 0)"
         )));
     }
@@ -312,7 +311,7 @@ pub async fn run_audits(
             continue;
         };
         let (current_window, current_binds) = window_condition(
-            dialect,
+            engine,
             grain,
             &spec.partition.column,
             "t",
@@ -353,7 +352,7 @@ pub async fn run_audits(
     );
     let (proposed, current) = if comparisons.is_empty() {
         (proposed.await?, Stats::new())
-    } else if dialect == Dialect::Postgres {
+    } else if engine.capabilities().parallel_scans {
         // The two scans are independent: on a second connection of the pool they run at
         // the same time (each is one backend's work; the run's other connections are idle).
         let mut other = warehouse.acquire().await?;
@@ -503,7 +502,7 @@ fn record(
 }
 
 fn aggregate_sql(
-    dialect: Dialect,
+    engine: &dyn Engine,
     function: AggregateFunction,
     column: Option<String>,
 ) -> Result<String, BackfillError> {
@@ -515,23 +514,23 @@ fn aggregate_sql(
         AggregateFunction::Avg => format!("avg({column})"),
         AggregateFunction::Min => format!("min({column})"),
         AggregateFunction::Max => format!("max({column})"),
-        AggregateFunction::Median => dialect.percentile(0.5, &column).ok_or_else(|| {
-            BackfillError::Invalid(format!("median needs PostgreSQL, not {}", dialect.name()))
+        AggregateFunction::Median => engine.percentile(0.5, &column).ok_or_else(|| {
+            BackfillError::Invalid(format!("median needs PostgreSQL, not {}", engine.name()))
         })?,
-        AggregateFunction::Percentile(p) => dialect.percentile(p, &column).ok_or_else(|| {
+        AggregateFunction::Percentile(p) => engine.percentile(p, &column).ok_or_else(|| {
             BackfillError::Invalid(format!(
                 "percentiles need PostgreSQL, not {}",
-                dialect.name()
+                engine.name()
             ))
         })?,
     };
-    Ok(dialect.as_float(&expr))
+    Ok(engine.as_float(&expr))
 }
 
 type Stats = BTreeMap<String, (i64, Vec<Option<f64>>)>;
 
 async fn partition_stats(
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     table: &TableName,
     label: &str,
     group: &str,

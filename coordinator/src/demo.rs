@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use backfill_common::BackfillError;
-use backfill_common::dialect::Dialect;
+use backfill_common::engine::{Engine, SqlType};
 use backfill_common::plan::Grain;
 use backfill_common::spec::Spec;
-use backfill_common::warehouse::{Bind, Warehouse, execute, fetch_all, get};
+use backfill_common::warehouse::{Bind, Session, Warehouse, execute, fetch_all, get};
 
 use crate::runner::{Backfill, Progress, RunOutcome};
 
@@ -98,11 +98,12 @@ pub fn mini_challenge_data() -> MiniChallenge {
 /// `expected_order_items` (what a correct fix yields) and the `daily_quantity` view.
 pub async fn seed_mini_challenge(warehouse: &Warehouse) -> Result<(), BackfillError> {
     let data = mini_challenge_data();
-    let dialect = warehouse.dialect;
-    let (date, price, ts) = match dialect {
-        Dialect::Postgres => ("date", "numeric(10,2)", "timestamp"),
-        Dialect::Sqlite => ("TEXT", "REAL", "TEXT"),
-    };
+    let engine = warehouse.engine();
+    let (date, price, ts) = (
+        engine.sql_type(SqlType::Date),
+        engine.sql_type(SqlType::Amount),
+        engine.sql_type(SqlType::Timestamp),
+    );
     let mut conn = warehouse.acquire().await?;
     execute(&mut conn, "DROP VIEW IF EXISTS daily_quantity", &[]).await?;
     for table in [
@@ -130,7 +131,7 @@ pub async fn seed_mini_challenge(warehouse: &Warehouse) -> Result<(), BackfillEr
             "staging_order_items" => &data.staging,
             _ => &data.expected,
         };
-        insert_rows(&mut conn, dialect, table, rows).await?;
+        insert_rows(&mut conn, engine, table, rows).await?;
     }
     execute(
         &mut conn,
@@ -154,8 +155,8 @@ pub async fn seed_mini_challenge(warehouse: &Warehouse) -> Result<(), BackfillEr
 }
 
 async fn insert_rows(
-    conn: &mut sqlx::AnyConnection,
-    dialect: Dialect,
+    conn: &mut dyn Session,
+    engine: &dyn Engine,
     table: &str,
     rows: &[ItemRow],
 ) -> Result<(), BackfillError> {
@@ -173,11 +174,11 @@ async fn insert_rows(
                 "(${}, ${}, {}, ${}, ${}, ${}, {})",
                 n + 1,
                 n + 2,
-                dialect.partition_bound(Grain::Day, n + 3),
+                engine.partition_bound(Grain::Day, n + 3),
                 n + 4,
                 n + 5,
                 n + 6,
-                dialect.partition_bound(Grain::Hour, n + 7)
+                engine.partition_bound(Grain::Hour, n + 7)
             ));
             binds.extend([
                 Bind::Int(row.order_id),
@@ -208,7 +209,9 @@ pub async fn daily_totals(warehouse: &Warehouse) -> Result<Vec<DayTotal>, Backfi
         &mut conn,
         &format!(
             "SELECT {}, CAST(total_quantity AS bigint), CAST(items AS bigint) FROM daily_quantity ORDER BY 1",
-            dialect_day_text(warehouse.dialect)
+            warehouse
+                .engine()
+                .partition_label("order_date", Grain::Day)
         ),
         &[],
     )
@@ -222,13 +225,6 @@ pub async fn daily_totals(warehouse: &Warehouse) -> Result<Vec<DayTotal>, Backfi
             })
         })
         .collect()
-}
-
-fn dialect_day_text(dialect: Dialect) -> &'static str {
-    match dialect {
-        Dialect::Postgres => "to_char(order_date, 'YYYY-MM-DD')",
-        Dialect::Sqlite => "order_date",
-    }
 }
 
 pub struct DemoReport {

@@ -12,8 +12,8 @@ use backfill_common::ident::TableName;
 use backfill_common::spec::Spec;
 use backfill_common::warehouse::{fetch_all, get};
 
-use crate::shadow::quote_catalog_name;
 use crate::window::window_condition;
+use backfill_common::engine::quote_catalog_name;
 
 /// At most this many numeric columns are summed per partition.
 const MAX_TOTALED_COLUMNS: usize = 6;
@@ -109,7 +109,7 @@ pub async fn diff_run(
         TableName::parse(&run.target).map_err(|e| BackfillError::Invalid(e.to_string()))?;
     let (old, new) = sources(&run, &target)?;
     let warehouse = &store.warehouse;
-    let dialect = warehouse.dialect;
+    let engine = warehouse.engine();
     let mut conn = warehouse.acquire().await?;
     for table in [&old, &new] {
         if !warehouse.table_exists(&mut conn, table).await? {
@@ -143,9 +143,9 @@ pub async fn diff_run(
         .collect();
 
     let (old_window, mut binds) =
-        window_condition(dialect, grain, &spec.partition.column, "t", &partitions, 1);
+        window_condition(engine, grain, &spec.partition.column, "t", &partitions, 1);
     let (new_window, new_binds) = window_condition(
-        dialect,
+        engine,
         grain,
         &spec.partition.column,
         "t",
@@ -166,23 +166,23 @@ pub async fn diff_run(
             .iter()
             .map(|c| {
                 let c = quote_catalog_name(c);
-                dialect.distinct(&format!("o.{c}"), &format!("n.{c}"))
+                engine.distinct(&format!("o.{c}"), &format!("n.{c}"))
             })
             .collect::<Vec<_>>()
             .join(" OR ")
     };
     let column = quote_catalog_name(spec.partition.column.as_str());
     // A row that moved between partitions counts in its new partition.
-    let group = dialect.partition_group(&format!("coalesce(n.{column}, o.{column})"), grain);
-    let label = dialect.group_label(&group, grain);
+    let group = engine.partition_group(&format!("coalesce(n.{column}, o.{column})"), grain);
+    let label = engine.group_label(&group, grain);
     let sums = totaled
         .iter()
         .map(|c| {
             let c = quote_catalog_name(c);
             format!(
                 ", {}, {}",
-                dialect.as_float(&format!("sum(o.{c})")),
-                dialect.as_float(&format!("sum(n.{c})"))
+                engine.as_float(&format!("sum(o.{c})")),
+                engine.as_float(&format!("sum(n.{c})"))
             )
         })
         .collect::<String>();

@@ -12,14 +12,13 @@ use backfill_common::BackfillError;
 use backfill_common::control::{
     ArchiveMark, ArchiveRecord, ControlStore, OPEN_STATES, RunRecord, RunState, now_text,
 };
-use backfill_common::dialect::Dialect;
+use backfill_common::engine::{Engine, TableSwap, WriterLock};
 use backfill_common::ident::TableName;
 use backfill_common::sql::string_literal;
-use backfill_common::warehouse::{Checksum, RowHash, execute, fetch_all, fetch_one, get};
+use backfill_common::warehouse::{Checksum, RowHash, Session, execute, fetch_all, fetch_one, get};
 use chrono::{Duration, Utc};
-use sqlx::{AnyConnection, Connection};
 
-use crate::shadow::quote_catalog_name;
+use backfill_common::engine::quote_catalog_name;
 
 fn archive_suffix(run_id: &str) -> String {
     format!("__bf_archive_{run_id}")
@@ -64,7 +63,7 @@ pub const ARCHIVE_PARTITION: &str = "pre_publish_partition";
 
 async fn check_window_guard(
     warehouse: &backfill_common::warehouse::Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     target: &TableName,
     guard: Option<&WindowGuard>,
 ) -> Result<(), BackfillError> {
@@ -90,432 +89,6 @@ async fn check_window_guard(
     Ok(())
 }
 
-/// What must follow the target across a rename in PostgreSQL.
-struct Dependents {
-    /// The old table's owner when it is not the role running the backfill.
-    owner: Option<String>,
-    views: Vec<ViewDefinition>,
-    grants: Vec<(String, String)>,
-    comment: Option<String>,
-}
-
-struct ViewDefinition {
-    name: String,
-    definition: String,
-    options: Option<String>,
-}
-
-/// Locks the target and reads what depends on it. Refuses targets whose dependents a rename
-/// would strand: materialized views and foreign keys pointing at the target.
-async fn read_dependents(
-    conn: &mut AnyConnection,
-    target: &TableName,
-) -> Result<Dependents, BackfillError> {
-    let target_text = target.quoted();
-    execute(
-        conn,
-        &format!("LOCK TABLE {target_text} IN ACCESS EXCLUSIVE MODE"),
-        &[],
-    )
-    .await?;
-    let row = fetch_one(conn, "SELECT current_setting('search_path')", &[]).await?;
-    let search_path: String = get(&row, 0)?;
-    // With only pg_catalog on the path, view definitions come back fully qualified.
-    execute(
-        conn,
-        "SELECT set_config('search_path', 'pg_catalog', true)",
-        &[],
-    )
-    .await?;
-    let views = fetch_all(
-        conn,
-        "SELECT DISTINCT CAST(quote_ident(vn.nspname) || '.' || quote_ident(v.relname) AS text), CAST(v.relkind AS text), \
-         pg_get_viewdef(v.oid), CAST(array_to_string(v.reloptions, ', ') AS text) \
-         FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class \
-         JOIN pg_namespace vn ON vn.oid = v.relnamespace \
-         WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = CAST($1 AS regclass) AND v.oid <> CAST($1 AS regclass)",
-        &[target_text.as_str().into()],
-    )
-    .await;
-    execute(
-        conn,
-        "SELECT set_config('search_path', $1, true)",
-        &[search_path.into()],
-    )
-    .await?;
-    let mut definitions = Vec::new();
-    for row in views? {
-        let name: String = get(&row, 0)?;
-        let kind: String = get(&row, 1)?;
-        if kind == "m" {
-            return Err(BackfillError::Invalid(format!(
-                "materialized view {name} reads {target}; swap_table would leave it on the archive. Drop it and re-create it after publish"
-            )));
-        }
-        let definition: String = get(&row, 2)?;
-        definitions.push(ViewDefinition {
-            name,
-            definition: definition.trim().trim_end_matches(';').to_string(),
-            options: get::<Option<String>>(&row, 3)?.filter(|o| !o.is_empty()),
-        });
-    }
-    let foreign_keys = fetch_all(
-        conn,
-        "SELECT CAST(conname AS text), CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE contype = 'f' AND confrelid = CAST($1 AS regclass)",
-        &[target_text.as_str().into()],
-    )
-    .await?;
-    if let Some(row) = foreign_keys.first() {
-        let (name, table): (String, String) = (get(row, 0)?, get(row, 1)?);
-        return Err(BackfillError::Invalid(format!(
-            "foreign key {name} on {table} references {target}; swap_table would leave it pointing at the archive"
-        )));
-    }
-    let grants = fetch_all(
-        conn,
-        "SELECT CAST(grantee AS text), CAST(privilege_type AS text) FROM information_schema.role_table_grants \
-         WHERE table_schema = $1 AND table_name = $2 AND grantee <> current_user",
-        &[backfill_common::warehouse::schema_of(target).into(), target.name.as_str().into()],
-    )
-    .await?;
-    let grants = grants
-        .iter()
-        .map(|r| Ok((get::<String>(r, 0)?, get::<String>(r, 1)?)))
-        .collect::<Result<Vec<_>, BackfillError>>()?;
-    let row = fetch_one(
-        conn,
-        "SELECT obj_description(CAST($1 AS regclass), 'pg_class')",
-        &[target_text.as_str().into()],
-    )
-    .await?;
-    let comment: Option<String> = get(&row, 0)?;
-    let row = fetch_one(
-        conn,
-        "SELECT CAST(pg_get_userbyid(relowner) AS text), CAST(current_user AS text) FROM pg_class WHERE oid = CAST($1 AS regclass)",
-        &[target_text.as_str().into()],
-    )
-    .await?;
-    let (owner, me): (String, String) = (get(&row, 0)?, get(&row, 1)?);
-    Ok(Dependents {
-        owner: (owner != me).then_some(owner),
-        views: definitions,
-        grants,
-        comment,
-    })
-}
-
-/// Re-points views at the table now called `target`, and gives it the grants and comment the
-/// old table had.
-async fn restore_dependents(
-    conn: &mut AnyConnection,
-    target: &TableName,
-    dependents: &Dependents,
-    with_grants: bool,
-) -> Result<(), BackfillError> {
-    if with_grants {
-        if let Some(owner) = &dependents.owner {
-            execute(
-                conn,
-                &format!(
-                    "ALTER TABLE {} OWNER TO {}",
-                    target.quoted(),
-                    quote_catalog_name(owner)
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| e.context(format!("giving {target} back to its owner {owner}")))?;
-        }
-        for (grantee, privilege) in &dependents.grants {
-            let grantee = if grantee == "PUBLIC" {
-                "PUBLIC".to_string()
-            } else {
-                quote_catalog_name(grantee)
-            };
-            if !privilege
-                .chars()
-                .all(|c| c.is_ascii_uppercase() || c == ' ')
-            {
-                continue;
-            }
-            execute(
-                conn,
-                &format!("GRANT {privilege} ON {} TO {grantee}", target.quoted()),
-                &[],
-            )
-            .await?;
-        }
-        if let Some(comment) = &dependents.comment {
-            execute(
-                conn,
-                &format!(
-                    "COMMENT ON TABLE {} IS {}",
-                    target.quoted(),
-                    string_literal(comment)
-                ),
-                &[],
-            )
-            .await?;
-        }
-    }
-    for view in &dependents.views {
-        let options = view
-            .options
-            .as_ref()
-            .map(|o| format!(" WITH ({o})"))
-            .unwrap_or_default();
-        execute(
-            conn,
-            &format!(
-                "CREATE OR REPLACE VIEW {}{options} AS {}",
-                view.name, view.definition
-            ),
-            &[],
-        )
-        .await
-        .map_err(|e| e.context(format!("re-pointing view {} at {target}", view.name)))?;
-    }
-    Ok(())
-}
-
-async fn rename(
-    conn: &mut AnyConnection,
-    from: &TableName,
-    to: &TableName,
-) -> Result<(), BackfillError> {
-    execute(
-        conn,
-        &format!(
-            "ALTER TABLE {} RENAME TO {}",
-            from.quoted(),
-            to.name.quoted()
-        ),
-        &[],
-    )
-    .await
-    .map_err(|e| e.context(format!("renaming {from} to {}", to.name)))?;
-    Ok(())
-}
-
-/// PostgreSQL's longest identifier, in bytes (longer names are silently truncated).
-const MAX_IDENTIFIER_BYTES: usize = 63;
-
-/// One index of a table: its name, its schema-qualified quoted name (for renames, whatever the
-/// search path), and what it is apart from its name and table (so the same index on two
-/// tables has the same signature).
-struct IndexSignature {
-    name: String,
-    schema: String,
-    signature: String,
-    constraint: bool,
-    /// The comment on the constraint the index backs (`COMMENT ON CONSTRAINT`).
-    constraint_comment: Option<String>,
-}
-
-/// The indexes of a table with their signatures: `pg_get_indexdef` without the `CREATE …
-/// INDEX <name> ON <table>` head, plus the kind of constraint the index backs. An index whose
-/// definition does not have the expected head is left out (and keeps its name).
-async fn index_signatures(
-    conn: &mut AnyConnection,
-    table: &TableName,
-) -> Result<Vec<IndexSignature>, BackfillError> {
-    let rows = fetch_all(
-        conn,
-        "SELECT CAST(ic.relname AS text), quote_ident(CAST(ic.relname AS text)), pg_catalog.pg_get_indexdef(i.indexrelid), \
-         quote_ident(CAST(n.nspname AS text)) || '.' || quote_ident(CAST(tc.relname AS text)), \
-         quote_ident(CAST(tc.relname AS text)), coalesce(CAST(con.contype AS text), ''), CAST(n.nspname AS text), \
-         pg_catalog.obj_description(con.oid, 'pg_constraint') \
-         FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
-         JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = tc.relnamespace \
-         LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
-         WHERE i.indrelid = CAST($1 AS regclass) ORDER BY ic.relname",
-        &[table.quoted().into()],
-    )
-    .await?;
-    let mut out = Vec::new();
-    for row in &rows {
-        let name: String = get(row, 0)?;
-        let quoted_name: String = get(row, 1)?;
-        let definition: String = get(row, 2)?;
-        let qualified_table: String = get(row, 3)?;
-        let bare_table: String = get(row, 4)?;
-        let constraint: String = get(row, 5)?;
-        let schema: String = get(row, 6)?;
-        let constraint_comment: Option<String> = get(row, 7)?;
-        let rest = ["CREATE UNIQUE INDEX ", "CREATE INDEX "]
-            .iter()
-            .find_map(|head| definition.strip_prefix(head))
-            .and_then(|rest| rest.strip_prefix(quoted_name.as_str()))
-            .and_then(|rest| rest.strip_prefix(" ON "))
-            .map(|rest| rest.strip_prefix("ONLY ").unwrap_or(rest))
-            .and_then(|rest| {
-                rest.strip_prefix(qualified_table.as_str())
-                    .or_else(|| rest.strip_prefix(bare_table.as_str()))
-            });
-        match rest {
-            Some(rest) => {
-                let unique = definition.starts_with("CREATE UNIQUE");
-                out.push(IndexSignature {
-                    signature: format!("{unique}|{constraint}|{rest}"),
-                    constraint: !constraint.is_empty(),
-                    constraint_comment,
-                    name,
-                    schema,
-                });
-            }
-            None => {
-                tracing::warn!(index = %name, %definition, "an index definition has an unexpected form; the index keeps its name")
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The names an index may step aside to, in order of preference: `<name><suffix>`, then the
-/// name shortened and numbered (`<name…>_<n><suffix>`), all within PostgreSQL's 63 bytes.
-fn stepped_aside_names(name: &str, suffix: &str) -> impl Iterator<Item = String> {
-    let whole = format!("{name}{suffix}");
-    let whole = (whole.len() <= MAX_IDENTIFIER_BYTES).then_some(whole);
-    let (name, suffix) = (name.to_string(), suffix.to_string());
-    whole.into_iter().chain((1..=999).map(move |ordinal| {
-        let tail = format!("_{ordinal}{suffix}");
-        let mut end = MAX_IDENTIFIER_BYTES
-            .saturating_sub(tail.len())
-            .min(name.len());
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}{tail}", &name[..end])
-    }))
-}
-
-/// After a swap (PostgreSQL), the incoming table's indexes take the names of the outgoing
-/// table's matching indexes (the same definition and constraint kind), and the outgoing ones
-/// step aside to `<name><suffix>`. Migrations, monitoring and `pg_stat_user_indexes` name
-/// indexes: a backfill must not rename them. Renaming an index renames the constraint it backs.
-/// Only incoming indexes `takes_names` accepts are renamed (a rollback renames only indexes
-/// that carry the archive's suffix, so an archive made before names were handed over keeps
-/// its own). An index with no match keeps its name (a warning says so for a constraint's).
-async fn hand_over_index_names(
-    conn: &mut AnyConnection,
-    outgoing: &TableName,
-    incoming: &TableName,
-    suffix: &str,
-    takes_names: impl Fn(&str) -> bool,
-) -> Result<(), BackfillError> {
-    let old = index_signatures(conn, outgoing).await?;
-    let mut new = index_signatures(conn, incoming).await?;
-    new.retain(|index| takes_names(&index.name));
-    let mut pairs = Vec::new();
-    for index in old {
-        match new.iter().position(|n| n.signature == index.signature) {
-            Some(at) => {
-                let taker = new.remove(at);
-                if taker.name != index.name {
-                    pairs.push((index, taker));
-                }
-            }
-            None if index.constraint => {
-                tracing::warn!(index = %index.name, table = %outgoing, "no index of the new table matches this constraint's index; its name is not handed over")
-            }
-            None => {}
-        }
-    }
-    let qualified = |schema: &str, name: &str| {
-        format!(
-            "{}.{}",
-            quote_catalog_name(schema),
-            quote_catalog_name(name)
-        )
-    };
-    let mut handed = Vec::new();
-    for (index, taker) in pairs {
-        let mut aside = None;
-        for candidate in stepped_aside_names(&index.name, suffix) {
-            let taken = !fetch_all(
-                conn,
-                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relname = $1 AND n.nspname = $2",
-                &[candidate.clone().into(), index.schema.clone().into()],
-            )
-            .await?
-            .is_empty();
-            if !taken {
-                aside = Some(candidate);
-                break;
-            }
-        }
-        let Some(aside) = aside else {
-            tracing::warn!(index = %index.name, "an index keeps its name: no free name to step aside to");
-            continue;
-        };
-        execute(
-            conn,
-            &format!(
-                "ALTER INDEX {} RENAME TO {}",
-                qualified(&index.schema, &index.name),
-                quote_catalog_name(&aside)
-            ),
-            &[],
-        )
-        .await
-        .map_err(|e| {
-            e.context(format!(
-                "renaming index {} of {outgoing} to {aside}",
-                index.name
-            ))
-        })?;
-        handed.push((index.name, index.constraint_comment, taker));
-    }
-    for (name, comment, taker) in handed {
-        execute(
-            conn,
-            &format!(
-                "ALTER INDEX {} RENAME TO {}",
-                qualified(&taker.schema, &taker.name),
-                quote_catalog_name(&name)
-            ),
-            &[],
-        )
-        .await
-        .map_err(|e| {
-            e.context(format!(
-                "renaming index {} of {incoming} to {name}",
-                taker.name
-            ))
-        })?;
-        // A key constraint's comment does not travel with `CREATE TABLE … LIKE`: carry it.
-        if let (Some(comment), None) = (&comment, &taker.constraint_comment) {
-            execute(
-                conn,
-                &format!(
-                    "COMMENT ON CONSTRAINT {} ON {} IS {}",
-                    quote_catalog_name(&name),
-                    incoming.quoted(),
-                    string_literal(comment)
-                ),
-                &[],
-            )
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// Lets SQLite renames leave views alone (they then resolve by name at query time).
-async fn set_sqlite_legacy_alter(conn: &mut AnyConnection, on: bool) -> Result<(), BackfillError> {
-    execute(
-        conn,
-        &format!(
-            "PRAGMA legacy_alter_table = {}",
-            if on { "ON" } else { "OFF" }
-        ),
-        &[],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Archives the current target and renames the shadow in, in one transaction. Records the
 /// archive with the old table's checksum (for rollback) and marks the run published.
 pub async fn swap_table(
@@ -530,25 +103,13 @@ pub async fn swap_table(
     let warehouse = &store.warehouse;
     let archive = archive_name(target, &run.run_id)?;
     let mut conn = warehouse.acquire().await?;
-    let dialect = warehouse.dialect;
-    if dialect == Dialect::Sqlite {
-        set_sqlite_legacy_alter(&mut conn, true).await?;
-    }
+    let engine = warehouse.engine();
+    engine.prepare_swap(&mut conn, true).await?;
     let result = async {
         let mut tx = conn.begin().await?;
-        if dialect == Dialect::Postgres {
-            execute(
-                &mut tx,
-                "SELECT set_config('lock_timeout', '30s', true)",
-                &[],
-            )
-            .await?;
-        }
-        if dialect == Dialect::Postgres {
-            // Block writers but not readers while checksumming; the exclusive lock for the
-            // renames comes after, in read_dependents.
-            execute(&mut tx, &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()), &[]).await?;
-        }
+        // Block writers but not readers while checksumming; the lock for the renames comes
+        // after, in the swap.
+        engine.lock_against_writers(&mut tx, target, WriterLock::Shared).await?;
         check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
         // One scan: the whole table for the archive record, and its rows outside the window
         // to compare with what the shadow was built from.
@@ -566,16 +127,19 @@ pub async fn swap_table(
             }
             None => warehouse.checksum(&mut tx, target, None, &[]).await?,
         };
-        let dependents = match dialect {
-            Dialect::Postgres => Some(read_dependents(&mut tx, target).await?),
-            Dialect::Sqlite => None,
-        };
-        rename(&mut tx, target, &archive).await?;
-        rename(&mut tx, shadow, target).await?;
-        if let Some(dependents) = &dependents {
-            restore_dependents(&mut tx, target, dependents, true).await?;
-            hand_over_index_names(&mut tx, &archive, target, &archive_suffix(&run.run_id), |_| true).await?;
-        }
+        engine
+            .swap_tables(
+                &mut tx,
+                &TableSwap {
+                    current: target,
+                    aside: &archive,
+                    replacement: shadow,
+                    aside_suffix: &archive_suffix(&run.run_id),
+                    carry_grants: true,
+                    takes_index_names: &|_| true,
+                },
+            )
+            .await?;
         let record = archive_record(&run.run_id, &archive, target, ARCHIVE_TABLE, &old, Duration::days(retention_days as i64));
         store.insert_archive(&mut tx, &record).await?;
         record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
@@ -586,9 +150,7 @@ pub async fn swap_table(
         Ok::<_, BackfillError>(record)
     }
     .await;
-    if dialect == Dialect::Sqlite {
-        set_sqlite_legacy_alter(&mut conn, false).await?;
-    }
+    engine.prepare_swap(&mut conn, false).await?;
     result
 }
 
@@ -610,7 +172,7 @@ struct WindowMerge {
 }
 
 fn window_merge(
-    dialect: Dialect,
+    engine: &dyn Engine,
     target: &TableName,
     from: &TableName,
     columns: &[String],
@@ -655,12 +217,12 @@ fn window_merge(
                     let quoted = quote_catalog_name(c);
                     if text_compared.contains(c) {
                         // json has no equality operator: compare its text
-                        dialect.distinct(
+                        engine.distinct(
                             &format!("CAST(t.{quoted} AS text)"),
                             &format!("CAST(s.{quoted} AS text)"),
                         )
                     } else {
-                        dialect.distinct(&format!("t.{quoted}"), &format!("s.{quoted}"))
+                        engine.distinct(&format!("t.{quoted}"), &format!("s.{quoted}"))
                     }
                 })
                 .collect::<Vec<_>>()
@@ -687,29 +249,10 @@ fn window_merge(
     }
 }
 
-/// Columns without an equality operator (PostgreSQL `json`), compared as text by merges.
-async fn json_columns(
-    dialect: Dialect,
-    conn: &mut AnyConnection,
-    table: &TableName,
-) -> Result<Vec<String>, BackfillError> {
-    if dialect != Dialect::Postgres {
-        return Ok(Vec::new());
-    }
-    let rows = fetch_all(
-        conn,
-        "SELECT CAST(attname AS text) FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 \
-         AND NOT attisdropped AND atttypid = CAST('json' AS regtype)",
-        &[table.quoted().into()],
-    )
-    .await?;
-    rows.iter().map(|r| get::<String>(r, 0)).collect()
-}
-
 /// Refuses a window whose new keys exist outside it in the target: merging would skip those
 /// rows (a row moved between partitions: both partitions belong in the window).
 async fn check_no_key_outside_window(
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     target: &TableName,
     from: &TableName,
     key: &[backfill_common::ident::Ident],
@@ -750,7 +293,7 @@ pub struct WindowWrites {
 }
 
 async fn apply_window_merge(
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     merge: &WindowMerge,
     binds: &[backfill_common::warehouse::Bind],
 ) -> Result<WindowWrites, BackfillError> {
@@ -762,24 +305,6 @@ async fn apply_window_merge(
         updated,
         inserted,
     })
-}
-
-/// Blocks writers of the target (readers go on, seeing the old rows until commit).
-async fn lock_against_writers(
-    dialect: Dialect,
-    conn: &mut AnyConnection,
-    target: &TableName,
-) -> Result<(), BackfillError> {
-    if dialect == Dialect::Postgres {
-        execute(conn, "SELECT set_config('lock_timeout', '30s', true)", &[]).await?;
-        execute(
-            conn,
-            &format!("LOCK TABLE {} IN EXCLUSIVE MODE", target.quoted()),
-            &[],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 /// Publishes a shadow that holds only the window, in one transaction: copies the target's
@@ -799,17 +324,20 @@ pub async fn swap_window(
     guard: Option<WindowGuard>,
 ) -> Result<(ArchiveRecord, WindowWrites), BackfillError> {
     let warehouse = &store.warehouse;
-    let dialect = warehouse.dialect;
+    let engine = warehouse.engine();
     let archive = archive_name(target, &run.run_id)?;
-    let mut tx = warehouse.pool.begin().await?;
-    lock_against_writers(dialect, &mut tx, target).await?;
+    let mut tx = warehouse.begin().await?;
+    // Writers wait; readers go on, seeing the old rows until commit.
+    engine
+        .lock_against_writers(&mut tx, target, WriterLock::Exclusive)
+        .await?;
     check_window_guard(warehouse, &mut tx, target, guard.as_ref()).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
-    copy_window(dialect, &mut tx, target, &archive, window_on_t, binds).await?;
+    copy_window(engine, &mut tx, target, &archive, window_on_t, binds).await?;
     let old = warehouse.checksum(&mut tx, &archive, None, &[]).await?;
     check_no_key_outside_window(&mut tx, target, shadow, key, window_on_t, binds).await?;
-    let json = json_columns(dialect, &mut tx, target).await?;
-    let merge = window_merge(dialect, target, shadow, &columns, &json, key, window_on_t);
+    let json = engine.text_compared_columns(&mut tx, target).await?;
+    let merge = window_merge(engine, target, shadow, &columns, &json, key, window_on_t);
     let writes = apply_window_merge(&mut tx, &merge, binds).await?;
     execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
     let record = archive_record(
@@ -855,7 +383,7 @@ pub fn in_partitions(partitions: &[TableName]) -> String {
 
 /// The shadow's partitions, each with the target partition it replaces and its bound.
 async fn shadow_partitions(
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     shadow: &TableName,
     run_id: &str,
 ) -> Result<Vec<(TableName, TableName, String)>, BackfillError> {
@@ -899,7 +427,8 @@ pub async fn swap_partitions(
     window: Option<WindowGuard>,
 ) -> Result<Vec<ArchiveRecord>, BackfillError> {
     let warehouse = &store.warehouse;
-    let mut tx = warehouse.pool.begin().await?;
+    let engine = warehouse.engine();
+    let mut tx = warehouse.begin().await?;
     execute(
         &mut tx,
         "SELECT set_config('lock_timeout', '30s', true)",
@@ -1000,14 +529,15 @@ pub async fn swap_partitions(
             &[],
         )
         .await?;
-        hand_over_index_names(
-            &mut tx,
-            &archive,
-            old_partition,
-            &archive_suffix(&run.run_id),
-            |_| true,
-        )
-        .await?;
+        engine
+            .hand_over_index_names(
+                &mut tx,
+                &archive,
+                old_partition,
+                &archive_suffix(&run.run_id),
+                &|_| true,
+            )
+            .await?;
         execute(
             &mut tx,
             &format!(
@@ -1070,7 +600,8 @@ async fn rollback_partitions(
     archives: &[ArchiveRecord],
 ) -> Result<RollbackReport, BackfillError> {
     let warehouse = &store.warehouse;
-    let mut tx = warehouse.pool.begin().await?;
+    let engine = warehouse.engine();
+    let mut tx = warehouse.begin().await?;
     execute(
         &mut tx,
         "SELECT set_config('lock_timeout', '30s', true)",
@@ -1132,14 +663,15 @@ async fn rollback_partitions(
         )
         .await?;
         let archived = archive_suffix(&run.run_id);
-        hand_over_index_names(
-            &mut tx,
-            &undone,
-            &partition,
-            &undone_suffix(&run.run_id),
-            |name| name.ends_with(&archived),
-        )
-        .await?;
+        engine
+            .hand_over_index_names(
+                &mut tx,
+                &undone,
+                &partition,
+                &undone_suffix(&run.run_id),
+                &|name| name.ends_with(&archived),
+            )
+            .await?;
         execute(
             &mut tx,
             &format!(
@@ -1196,21 +728,14 @@ async fn rollback_partitions(
 /// Copies the target's window rows (alias `t`) into the new plain table `into`: the archive of
 /// a window publish, or the backfilled rows a window rollback keeps.
 async fn copy_window(
-    dialect: Dialect,
-    conn: &mut AnyConnection,
+    engine: &dyn Engine,
+    conn: &mut dyn Session,
     target: &TableName,
     into: &TableName,
     window_on_t: &str,
     binds: &[backfill_common::warehouse::Bind],
 ) -> Result<(), BackfillError> {
-    let create = match dialect {
-        Dialect::Postgres => format!("CREATE TABLE {} (LIKE {})", into.quoted(), target.quoted()),
-        Dialect::Sqlite => format!(
-            "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
-            into.quoted(),
-            target.quoted()
-        ),
-    };
+    let create = engine.create_table_like(into, target);
     execute(conn, &create, &[]).await?;
     execute(
         conn,
@@ -1228,7 +753,7 @@ async fn copy_window(
 /// Notes on the run where its old version went and when it was published.
 async fn record_published(
     store: &ControlStore,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     run_id: &str,
     archive: &str,
 ) -> Result<(), BackfillError> {
@@ -1271,7 +796,7 @@ fn archive_record(
 /// `current`), kept as long as the archive itself was to be kept.
 async fn record_restore(
     store: &ControlStore,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     run_id: &str,
     archive: &ArchiveRecord,
     undone: &TableName,
@@ -1376,31 +901,30 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
         return rollback_window(store, &run, &target, &archive, &archive_table, &undone).await;
     }
     let warehouse = &store.warehouse;
-    let dialect = warehouse.dialect;
+    let engine = warehouse.engine();
     let mut conn = warehouse.acquire().await?;
-    if dialect == Dialect::Sqlite {
-        set_sqlite_legacy_alter(&mut conn, true).await?;
-    }
+    engine.prepare_swap(&mut conn, true).await?;
     let result = async {
         let mut tx = conn.begin().await?;
-        if dialect == Dialect::Postgres {
-            execute(&mut tx, "SELECT set_config('lock_timeout', '30s', true)", &[]).await?;
-        }
         if !warehouse.table_exists(&mut tx, &archive_table).await? {
             return Err(BackfillError::Invalid(format!("the archive table {archive_table} no longer exists")));
         }
-        let dependents = match dialect {
-            Dialect::Postgres => Some(read_dependents(&mut tx, &target).await?),
-            Dialect::Sqlite => None,
-        };
+        engine.lock_for_swap(&mut tx, &target).await?;
         let current = warehouse.checksum(&mut tx, &target, None, &[]).await?;
-        rename(&mut tx, &target, &undone).await?;
-        rename(&mut tx, &archive_table, &target).await?;
-        if let Some(dependents) = &dependents {
-            restore_dependents(&mut tx, &target, dependents, false).await?;
-            let archived = archive_suffix(&run.run_id);
-            hand_over_index_names(&mut tx, &undone, &target, &undone_suffix(&run.run_id), |name| name.ends_with(&archived)).await?;
-        }
+        let archived = archive_suffix(&run.run_id);
+        engine
+            .swap_tables(
+                &mut tx,
+                &TableSwap {
+                    current: &target,
+                    aside: &undone,
+                    replacement: &archive_table,
+                    aside_suffix: &undone_suffix(&run.run_id),
+                    carry_grants: false,
+                    takes_index_names: &|name| name.ends_with(&archived),
+                },
+            )
+            .await?;
         let restored: Checksum = warehouse
             .checksum_like(&mut tx, &target, None, &[], &archive.checksum)
             .await?;
@@ -1423,9 +947,7 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
         })
     }
     .await;
-    if dialect == Dialect::Sqlite {
-        set_sqlite_legacy_alter(&mut conn, false).await?;
-    }
+    engine.prepare_swap(&mut conn, false).await?;
     result
 }
 
@@ -1441,7 +963,7 @@ async fn rollback_window(
     undone: &TableName,
 ) -> Result<RollbackReport, BackfillError> {
     let warehouse = &store.warehouse;
-    let dialect = warehouse.dialect;
+    let engine = warehouse.engine();
     let text = store.spec_source(&run.spec_hash).await?.ok_or_else(|| {
         BackfillError::Invalid(format!(
             "the spec of run {} is missing from the control store",
@@ -1455,26 +977,29 @@ async fn rollback_window(
         ))
     })?;
     let (window, binds) = crate::window::window_condition(
-        dialect,
+        engine,
         spec.partition.grain,
         &spec.partition.column,
         "t",
         &spec.planned_partitions(),
         1,
     );
-    let mut tx = warehouse.pool.begin().await?;
-    lock_against_writers(dialect, &mut tx, target).await?;
+    let mut tx = warehouse.begin().await?;
+    // Writers wait; readers go on, seeing the old rows until commit.
+    engine
+        .lock_against_writers(&mut tx, target, WriterLock::Exclusive)
+        .await?;
     if !warehouse.table_exists(&mut tx, archive_table).await? {
         return Err(BackfillError::Invalid(format!(
             "the archive table {archive_table} no longer exists"
         )));
     }
-    copy_window(dialect, &mut tx, target, undone, &window, &binds).await?;
+    copy_window(engine, &mut tx, target, undone, &window, &binds).await?;
     let current = warehouse.checksum(&mut tx, undone, None, &[]).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
-    let json = json_columns(dialect, &mut tx, target).await?;
+    let json = engine.text_compared_columns(&mut tx, target).await?;
     let merge = window_merge(
-        dialect,
+        engine,
         target,
         archive_table,
         &columns,
@@ -1571,7 +1096,7 @@ pub async fn gc(
 async fn drop_archive(store: &ControlStore, archive: &ArchiveRecord) -> Result<(), BackfillError> {
     let table = TableName::parse(&archive.archive_table)
         .map_err(|e| BackfillError::Invalid(e.to_string()))?;
-    let mut tx = store.warehouse.pool.begin().await?;
+    let mut tx = store.warehouse.begin().await?;
     execute(
         &mut tx,
         &format!("DROP TABLE IF EXISTS {}", table.quoted()),
@@ -1598,7 +1123,7 @@ async fn drop_archive(store: &ControlStore, archive: &ArchiveRecord) -> Result<(
 pub async fn drop_shadow(store: &ControlStore, run: &RunRecord) -> Result<(), BackfillError> {
     let shadow =
         TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
-    let mut tx = store.warehouse.pool.begin().await?;
+    let mut tx = store.warehouse.begin().await?;
     execute(
         &mut tx,
         &format!("DROP TABLE IF EXISTS {}", shadow.quoted()),
@@ -1616,42 +1141,4 @@ pub async fn drop_shadow(store: &ControlStore, run: &RunRecord) -> Result<(), Ba
         .await?;
     tx.commit().await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stepped_aside_name_fits_postgres_and_keeps_the_suffix() {
-        let first = |name: &str, suffix: &str| stepped_aside_names(name, suffix).next().unwrap();
-        assert_eq!(
-            first("orders_pkey", "__bf_archive_ab12cd34"),
-            "orders_pkey__bf_archive_ab12cd34"
-        );
-        let long = "x".repeat(63);
-        let names: Vec<String> = stepped_aside_names(&long, "__bf_archive_ab12cd34")
-            .take(3)
-            .collect();
-        assert_eq!(names.len(), 3);
-        for (n, name) in names.iter().enumerate() {
-            assert_eq!(name.len(), 63);
-            assert!(
-                name.ends_with(&format!("_{}__bf_archive_ab12cd34", n + 1)),
-                "{name}"
-            );
-        }
-        // never cut inside a character
-        let accented = "é".repeat(31);
-        let aside = first(&accented, "__bf_undone_ab12cd34");
-        assert!(
-            aside.len() <= 63 && aside.ends_with("_1__bf_undone_ab12cd34"),
-            "{aside}"
-        );
-        assert!(aside.starts_with("éé"));
-        // a short name that fits is tried first, then numbered ones
-        let mut short = stepped_aside_names("a", "_s");
-        assert_eq!(short.next().unwrap(), "a_s");
-        assert_eq!(short.next().unwrap(), "a_1_s");
-    }
 }

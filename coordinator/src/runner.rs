@@ -15,7 +15,7 @@ use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
 use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec, SpecChanges};
 use backfill_common::telemetry;
-use backfill_common::warehouse::{Bind, Warehouse, redact_secrets};
+use backfill_common::warehouse::{Bind, Session, Warehouse, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{
     FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume, shadow_facts,
@@ -146,7 +146,7 @@ impl Backfill {
         warehouse_url: &str,
     ) -> Result<Backfill, BackfillError> {
         let warehouse = Warehouse::connect(warehouse_url, spec.warehouse.concurrency + 2).await?;
-        audit::check_supported(&spec, warehouse.dialect)?;
+        audit::check_supported(&spec, warehouse.engine())?;
         let store = ControlStore::new(warehouse, spec.warehouse.control_schema.clone());
         let target = store.warehouse.resolve_table(&spec.target.table).await?;
         Ok(Backfill {
@@ -208,7 +208,7 @@ impl Backfill {
 
     /// The source query as the warehouse will run it (parameters as placeholders).
     fn partition_sql(&self) -> Result<String, BackfillError> {
-        backfill_worker::context::source_sql(&self.spec, self.store.dialect())
+        backfill_worker::context::source_sql(&self.spec, self.store.engine())
     }
 
     /// Checks the spec against the warehouse and describes what a run would do. Writes
@@ -286,7 +286,7 @@ impl Backfill {
             spec_name: self.spec.name.clone(),
             spec_hash: self.spec.hash(),
             target: self.target.to_string(),
-            dialect: self.store.dialect().name().to_string(),
+            dialect: self.store.engine().name().to_string(),
             grain: self.spec.partition.grain,
             partitions: self.spec.planned_partitions(),
             source_columns,
@@ -306,7 +306,7 @@ impl Backfill {
     /// the window's share of it).
     async fn choose_publish_mode(
         &self,
-        conn: &mut sqlx::AnyConnection,
+        conn: &mut dyn Session,
     ) -> Result<(PublishMode, String), BackfillError> {
         let warehouse = &self.store.warehouse;
         let findings =
@@ -340,18 +340,24 @@ impl Backfill {
     /// outside it (what swap_partitions would copy), or why swap_partitions cannot be used.
     async fn rows_beside_the_window(
         &self,
-        conn: &mut sqlx::AnyConnection,
+        conn: &mut dyn Session,
     ) -> Result<Result<i64, String>, BackfillError> {
         let partitions = self.spec.planned_partitions();
-        let affected =
-            match shadow::partitions_in_window(conn, &self.spec, &self.target, &partitions).await {
-                Ok(affected) => affected,
-                Err(BackfillError::Invalid(why)) => return Ok(Err(why)),
-                Err(other) => return Err(other),
-            };
+        let affected = match shadow::partitions_in_window(
+            self.store.engine(),
+            conn,
+            &self.spec,
+            &self.target,
+            &partitions,
+        )
+        .await
+        {
+            Ok(affected) => affected,
+            Err(BackfillError::Invalid(why)) => return Ok(Err(why)),
+            Err(other) => return Err(other),
+        };
         let tables: Vec<TableName> = affected.into_iter().map(|p| p.table).collect();
-        let (outside, binds) =
-            shadow::outside_window(self.store.dialect(), &self.spec, &partitions);
+        let (outside, binds) = shadow::outside_window(self.store.engine(), &self.spec, &partitions);
         let row = backfill_common::warehouse::fetch_one(
             conn,
             &format!(
@@ -366,10 +372,7 @@ impl Backfill {
     }
 
     /// The target's rows in the window and in all, for `auto` to weigh the publish modes.
-    async fn count_window_rows(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-    ) -> Result<(i64, i64), BackfillError> {
+    async fn count_window_rows(&self, conn: &mut dyn Session) -> Result<(i64, i64), BackfillError> {
         let (window, binds) = self.window_on_t(&self.spec.planned_partitions());
         let row = backfill_common::warehouse::fetch_one(
             conn,
@@ -525,7 +528,7 @@ impl Backfill {
             .filter(|r| r.verdict == FAIL)
             .cloned()
             .collect();
-        let mut tx = self.store.warehouse.pool.begin().await?;
+        let mut tx = self.store.warehouse.begin().await?;
         self.store
             .replace_audits(&mut tx, &run.run_id, &records)
             .await?;
@@ -818,7 +821,7 @@ impl Backfill {
                     .await?
                     .map(|expected| {
                         let (filter, binds) =
-                            shadow::outside_window(self.store.dialect(), &self.spec, partitions);
+                            shadow::outside_window(self.store.engine(), &self.spec, partitions);
                         publish::OutsideGuard {
                             filter,
                             binds,
@@ -855,7 +858,7 @@ impl Backfill {
                 {
                     Some(expected) => {
                         let (filter, binds) =
-                            shadow::outside_window(self.store.dialect(), &self.spec, partitions);
+                            shadow::outside_window(self.store.engine(), &self.spec, partitions);
                         Some(publish::OutsideGuard {
                             filter,
                             binds,
@@ -1036,7 +1039,7 @@ impl Backfill {
     /// The window (alias `t`) of this spec as a condition with its binds.
     fn window_on_t(&self, partitions: &[Partition]) -> (String, Vec<Bind>) {
         crate::window::window_condition(
-            self.store.dialect(),
+            self.store.engine(),
             self.spec.partition.grain,
             &self.spec.partition.column,
             "t",
@@ -1217,7 +1220,7 @@ impl Backfill {
             "run {run_id}: building shadow {shadow} (copying partitions outside the window)"
         ));
         // Run, partitions and shadow appear together or not at all.
-        let mut tx = self.store.warehouse.pool.begin().await?;
+        let mut tx = self.store.warehouse.begin().await?;
         self.store
             .insert_run(
                 &mut tx,
@@ -1230,7 +1233,7 @@ impl Backfill {
             .await
             .map_err(|e| match &e {
                 // The partial unique index on open runs: another process started one first.
-                BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "2067" => {
+                _ if e.is_unique_violation() => {
                     BackfillError::Conflict(format!(
                         "another backfill of {} started at the same moment; only one run per target may be open. See `backfill status`",
                         self.target

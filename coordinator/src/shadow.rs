@@ -5,13 +5,14 @@
 //! target's shape allows, and which one `auto` picks.
 
 use backfill_common::BackfillError;
-use backfill_common::dialect::Dialect;
+use backfill_common::engine::{Engine, quote_catalog_name};
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Partition;
 use backfill_common::spec::{PublishMode, Spec};
-use backfill_common::warehouse::{Checksum, Warehouse, execute, fetch_all, fetch_one, get};
+use backfill_common::warehouse::{
+    Checksum, Session, Warehouse, execute, fetch_all, fetch_one, get,
+};
 use chrono::NaiveDateTime;
-use sqlx::AnyConnection;
 
 use crate::window::window_condition;
 
@@ -25,20 +26,11 @@ pub struct BuiltShadow {
     pub deferred_indexes: Vec<DeferredIndex>,
 }
 
-/// An index (or the key constraint it backs) of the shadow, by name, with the statement that
-/// builds it again.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DeferredIndex {
-    pub name: String,
-    pub create: String,
-    /// `COMMENT ON INDEX …` when the index had a comment.
-    #[serde(default)]
-    pub comment: Option<String>,
-}
+pub use backfill_common::engine::DeferredIndex;
 
 pub async fn build_shadow(
     warehouse: &Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     spec: &Spec,
     target: &TableName,
     shadow: &TableName,
@@ -54,21 +46,10 @@ pub async fn build_shadow(
             deferred_indexes: Vec::new(),
         });
     }
-    match warehouse.dialect {
-        Dialect::Postgres => {
-            execute(
-                conn,
-                &format!(
-                    "CREATE TABLE {} (LIKE {} INCLUDING ALL)",
-                    shadow.quoted(),
-                    target.quoted()
-                ),
-                &[],
-            )
-            .await?;
-        }
-        Dialect::Sqlite => create_sqlite_shadow(conn, target, shadow).await?,
-    }
+    warehouse
+        .engine()
+        .create_shadow(conn, target, shadow)
+        .await?;
     for column in &spec.target.add_columns {
         if target_columns.iter().any(|c| c == column.name.as_str()) {
             return Err(BackfillError::Invalid(format!(
@@ -117,17 +98,14 @@ pub async fn build_shadow(
     // inserts take half the time without them). The first application of each partition
     // checks its own keys for duplicates meanwhile; the unique index, built again before
     // the audits, proves the whole table has none.
-    let deferred_indexes = match warehouse.dialect {
-        Dialect::Postgres => defer_indexes(conn, shadow).await?,
-        Dialect::Sqlite => Vec::new(),
-    };
+    let deferred_indexes = warehouse.engine().defer_indexes(conn, shadow).await?;
     let column_list = target_columns
         .iter()
         .map(|c| quote_catalog_name(c))
         .collect::<Vec<_>>()
         .join(", ");
     let (window, binds) = window_condition(
-        warehouse.dialect,
+        warehouse.engine(),
         spec.partition.grain,
         &spec.partition.column,
         "t",
@@ -156,8 +134,7 @@ pub async fn build_shadow(
         ))
     };
     let explain = |e: BackfillError| {
-        if matches!(&e, BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "2067" || code == "1555")
-        {
+        if e.is_unique_violation() {
             duplicates_outside()
         } else {
             e.context(format!(
@@ -167,8 +144,8 @@ pub async fn build_shadow(
     };
     // What the copy was taken from: publish compares this with the target again, so that
     // writes to the target after this point are never silently discarded by the swap.
-    let outside = match warehouse.dialect {
-        Dialect::Postgres => {
+    let outside = if warehouse.engine().capabilities().data_modifying_cte {
+        {
             // The copy returns what it inserted (the target's columns, in its order): its
             // checksum is the target's rows outside the window, without a second scan.
             let how = warehouse.row_hash(conn, target).await?;
@@ -182,9 +159,10 @@ pub async fn build_shadow(
                 digest: how.digest(get(&row, 1)?),
             }
         }
-        Dialect::Sqlite => {
+    } else {
+        {
             execute(conn, &copy, &binds).await.map_err(explain)?;
-            let (outside, binds) = outside_window(warehouse.dialect, spec, partitions);
+            let (outside, binds) = outside_window(warehouse.engine(), spec, partitions);
             warehouse
                 .checksum(conn, target, Some(&outside), &binds)
                 .await?
@@ -216,48 +194,6 @@ pub async fn build_shadow(
     })
 }
 
-/// Drops the shadow's indexes (and the key constraints they back), returning how to build
-/// each again. Only NOT NULL and CHECK constraints stay while partitions are written.
-async fn defer_indexes(
-    conn: &mut AnyConnection,
-    shadow: &TableName,
-) -> Result<Vec<DeferredIndex>, BackfillError> {
-    let rows = fetch_all(
-        conn,
-        "SELECT CAST(ic.relname AS text), \
-         CASE WHEN con.oid IS NULL THEN pg_catalog.pg_get_indexdef(i.indexrelid) \
-             || coalesce(' TABLESPACE ' || quote_ident(CAST(ts.spcname AS text)), '') \
-           WHEN con.contype IN ('p', 'u') THEN format('ALTER TABLE %s ADD CONSTRAINT %I %s', $1, con.conname, pg_catalog.pg_get_constraintdef(con.oid)) \
-             || coalesce(' WITH (' || array_to_string(ic.reloptions, ', ') || ')', '') \
-             || coalesce(' USING INDEX TABLESPACE ' || quote_ident(CAST(ts.spcname AS text)), '') \
-           ELSE format('ALTER TABLE %s ADD CONSTRAINT %I %s', $1, con.conname, pg_catalog.pg_get_constraintdef(con.oid)) END, \
-         CASE WHEN con.oid IS NULL THEN format('DROP INDEX %s', CAST(CAST(i.indexrelid AS regclass) AS text)) \
-           ELSE format('ALTER TABLE %s DROP CONSTRAINT %I', $1, con.conname) END, \
-         CASE WHEN pg_catalog.obj_description(i.indexrelid, 'pg_class') IS NOT NULL THEN \
-           format('COMMENT ON INDEX %s IS %L', CAST(CAST(i.indexrelid AS regclass) AS text), pg_catalog.obj_description(i.indexrelid, 'pg_class')) END \
-         FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
-         LEFT JOIN pg_catalog.pg_tablespace ts ON ts.oid = ic.reltablespace \
-         LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
-         WHERE i.indrelid = CAST($1 AS regclass) ORDER BY ic.relname",
-        &[shadow.quoted().into()],
-    )
-    .await?;
-    let mut deferred = Vec::new();
-    for row in &rows {
-        let name: String = get(row, 0)?;
-        let create: String = get(row, 1)?;
-        let drop: String = get(row, 2)?;
-        let comment: Option<String> = get(row, 3)?;
-        execute(conn, &drop, &[]).await?;
-        deferred.push(DeferredIndex {
-            name,
-            create,
-            comment,
-        });
-    }
-    Ok(deferred)
-}
-
 /// Builds the shadow's deferred indexes that do not exist yet (a resumed run may have built
 /// some), then refreshes its statistics. A unique index that cannot be built means duplicate
 /// keys: returns them, a few, with the partitions that hold them.
@@ -268,20 +204,10 @@ pub async fn build_deferred_indexes(
     deferred: &[DeferredIndex],
 ) -> Result<Result<(), Vec<(String, String)>>, BackfillError> {
     let mut conn = warehouse.acquire().await?;
-    let existing: Vec<String> = fetch_all(
-        &mut conn,
-        "SELECT CAST(ic.relname AS text) FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
-         WHERE i.indrelid = CAST($1 AS regclass)",
-        &[shadow.quoted().into()],
-    )
-    .await?
-    .iter()
-    .map(|r| get(r, 0))
-    .collect::<Result<_, _>>()?;
+    let existing = warehouse.engine().index_names(&mut conn, shadow).await?;
     for index in deferred.iter().filter(|d| !existing.contains(&d.name)) {
         if let Err(error) = execute(&mut conn, &index.create, &[]).await {
-            if matches!(&error, BackfillError::Warehouse { sqlstate: Some(code), .. } if code == "23505" || code == "23P01")
-            {
+            if error.is_unique_violation() || error.is_exclusion_violation() {
                 let mut failures = duplicate_keys(warehouse, &mut conn, spec, shadow).await?;
                 if failures.is_empty() {
                     // Another unique index, or an exclusion constraint: the database's
@@ -322,14 +248,14 @@ pub const SHADOW_WIDE: &str = "(shadow)";
 /// A few duplicated keys of the shadow, one message per partition holding them.
 async fn duplicate_keys(
     warehouse: &Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     spec: &Spec,
     shadow: &TableName,
 ) -> Result<Vec<(String, String)>, BackfillError> {
-    let dialect = warehouse.dialect;
+    let engine = warehouse.engine();
     let grain = spec.partition.grain;
-    let group = dialect.partition_group(&format!("t.{}", spec.partition.column.quoted()), grain);
-    let label = dialect.group_label(&group, grain);
+    let group = engine.partition_group(&format!("t.{}", spec.partition.column.quoted()), grain);
+    let label = engine.group_label(&group, grain);
     let keys = spec
         .target
         .key
@@ -373,12 +299,12 @@ async fn duplicate_keys(
 
 /// The rows outside the window (alias `t`), as a condition with its binds.
 pub fn outside_window(
-    dialect: backfill_common::dialect::Dialect,
+    engine: &dyn backfill_common::engine::Engine,
     spec: &Spec,
     partitions: &[Partition],
 ) -> (String, Vec<backfill_common::warehouse::Bind>) {
     let (window, binds) = window_condition(
-        dialect,
+        engine,
         spec.partition.grain,
         &spec.partition.column,
         "t",
@@ -388,96 +314,18 @@ pub fn outside_window(
     (format!("NOT coalesce({window}, false)"), binds)
 }
 
-/// Quotes a column name read from the catalog (not validated as an `Ident`: the target may
-/// have columns our identifier rules would not accept).
-pub fn quote_catalog_name(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// SQLite has no `CREATE TABLE … LIKE`: replay the target's own DDL under the shadow's name,
-/// then its explicit indexes.
-async fn create_sqlite_shadow(
-    conn: &mut AnyConnection,
-    target: &TableName,
-    shadow: &TableName,
-) -> Result<(), BackfillError> {
-    let row = fetch_one(
-        conn,
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1",
-        &[target.name.as_str().into()],
-    )
-    .await?;
-    let ddl: String = get(&row, 0)?;
-    let body = ddl
-        .find('(')
-        .map(|i| &ddl[i..])
-        .ok_or_else(|| BackfillError::Invalid(format!("cannot read the definition of {target}")))?;
-    execute(
-        conn,
-        &format!("CREATE TABLE {} {body}", shadow.quoted()),
-        &[],
-    )
-    .await?;
-    let indexes = fetch_all(
-        conn,
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
-        &[target.name.as_str().into()],
-    )
-    .await?;
-    for index in &indexes {
-        let name: String = get(index, 0)?;
-        let sql: String = get(index, 1)?;
-        let columns = sql
-            .rfind(" ON ")
-            .or_else(|| sql.to_ascii_uppercase().rfind(" ON "))
-            .and_then(|on| sql[on..].find('(').map(|p| &sql[on + p..]))
-            .ok_or_else(|| {
-                BackfillError::Invalid(format!("cannot read the definition of index {name}"))
-            })?;
-        let unique = if sql
-            .trim_start()
-            .to_ascii_uppercase()
-            .starts_with("CREATE UNIQUE")
-        {
-            "UNIQUE "
-        } else {
-            ""
-        };
-        let base = name.rsplit("__bfx_").next().unwrap_or(&name);
-        let new_name = quote_catalog_name(&format!("{}__bfx_{base}", shadow.name));
-        execute(
-            conn,
-            &format!(
-                "CREATE {unique}INDEX {new_name} ON {} {columns}",
-                shadow.quoted()
-            ),
-            &[],
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 /// Whether `table` has a unique index over exactly the columns `key` (see
 /// `Warehouse::has_unique_index_on`).
 pub async fn has_unique_index_on(
     warehouse: &Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     table: &TableName,
     key: &[Ident],
 ) -> Result<bool, BackfillError> {
     warehouse.has_unique_index_on(conn, table, key).await
 }
 
-/// Something about the target that a publish mode cannot carry over.
-#[derive(Debug, Clone)]
-pub struct ShapeFinding {
-    pub what: String,
-    pub why: &'static str,
-    pub blocks_swap_table: bool,
-    /// Also blocks swap_partitions, which moves rows by key like swap_window.
-    pub blocks_swap_window: bool,
-}
+pub use backfill_common::engine::ShapeFinding;
 
 /// What the target has that a publish mode would strand or break. `swap_table` renames a
 /// copy into place, so everything attached to the table object matters; `swap_window` keeps
@@ -486,7 +334,7 @@ pub struct ShapeFinding {
 /// written).
 pub async fn target_findings(
     warehouse: &Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     target: &TableName,
     key: &[Ident],
 ) -> Result<Vec<ShapeFinding>, BackfillError> {
@@ -494,108 +342,7 @@ pub async fn target_findings(
     // index must include the partition column) both rely on the key being unique in the
     // target; a copy (swap_table) makes it unique.
     let unique_key = has_unique_index_on(warehouse, conn, target, key).await?;
-    let mut findings = Vec::new();
-    let mut add = |rows: &[sqlx::any::AnyRow], why: &'static str, table: bool, window: bool| {
-        for row in rows {
-            if let Ok(Some(what)) = get::<Option<String>>(row, 0) {
-                findings.push(ShapeFinding {
-                    what,
-                    why,
-                    blocks_swap_table: table,
-                    blocks_swap_window: window,
-                });
-            }
-        }
-    };
-    match warehouse.dialect {
-        Dialect::Postgres => {
-            let name = target.quoted();
-            let checks: [(&str, &'static str, bool, bool); 9] = [
-                (
-                    "SELECT CASE WHEN relrowsecurity OR relforcerowsecurity THEN 'row-level security is enabled' END FROM pg_class WHERE oid = CAST($1 AS regclass) \
-                     UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = CAST($1 AS regclass)",
-                    "row-level security would hide rows from the copy or the merge",
-                    true,
-                    true,
-                ),
-                (
-                    "SELECT CASE WHEN relkind = 'p' THEN 'native partitioning' END FROM pg_class WHERE oid = CAST($1 AS regclass)",
-                    "a renamed copy would not be partitioned",
-                    true,
-                    false,
-                ),
-                (
-                    "SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = CAST($1 AS regclass) AND NOT tgisinternal",
-                    "triggers are not carried to the new table",
-                    true,
-                    false,
-                ),
-                (
-                    "SELECT 'foreign key ' || conname || ' to ' || CAST(CAST(confrelid AS regclass) AS text) FROM pg_constraint WHERE conrelid = CAST($1 AS regclass) AND contype = 'f'",
-                    "foreign keys of the target are not carried to the new table",
-                    true,
-                    false,
-                ),
-                (
-                    "SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' \
-                     AND confdeltype NOT IN ('c', 'n', 'd') AND confupdtype NOT IN ('c', 'n', 'd')",
-                    "foreign keys referencing the target would keep pointing at the archive",
-                    true,
-                    false,
-                ),
-                (
-                    "SELECT 'cascading foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' \
-                     AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'))",
-                    "foreign keys referencing the target with ON DELETE/UPDATE actions would change other tables when rows are replaced",
-                    true,
-                    true,
-                ),
-                (
-                    "SELECT 'identity column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attidentity <> '' \
-                     UNION ALL SELECT 'generated column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
-                    "identity and generated columns cannot be copied as they are",
-                    true,
-                    true,
-                ),
-                (
-                    "SELECT 'column ' || a.attname || ' defaults to ' || pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
-                     WHERE d.adrelid = CAST($1 AS regclass) AND pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%'",
-                    "a sequence owned by the target would stay with the archive (and block gc)",
-                    true,
-                    false,
-                ),
-                (
-                    "SELECT DISTINCT 'materialized view ' || CAST(CAST(v.oid AS regclass) AS text) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid \
-                     JOIN pg_class v ON v.oid = r.ev_class WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = CAST($1 AS regclass) AND v.relkind = 'm'",
-                    "materialized views would keep reading the archive",
-                    true,
-                    false,
-                ),
-            ];
-            for (sql, why, table, window) in checks {
-                let rows = fetch_all(conn, sql, &[name.as_str().into()]).await?;
-                add(&rows, why, table, window);
-            }
-        }
-        Dialect::Sqlite => {
-            let table = target.name.as_str();
-            let rows = fetch_all(conn, "SELECT 'trigger ' || name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = $1", &[table.into()]).await?;
-            add(&rows, "triggers would stay with the archive", true, false);
-            let rows = fetch_all(
-                conn,
-                "SELECT DISTINCT 'foreign key on ' || m.name FROM sqlite_master m, pragma_foreign_key_list(m.name) f \
-                 WHERE m.type = 'table' AND f.\"table\" = $1 AND m.name <> $1",
-                &[table.into()],
-            )
-            .await?;
-            add(
-                &rows,
-                "foreign keys referencing the target would follow it to the archive",
-                true,
-                false,
-            );
-        }
-    }
+    let mut findings = warehouse.engine().shape_findings(conn, target).await?;
     if !unique_key {
         findings.push(ShapeFinding {
             what: format!(
@@ -811,7 +558,8 @@ pub fn parse_range_bound(bound: &str) -> Option<(NaiveDateTime, NaiveDateTime)> 
 /// The target's partitions that hold rows of the window, when the target is range-partitioned
 /// on the spec's partition column; an error says why swap_partitions cannot be used.
 pub async fn partitions_in_window(
-    conn: &mut AnyConnection,
+    engine: &dyn Engine,
+    conn: &mut dyn Session,
     spec: &Spec,
     target: &TableName,
     partitions: &[Partition],
@@ -855,7 +603,7 @@ pub async fn partitions_in_window(
             .map_err(|e| refuse(format!("partition {schema}.{name}: {e}")))?;
         if bound.trim() == "DEFAULT" {
             let (window, binds) = window_condition(
-                Dialect::Postgres,
+                engine,
                 spec.partition.grain,
                 &spec.partition.column,
                 "t",
@@ -975,13 +723,13 @@ pub const BOUND_CHECK: &str = "bf_partition_bound";
 /// guard.
 async fn build_partitioned_shadow(
     warehouse: &Warehouse,
-    conn: &mut AnyConnection,
+    conn: &mut dyn Session,
     spec: &Spec,
     target: &TableName,
     shadow: &TableName,
     partitions: &[Partition],
 ) -> Result<Checksum, BackfillError> {
-    let affected = partitions_in_window(conn, spec, target, partitions).await?;
+    let affected = partitions_in_window(warehouse.engine(), conn, spec, target, partitions).await?;
     let column = spec.partition.column.quoted();
     execute(
         conn,
@@ -994,7 +742,7 @@ async fn build_partitioned_shadow(
     )
     .await?;
     let run_id = shadow.name.as_str().rsplit('_').next().unwrap_or("run");
-    let (outside, binds) = outside_window(Dialect::Postgres, spec, partitions);
+    let (outside, binds) = outside_window(warehouse.engine(), spec, partitions);
     let columns = warehouse
         .table_columns(conn, target)
         .await?

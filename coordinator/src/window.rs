@@ -1,6 +1,6 @@
 //! "The window" (the partitions a run backfills) as a SQL condition with bound values.
 
-use backfill_common::dialect::Dialect;
+use backfill_common::engine::Engine;
 use backfill_common::ident::Ident;
 use backfill_common::plan::{self, Grain, Partition};
 use backfill_common::warehouse::Bind;
@@ -8,7 +8,7 @@ use backfill_common::warehouse::Bind;
 /// `(t.col >= $a AND t.col < $b) OR …` over the coalesced ranges of `partitions`, with
 /// placeholders numbered from `first_placeholder`.
 pub fn window_condition(
-    dialect: Dialect,
+    engine: &dyn Engine,
     grain: Grain,
     column: &Ident,
     alias: &str,
@@ -18,11 +18,11 @@ pub fn window_condition(
     let mut binds = Vec::new();
     let mut parts = Vec::new();
     for (start, end) in plan::coalesce_ranges(partitions) {
-        let lo = dialect.partition_bound(grain, first_placeholder + binds.len());
+        let lo = engine.partition_bound(grain, first_placeholder + binds.len());
         binds.push(Bind::Text(plan::bound_value(grain, start)));
-        let hi = dialect.partition_bound(grain, first_placeholder + binds.len());
+        let hi = engine.partition_bound(grain, first_placeholder + binds.len());
         binds.push(Bind::Text(plan::bound_value(grain, end)));
-        let col = dialect.partition_column(&format!("{alias}.{}", column.quoted()), grain);
+        let col = engine.partition_column(&format!("{alias}.{}", column.quoted()), grain);
         parts.push(format!("({col} >= {lo} AND {col} < {hi})"));
     }
     if parts.is_empty() {

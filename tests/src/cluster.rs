@@ -173,7 +173,7 @@ impl Drop for Cluster {
                             .all_runs()
                             .await
                             .unwrap_or_default();
-                        store.pool.close().await;
+                        store.close().await;
                         runs
                     }
                     _ => Vec::new(),

@@ -72,7 +72,7 @@ impl TestDatabase {
             .await
             .expect("create test database");
         drop(conn);
-        admin.pool.close().await;
+        admin.close().await;
         let base = pg_admin_url();
         let url = match base.rfind('/') {
             Some(slash) => format!("{}/{name}", &base[..slash]),

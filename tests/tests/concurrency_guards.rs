@@ -80,7 +80,7 @@ async fn two_specs_cannot_run_on_one_target_at_once() {
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     control_store(&warehouse).migrate().await.unwrap();
     // Both start while the target is locked, so both pass the "no open run" check.
-    let mut lock = warehouse.pool.begin().await.unwrap();
+    let mut lock = warehouse.begin().await.unwrap();
     backfill_common::warehouse::execute(
         &mut lock,
         "LOCK TABLE fact_order_items IN ACCESS EXCLUSIVE MODE",

@@ -278,7 +278,7 @@ async fn lock_timeout_is_retried_with_backoff() {
     )
     .await;
     let task = reissue(&warehouse, &store, &run_id, "2024-03-03").await;
-    let mut locker = warehouse.pool.begin().await.unwrap();
+    let mut locker = warehouse.begin().await.unwrap();
     execute(
         &mut locker,
         &format!(
@@ -375,7 +375,7 @@ async fn stopping_hands_back_only_a_task_that_never_ran() {
     // backoff.
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let task = reissue(&warehouse, &store, &run_id, "2024-03-04").await;
-    let mut locker = warehouse.pool.begin().await.unwrap();
+    let mut locker = warehouse.begin().await.unwrap();
     execute(
         &mut locker,
         &format!(

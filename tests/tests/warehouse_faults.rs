@@ -404,7 +404,7 @@ async fn locked_partition_row_hits_the_lock_timeout_and_is_retried() {
         &cluster,
     )
     .await;
-    let mut locker = warehouse.pool.begin().await.unwrap();
+    let mut locker = warehouse.begin().await.unwrap();
     backfill_common::warehouse::execute(
         &mut locker,
         &format!(

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use backfill_common::control::{ControlStore, RunRecord};
-use backfill_common::dialect::Dialect;
+use backfill_common::engine::{Engine, PartitionMerge};
 use backfill_common::ident::{Ident, TableName};
 use backfill_common::plan::Grain;
 use backfill_common::spec::Spec;
@@ -63,11 +63,11 @@ pub struct MergeSql {
 
 /// The source query as the warehouse runs it for one partition: `:partition_start` and
 /// `:partition_end` become bound, typed placeholders ($1 and $2).
-pub fn source_sql(spec: &Spec, dialect: Dialect) -> Result<String, BackfillError> {
+pub fn source_sql(spec: &Spec, engine: &dyn Engine) -> Result<String, BackfillError> {
     let grain = spec.partition.grain;
     sql::rewrite_parameters(&spec.source.query, |name| match name {
-        "partition_start" => dialect.partition_bound(grain, 1),
-        _ => dialect.partition_bound(grain, 2),
+        "partition_start" => engine.partition_bound(grain, 1),
+        _ => engine.partition_bound(grain, 2),
     })
     .map_err(BackfillError::Invalid)
 }
@@ -110,7 +110,7 @@ impl PartitionContext {
         shadow_facts: ShadowFacts,
     ) -> Result<PartitionContext, BackfillError> {
         let row_hash = shadow_facts.row_hash;
-        let dialect = store.dialect();
+        let engine = store.engine();
         let shadow = TableName::parse(&run.shadow_table)
             .map_err(|e| BackfillError::Invalid(e.to_string()))?;
         let columns: Vec<Ident> = source_columns
@@ -120,7 +120,7 @@ impl PartitionContext {
             })
             .collect::<Result<_, _>>()?;
         let grain = spec.partition.grain;
-        let source = source_sql(spec, dialect)?;
+        let source = source_sql(spec, engine)?;
         let column_list = columns
             .iter()
             .map(|c| c.quoted())
@@ -140,10 +140,10 @@ impl PartitionContext {
             None => format!("SELECT {column_list} FROM ({source}) AS bf_q"),
         };
         let part = spec.partition.column.quoted();
-        let lo = dialect.partition_bound(grain, 1);
-        let hi = dialect.partition_bound(grain, 2);
+        let lo = engine.partition_bound(grain, 1);
+        let hi = engine.partition_bound(grain, 2);
         let in_partition = |alias: &str| {
-            let col = dialect.partition_column(&format!("{alias}.{part}"), grain);
+            let col = engine.partition_column(&format!("{alias}.{part}"), grain);
             format!("{col} >= {lo} AND {col} < {hi}")
         };
         let any_key_null = |alias: &str| {
@@ -163,11 +163,11 @@ impl PartitionContext {
                 .join(" AND ")
         };
         let shadow_q = shadow.quoted();
-        let fast_insert_sql = match dialect {
-            // One statement inserts, checks every inserted row and checksums them: no second
-            // read of the partition. Without a unique index (deferred) it also counts
-            // duplicate keys among them.
-            Dialect::Postgres => format!(
+        // Where a write can report on what it wrote, one statement inserts, checks every
+        // inserted row and checksums them: no second read of the partition. Without a unique
+        // index (deferred) it also counts duplicate keys among them.
+        let fast_insert_sql = if engine.capabilities().data_modifying_cte {
+            format!(
                 "WITH ins AS (INSERT INTO {shadow_q} ({column_list}) {deduped} RETURNING *) \
                  SELECT count(*), coalesce(sum(CASE WHEN ins.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
                  coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0), \
@@ -188,8 +188,9 @@ impl PartitionContext {
                             .join(", ")
                     )
                 }
-            ),
-            Dialect::Sqlite => format!("INSERT INTO {shadow_q} ({column_list}) {deduped}"),
+            )
+        } else {
+            format!("INSERT INTO {shadow_q} ({column_list}) {deduped}")
         };
         let partition_rows_sql = format!(
             "SELECT count(*), coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {shadow_q} AS t WHERE {}",
@@ -197,37 +198,8 @@ impl PartitionContext {
             in_partition("t")
         );
 
-        let non_key: Vec<&Ident> = columns
-            .iter()
-            .filter(|c| !spec.target.key.contains(c))
-            .collect();
-        let changed = |t: &str, s: &str| {
-            if non_key.is_empty() {
-                "1 = 0".to_string()
-            } else {
-                non_key
-                    .iter()
-                    .map(|c| {
-                        dialect.distinct(
-                            &format!("{t}.{}", c.quoted()),
-                            &format!("{s}.{}", c.quoted()),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" OR ")
-            }
-        };
         let source_table = "bf_src";
-        let (create_source, drop_source) = match dialect {
-            Dialect::Postgres => (
-                format!("CREATE TEMP TABLE {source_table} ON COMMIT DROP AS {deduped}"),
-                None,
-            ),
-            Dialect::Sqlite => (
-                format!("CREATE TEMP TABLE {source_table} AS {deduped}"),
-                Some(format!("DROP TABLE temp.{source_table}")),
-            ),
-        };
+        let (create_source, drop_source) = engine.temp_table_from_query(source_table, &deduped);
         let source_checks = format!(
             "SELECT count(*), coalesce(sum(CASE WHEN s.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
              coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {source_table} AS s",
@@ -241,54 +213,13 @@ impl PartitionContext {
             key_match("t", "s"),
             in_partition("t")
         );
-        let merge = match dialect {
-            Dialect::Postgres => {
-                let set = if non_key.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "WHEN MATCHED AND ({}) THEN UPDATE SET {} ",
-                        changed("t", "s"),
-                        non_key
-                            .iter()
-                            .map(|c| format!("{c} = s.{c}", c = c.quoted()))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                format!(
-                    "MERGE INTO {shadow_q} AS t USING {source_table} AS s ON {} AND {} {set}WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({})",
-                    key_match("t", "s"),
-                    in_partition("t"),
-                    columns
-                        .iter()
-                        .map(|c| format!("s.{}", c.quoted()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-            Dialect::Sqlite => {
-                // A conflict with a row of another partition updates nothing; the row count
-                // check after the merge then reports the collision.
-                let action = if non_key.is_empty() {
-                    "DO NOTHING".to_string()
-                } else {
-                    format!(
-                        "DO UPDATE SET {} WHERE ({}) AND {}",
-                        non_key
-                            .iter()
-                            .map(|c| format!("{c} = excluded.{c}", c = c.quoted()))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        changed(&shadow.name.quoted(), "excluded"),
-                        in_partition(&shadow.name.quoted())
-                    )
-                };
-                format!(
-                    "INSERT INTO {shadow_q} ({column_list}) SELECT {column_list} FROM {source_table} WHERE true ON CONFLICT ({key_list}) {action}"
-                )
-            }
-        };
+        let merge = engine.merge_partition(&PartitionMerge {
+            shadow: &shadow,
+            source: source_table,
+            columns: &columns,
+            key: &spec.target.key,
+            in_partition: &in_partition,
+        });
         let delete_vanished = format!(
             "DELETE FROM {shadow_q} AS t WHERE {} AND NOT EXISTS (SELECT 1 FROM {source_table} AS s WHERE {})",
             in_partition("t"),

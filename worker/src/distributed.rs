@@ -136,7 +136,7 @@ impl StoreContexts {
             )));
         }
         let columns = warehouse
-            .describe_columns(&source_sql(&spec, warehouse.dialect)?)
+            .describe_columns(&source_sql(&spec, warehouse.engine())?)
             .await
             .map_err(|e| match e.retry() {
                 Retry::Transient => unavailable(e),

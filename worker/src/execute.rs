@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backfill_common::control::{MergeCounts, PartitionState, PartitionTask};
-use backfill_common::dialect::Dialect;
 use backfill_common::envelope::{Rejection, TaskMessage};
 use backfill_common::monitoring;
 use backfill_common::queue::{Delivery, TaskQueue};
 use backfill_common::semaphore::Semaphore;
 use backfill_common::telemetry;
-use backfill_common::warehouse::{Bind, execute, fetch_one, get};
+use backfill_common::warehouse::{Bind, Session, execute, fetch_one, get};
 use backfill_common::{BackfillError, Retry};
 use backon::{BackoffBuilder, ExponentialBuilder};
-use sqlx::AnyConnection;
 use tracing::Instrument as _;
 
 use crate::context::PartitionContext;
@@ -260,12 +258,7 @@ async fn attempt_with_timeout(
     if pid > 0
         && let Ok(mut conn) = ctx.store.warehouse.acquire().await
     {
-        let _ = execute(
-            &mut conn,
-            "SELECT CAST(pg_cancel_backend(CAST($1 AS integer)) AS text)",
-            &[Bind::Int(pid)],
-        )
-        .await;
+        let _ = ctx.store.engine().cancel_session(&mut conn, pid).await;
     }
     // `work` (and with it the transaction, rolled back) is dropped on return, after the cancel.
     Err(abandoned)
@@ -279,19 +272,17 @@ async fn attempt(
     backend: &std::sync::atomic::AtomicI64,
 ) -> Result<PartitionOutcome, BackfillError> {
     let started = Instant::now();
-    let mut tx = ctx.store.warehouse.pool.begin().await?;
+    let mut tx = ctx.store.warehouse.begin().await?;
     // The timeouts come first: the claim waits for the partition's row lock, which a
     // statement of a killed process may hold for minutes. Unbounded, it ran into the
     // client-side timeout, which cannot cancel a statement whose backend it does not know.
-    if ctx.store.dialect() == Dialect::Postgres {
-        let millis = ctx.timeout.as_millis().to_string();
-        let row = fetch_one(
-            &mut tx,
-            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true), CAST(pg_backend_pid() AS bigint)",
-            &[millis.into()],
-        )
-        .await?;
-        backend.store(get::<i64>(&row, 2)?, std::sync::atomic::Ordering::SeqCst);
+    if let Some(id) = ctx
+        .store
+        .engine()
+        .begin_partition(&mut tx, ctx.timeout)
+        .await?
+    {
+        backend.store(id, std::sync::atomic::Ordering::SeqCst);
     }
     let claimed = ctx
         .store
@@ -318,7 +309,7 @@ async fn attempt(
         rows.unchanged = tracing::field::Empty,
     );
     let (counts, rows_after, checksum) =
-        if times_applied == 0 && ctx.store.dialect() == Dialect::Postgres {
+        if times_applied == 0 && ctx.store.engine().capabilities().data_modifying_cte {
             fast_insert_checked(ctx, &mut tx, task, &bounds)
                 .instrument(merge_span.clone())
                 .await?
@@ -359,7 +350,7 @@ async fn attempt(
                 started.elapsed().as_secs_f64(),
             )
             .await?;
-        tx.commit().await.map_err(BackfillError::from)
+        tx.commit().await
     }
     .instrument(tracing::info_span!("backfill.checkpoint", rows_after))
     .await?;
@@ -387,7 +378,7 @@ async fn attempt(
 /// without the window, and the fenced claim says it was never applied.
 async fn fast_insert_checked(
     ctx: &PartitionContext,
-    tx: &mut AnyConnection,
+    tx: &mut dyn Session,
     task: &PartitionTask,
     bounds: &[Bind],
 ) -> Result<(MergeCounts, i64, String), BackfillError> {
@@ -431,7 +422,7 @@ async fn fast_insert_checked(
 /// means the source returned rows outside the partition).
 async fn fast_insert(
     ctx: &PartitionContext,
-    tx: &mut AnyConnection,
+    tx: &mut dyn Session,
     task: &PartitionTask,
     bounds: &[Bind],
 ) -> Result<(MergeCounts, i64), BackfillError> {
@@ -467,7 +458,7 @@ async fn fast_insert(
 /// vanished from the source.
 async fn merge(
     ctx: &PartitionContext,
-    tx: &mut AnyConnection,
+    tx: &mut dyn Session,
     task: &PartitionTask,
     bounds: &[Bind],
 ) -> Result<(MergeCounts, i64), BackfillError> {
@@ -549,12 +540,8 @@ fn check_failed(task: &PartitionTask, message: String) -> BackfillError {
 /// A unique violation while writing a partition means the source has duplicate keys: say how
 /// to fix it instead of only quoting the constraint.
 fn explain_constraint(error: BackfillError, task: &PartitionTask) -> BackfillError {
-    if let BackfillError::Warehouse {
-        sqlstate: Some(code),
-        message,
-        ..
-    } = &error
-        && (code == "23505" || code == "2067" || code == "1555")
+    if let BackfillError::Warehouse { message, .. } = &error
+        && error.is_unique_violation()
     {
         return check_failed(
             task,
