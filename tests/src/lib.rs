@@ -96,6 +96,22 @@ impl TestDatabase {
         }
     }
 
+    /// Dates are typed (PostgreSQL), not ISO text (SQLite): literals compare as
+    /// `CAST('2024-03-01' AS date)`.
+    pub fn typed_dates(&self) -> bool {
+        !matches!(self.kind, Kind::Sqlite { .. })
+    }
+
+    /// A fresh database of the named engine (`sqlite`, `postgres`), as the conformance
+    /// suite's macro asks for one.
+    pub async fn of(engine: &str) -> TestDatabase {
+        match engine {
+            "sqlite" => TestDatabase::sqlite(),
+            "postgres" => TestDatabase::postgres().await,
+            other => panic!("no test database for engine `{other}`"),
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
         matches!(self.kind, Kind::Postgres { .. })
     }
@@ -133,6 +149,25 @@ impl Drop for TestDatabase {
             let _ = handle.join();
         }
     }
+}
+
+/// The conformance suite: runs a scenario (an `async fn(TestDatabase)`) once per engine, as a
+/// module named after the scenario with one test per engine:
+/// `on_engines!(mini_challenge_end_to_end: sqlite, postgres);` makes
+/// `mini_challenge_end_to_end::sqlite` and `::postgres`. A new engine is one more name on
+/// the lines of the scenarios it passes.
+#[macro_export]
+macro_rules! on_engines {
+    ($scenario:ident: $($engine:ident),+ $(,)?) => {
+        mod $scenario {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $engine() {
+                    super::$scenario($crate::TestDatabase::of(stringify!($engine)).await).await;
+                }
+            )+
+        }
+    };
 }
 
 pub fn table(name: &str) -> TableName {

@@ -155,25 +155,8 @@ async fn permanent_partition_error_is_not_retried(db: TestDatabase) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_audit_on_sqlite() {
-    failing_audit_leaves_target_untouched(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_audit_on_postgres() {
-    failing_audit_leaves_target_untouched(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_error_on_sqlite() {
-    permanent_partition_error_is_not_retried(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_error_on_postgres() {
-    permanent_partition_error_is_not_retried(TestDatabase::postgres().await).await;
-}
+on_engines!(failing_audit_leaves_target_untouched: sqlite, postgres);
+on_engines!(permanent_partition_error_is_not_retried: sqlite, postgres);
 
 /// A partition slower than its timeout: the server cancels the statement (transient), the
 /// worker retries with backoff, then gives up with the database's message.

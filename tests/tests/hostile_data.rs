@@ -340,42 +340,7 @@ async fn trailing_comments_do_not_swallow_the_statement(db: TestDatabase) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn null_keys_on_postgres() {
-    null_keys_stop_their_partition(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn null_keys_on_sqlite() {
-    null_keys_stop_their_partition(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_keys_on_postgres() {
-    duplicate_keys_without_dedupe_stop_their_partition(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_keys_on_sqlite() {
-    duplicate_keys_without_dedupe_stop_their_partition(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn odd_text_on_postgres() {
-    odd_text_and_bytes_come_through_exactly(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn odd_text_on_sqlite() {
-    odd_text_and_bytes_come_through_exactly(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trailing_comments_on_postgres() {
-    trailing_comments_do_not_swallow_the_statement(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trailing_comments_on_sqlite() {
-    trailing_comments_do_not_swallow_the_statement(TestDatabase::sqlite()).await;
-}
+on_engines!(null_keys_stop_their_partition: sqlite, postgres);
+on_engines!(duplicate_keys_without_dedupe_stop_their_partition: sqlite, postgres);
+on_engines!(odd_text_and_bytes_come_through_exactly: sqlite, postgres);
+on_engines!(trailing_comments_do_not_swallow_the_statement: sqlite, postgres);

@@ -1,4 +1,4 @@
-//! The lesson's mini challenge end to end, on SQLite and on PostgreSQL: the fixed table equals
+//! The lesson's mini challenge end to end, on SQLite and PostgreSQL: the fixed table equals
 //! the expected data, untouched days are byte-identical, the view reads the new data, a rerun
 //! changes nothing, and rollback restores the exact pre-publish content.
 
@@ -14,7 +14,7 @@ const DAY_FILTER_SQLITE: &str = "t.order_date = '{day}'";
 async fn mini_challenge_end_to_end(db: TestDatabase) {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
-    let day_filter = if db.is_postgres() {
+    let day_filter = if db.typed_dates() {
         DAY_FILTER_PG
     } else {
         DAY_FILTER_SQLITE
@@ -35,6 +35,12 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
         );
     }
     let before = checksum(&warehouse, "fact_order_items", None).await;
+    let window_before = checksum(
+        &warehouse,
+        "fact_order_items",
+        Some(&window_filter(db.typed_dates())),
+    )
+    .await;
     let before_recorded = product_checksum(&warehouse, "fact_order_items", None).await;
     let view_before = demo::daily_totals(&warehouse).await.unwrap();
 
@@ -73,11 +79,23 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
         .await;
         assert_eq!(&now, before, "untouched day {day} must be byte-identical");
     }
-    assert_eq!(
-        checksum(&warehouse, &archive, None).await,
-        before,
-        "the archive is the old table"
-    );
+    let mode = control_store(&warehouse)
+        .run_note(&run_id, backfill_common::control::RunNote::PublishMode)
+        .await
+        .unwrap();
+    if mode.as_deref() == Some("swap_window") {
+        assert_eq!(
+            checksum(&warehouse, &archive, None).await,
+            window_before,
+            "the archive is the old window"
+        );
+    } else {
+        assert_eq!(
+            checksum(&warehouse, &archive, None).await,
+            before,
+            "the archive is the old table"
+        );
+    }
 
     // The dashboard view reads the new data.
     let view_after = demo::daily_totals(&warehouse).await.unwrap();
@@ -103,7 +121,7 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
         &warehouse,
         &format!(
             "SELECT count(*) FROM expected_order_items AS t WHERE {}",
-            window_filter(db.is_postgres())
+            window_filter(db.typed_dates())
         ),
     )
     .await;
@@ -153,23 +171,15 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
     );
 }
 
-fn window_filter(postgres: bool) -> String {
-    if postgres {
+fn window_filter(typed_dates: bool) -> String {
+    if typed_dates {
         "t.order_date BETWEEN CAST('2024-03-03' AS date) AND CAST('2024-03-06' AS date)".into()
     } else {
         "t.order_date BETWEEN '2024-03-03' AND '2024-03-06'".into()
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mini_challenge_on_sqlite() {
-    mini_challenge_end_to_end(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mini_challenge_on_postgres() {
-    mini_challenge_end_to_end(TestDatabase::postgres().await).await;
-}
+on_engines!(mini_challenge_end_to_end: sqlite, postgres);
 
 /// PostgreSQL: grants and the table comment carry over to the published table, and a view
 /// keeps reading the target through the swap.

@@ -243,25 +243,9 @@ async fn racing_attempts_apply_once(db: TestDatabase) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn merge_path_on_sqlite() {
-    merge_path_updates_only_what_changed(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn merge_path_on_postgres() {
-    merge_path_updates_only_what_changed(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_attempts_on_sqlite() {
-    racing_attempts_apply_once(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_attempts_on_postgres() {
-    racing_attempts_apply_once(TestDatabase::postgres().await).await;
-}
+on_engines!(merge_path_updates_only_what_changed: sqlite, postgres);
+on_engines!(racing_attempts_apply_once: sqlite, postgres);
+on_engines!(key_moved_across_partitions_is_a_collision: sqlite, postgres);
 
 /// A lock held on the shadow makes attempts hit the lock timeout (transient): the worker
 /// retries with backoff and succeeds once the lock is gone.
@@ -464,16 +448,6 @@ async fn key_moved_across_partitions_is_a_collision(db: TestDatabase) {
         .await,
         items
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_moved_across_partitions_on_sqlite() {
-    key_moved_across_partitions_is_a_collision(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_moved_across_partitions_on_postgres() {
-    key_moved_across_partitions_is_a_collision(TestDatabase::postgres().await).await;
 }
 
 /// The Redis lease disappears while a partition runs (Redis restarted or flushed): the attempt

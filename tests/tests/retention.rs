@@ -105,22 +105,5 @@ async fn restored_archives_are_never_collected(db: TestDatabase) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gc_on_sqlite() {
-    gc_honours_retention(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gc_on_postgres() {
-    gc_honours_retention(TestDatabase::postgres().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restored_archives_survive_gc_on_sqlite() {
-    restored_archives_are_never_collected(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restored_archives_survive_gc_on_postgres() {
-    restored_archives_are_never_collected(TestDatabase::postgres().await).await;
-}
+on_engines!(gc_honours_retention: sqlite, postgres);
+on_engines!(restored_archives_are_never_collected: sqlite, postgres);
