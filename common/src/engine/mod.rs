@@ -407,9 +407,17 @@ impl std::fmt::Display for dyn Engine {
     }
 }
 
-/// Reads a list of single text columns.
-pub(crate) fn texts(rows: &[session::Row]) -> Result<Vec<String>, BackfillError> {
-    rows.iter().map(|r| session::get::<String>(r, 0)).collect()
+/// The first column of every row a catalog query returns, as text.
+pub(crate) async fn fetch_texts(
+    conn: &mut dyn Session,
+    sql: &str,
+    binds: &[Bind],
+) -> Result<Vec<String>, BackfillError> {
+    session::fetch_all(conn, sql, binds)
+        .await?
+        .iter()
+        .map(|r| session::get::<String>(r, 0))
+        .collect()
 }
 
 /// Quotes a name read from the catalog (not validated as an `Ident`: the target may have

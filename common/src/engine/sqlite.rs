@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Connection, Executor, SqlSafeStr, Statement};
 
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, TableSwap, ViewBinding, WriterLock, quote_catalog_name, texts,
+    SqlType, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
 };
 use crate::engine::session::{Conn, Pool};
 use crate::error::BackfillError;
@@ -356,13 +356,12 @@ impl Engine for Sqlite {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT name FROM pragma_table_info($1) ORDER BY cid",
             &[table.name.as_str().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     /// SQLite's type affinity rules: INT, REAL, FLOA, DOUB, NUM, DEC.
@@ -371,14 +370,13 @@ impl Engine for Sqlite {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT name FROM pragma_table_info($1) WHERE upper(type) LIKE '%INT%' OR upper(type) LIKE '%REAL%' \
              OR upper(type) LIKE '%FLOA%' OR upper(type) LIKE '%DOUB%' OR upper(type) LIKE '%NUM%' OR upper(type) LIKE '%DEC%' ORDER BY cid",
             &[table.name.as_str().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     /// Every SQLite value compares with `IS NOT`.
@@ -412,13 +410,12 @@ impl Engine for Sqlite {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = $1",
             &[table.name.as_str().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     async fn shape_findings(

@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Connection, Executor, SqlSafeStr, Statement};
 
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, TableSwap, ViewBinding, WriterLock, texts,
+    SqlType, TableSwap, ViewBinding, WriterLock, fetch_texts,
 };
 use crate::engine::session::Pool;
 use crate::error::BackfillError;
@@ -468,15 +468,14 @@ impl Engine for Postgres {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT CAST(a.attname AS text) FROM pg_catalog.pg_attribute a \
              JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[schema_bind(table), table.name.as_str().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     async fn numeric_columns(
@@ -484,7 +483,7 @@ impl Engine for Postgres {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT CAST(a.attname AS text) FROM pg_catalog.pg_attribute a \
              JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -493,8 +492,7 @@ impl Engine for Postgres {
              AND ty.typcategory = 'N' ORDER BY a.attnum",
             &[schema_bind(table), table.name.as_str().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     /// `json` has no equality operator.
@@ -503,14 +501,13 @@ impl Engine for Postgres {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT CAST(attname AS text) FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 \
              AND NOT attisdropped AND atttypid = CAST('json' AS regtype)",
             &[table.quoted().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     async fn unique_index_columns(
@@ -536,14 +533,13 @@ impl Engine for Postgres {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<Vec<String>, BackfillError> {
-        let rows = fetch_all(
+        fetch_texts(
             conn,
             "SELECT CAST(ic.relname AS text) FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
              WHERE i.indrelid = CAST($1 AS regclass)",
             &[table.quoted().into()],
         )
-        .await?;
-        texts(&rows)
+        .await
     }
 
     async fn shape_findings(
