@@ -430,3 +430,27 @@ pub(crate) fn classify_sqlx_error(error: &sqlx::Error) -> (ErrorClass, Option<St
         _ => (ErrorClass::Permanent, None),
     }
 }
+
+/// The column names a query returns, asked of the server over one native sqlx connection of
+/// type `C` without running the query (the Any driver cannot describe columns of types it
+/// does not read, such as date and numeric).
+pub(crate) async fn describe_with_native<C>(
+    url: &str,
+    sql: &str,
+) -> Result<Vec<String>, BackfillError>
+where
+    C: Connection,
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+{
+    use sqlx::{Executor as _, SqlSafeStr as _, Statement as _};
+    let mut conn = C::connect(url).await?;
+    let names = conn
+        .prepare(AssertSqlSafe(sql.to_string()).into_sql_str())
+        .await?
+        .columns()
+        .iter()
+        .map(|c| sqlx::Column::name(c).to_string())
+        .collect();
+    conn.close().await.ok();
+    Ok(names)
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use sqlx::Executor;
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AssertSqlSafe, Connection, Executor, SqlSafeStr, Statement};
 
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
@@ -95,17 +95,8 @@ impl Engine for Sqlite {
     }
 
     async fn describe_columns(&self, url: &str, sql: &str) -> Result<Vec<String>, BackfillError> {
-        let mut conn = sqlx::sqlite::SqliteConnection::connect(url).await?;
-        let statement = conn
-            .prepare(AssertSqlSafe(sql.to_string()).into_sql_str())
-            .await?;
-        let names = statement
-            .columns()
-            .iter()
-            .map(|c| sqlx::Column::name(c).to_string())
-            .collect();
-        conn.close().await.ok();
-        Ok(names)
+        crate::engine::session::describe_with_native::<sqlx::sqlite::SqliteConnection>(url, sql)
+            .await
     }
 
     fn placeholder(&self, n: usize) -> String {

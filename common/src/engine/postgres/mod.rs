@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AssertSqlSafe, Connection, Executor, SqlSafeStr, Statement};
 
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
@@ -187,17 +186,7 @@ impl Engine for Postgres {
     /// The Any driver cannot describe columns of types it does not read (date, numeric):
     /// one native connection answers.
     async fn describe_columns(&self, url: &str, sql: &str) -> Result<Vec<String>, BackfillError> {
-        let mut conn = sqlx::postgres::PgConnection::connect(url).await?;
-        let statement = conn
-            .prepare(AssertSqlSafe(sql.to_string()).into_sql_str())
-            .await?;
-        let names = statement
-            .columns()
-            .iter()
-            .map(|c| sqlx::Column::name(c).to_string())
-            .collect();
-        conn.close().await.ok();
-        Ok(names)
+        crate::engine::session::describe_with_native::<sqlx::postgres::PgConnection>(url, sql).await
     }
 
     fn placeholder(&self, n: usize) -> String {
