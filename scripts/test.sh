@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: make sure PostgreSQL, Redis and RabbitMQ are up, check formatting and lints,
+# The whole test suite, as CI runs it: make sure PostgreSQL, MariaDB, Redis and RabbitMQ are up, check formatting and lints,
 # build every target (the integration tests drive the real `backfill` binary), run all tests, the benchmark
 # harness at smoke size, then the tests of deploy/ and helm/ (scripts/test-deploy.sh).
 set -euo pipefail
@@ -22,6 +22,7 @@ start_service 5432 PostgreSQL pg_ctlcluster --skip-systemctl-redirect "$(ls /etc
 start_service 6379 Redis redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
   --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
 start_service 5672 RabbitMQ rabbitmq-server -detached
+start_service 3306 MariaDB start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

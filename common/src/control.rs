@@ -10,106 +10,111 @@ use crate::error::BackfillError;
 use crate::ident::{Ident, TableName};
 use crate::plan::Partition;
 use crate::warehouse::{
-    Bind, Row, Session, Warehouse, execute, fetch_all, fetch_one, fetch_optional, get,
+    Bind, Conn, Row, Session, Warehouse, execute, fetch_all, fetch_one, fetch_optional, get,
 };
 
 pub fn now_text() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// Versioned migrations; each runs once, in order, inside one transaction.
+/// Versioned migrations; each runs once, in order, inside one transaction where the engine's
+/// DDL is transactional.
 fn migrations(
     engine: &dyn Engine,
-    t: &dyn Fn(&str) -> String,
-    index: &dyn Fn(&str) -> String,
+    t: &dyn Fn(&str) -> TableName,
 ) -> Vec<(i64, &'static str, Vec<String>)> {
     let bigint = engine.sql_type(SqlType::BigInt);
     let double = engine.sql_type(SqlType::Double);
     let serial = engine.sql_type(SqlType::SerialPrimaryKey);
+    let text = engine.sql_type(SqlType::Text);
+    let key = engine.sql_type(SqlType::KeyText);
+    let runs = t("runs");
+    let one_open_per_target = |states: &str| {
+        engine.partial_unique_index(
+            "runs_one_open_per_target",
+            &runs,
+            "target",
+            &format!("state IN ({states})"),
+        )
+    };
+    let mut v2 = one_open_per_target("'planned', 'running', 'failed', 'auditing', 'audit_failed'");
+    v2.push(format!(
+        "ALTER TABLE {} ADD COLUMN outside_checksum {text}",
+        runs.quoted()
+    ));
+    let mut v3 = engine.drop_partial_unique_index("runs_one_open_per_target", &runs);
+    v3.extend(one_open_per_target(
+        "'planned', 'running', 'failed', 'auditing', 'audit_failed', 'awaiting_approval'",
+    ));
+    v3.push(format!(
+        "ALTER TABLE {} ADD COLUMN publish_mode {text}",
+        runs.quoted()
+    ));
+    v3.push(format!(
+        "ALTER TABLE {} ADD COLUMN window_checksum {text}",
+        runs.quoted()
+    ));
     vec![
         (
             1,
             "runs, specs, partitions, audits, archives, events",
             vec![
                 format!(
-                    "CREATE TABLE {} (spec_hash text PRIMARY KEY, canonical text NOT NULL, source_text text NOT NULL, created_at text NOT NULL)",
-                    t("specs")
+                    "CREATE TABLE {} (spec_hash {key} PRIMARY KEY, canonical {text} NOT NULL, source_text {text} NOT NULL, created_at {text} NOT NULL)",
+                    t("specs").quoted()
                 ),
                 format!(
-                    "CREATE TABLE {} (run_id text PRIMARY KEY, spec_hash text NOT NULL, spec_name text NOT NULL, target text NOT NULL, \
-                 state text NOT NULL, tool_version text NOT NULL, owner text NOT NULL, shadow_table text NOT NULL, \
-                 archive_table text, error text, created_at text NOT NULL, updated_at text NOT NULL, published_at text)",
-                    t("runs")
+                    "CREATE TABLE {} (run_id {key} PRIMARY KEY, spec_hash {key} NOT NULL, spec_name {text} NOT NULL, target {key} NOT NULL, \
+                 state {key} NOT NULL, tool_version {text} NOT NULL, owner {text} NOT NULL, shadow_table {text} NOT NULL, \
+                 archive_table {text}, error {text}, created_at {text} NOT NULL, updated_at {text} NOT NULL, published_at {text})",
+                    runs.quoted()
                 ),
                 format!(
-                    "CREATE INDEX {} ON {} (target, state)",
-                    Ident::new("runs_target_state")
-                        .map(|i| i.quoted())
-                        .unwrap_or_default(),
-                    t("runs")
+                    "CREATE INDEX \"runs_target_state\" ON {} (target, state)",
+                    runs.quoted()
                 ),
                 format!(
-                    "CREATE TABLE {} (run_id text NOT NULL, partition_key text NOT NULL, range_start text NOT NULL, range_end text NOT NULL, \
-                 state text NOT NULL, attempt {bigint} NOT NULL DEFAULT 0, fencing_token {bigint} NOT NULL DEFAULT 1, \
+                    "CREATE TABLE {} (run_id {key} NOT NULL, partition_key {key} NOT NULL, range_start {text} NOT NULL, range_end {text} NOT NULL, \
+                 state {text} NOT NULL, attempt {bigint} NOT NULL DEFAULT 0, fencing_token {bigint} NOT NULL DEFAULT 1, \
                  times_applied {bigint} NOT NULL DEFAULT 0, inserted {bigint}, updated {bigint}, deleted {bigint}, unchanged {bigint}, \
-                 rows_after {bigint}, checksum text, seconds {double}, error text, started_at text, finished_at text, \
+                 rows_after {bigint}, checksum {text}, seconds {double}, error {text}, started_at {text}, finished_at {text}, \
                  PRIMARY KEY (run_id, partition_key))",
-                    t("partitions")
+                    t("partitions").quoted()
                 ),
                 format!(
-                    "CREATE TABLE {} (run_id text NOT NULL, audit_name text NOT NULL, partition_key text NOT NULL, severity text NOT NULL, \
-                 verdict text NOT NULL, observed text NOT NULL, allowed text NOT NULL, checked_at text NOT NULL, \
+                    "CREATE TABLE {} (run_id {key} NOT NULL, audit_name {key} NOT NULL, partition_key {key} NOT NULL, severity {text} NOT NULL, \
+                 verdict {text} NOT NULL, observed {text} NOT NULL, allowed {text} NOT NULL, checked_at {text} NOT NULL, \
                  PRIMARY KEY (run_id, audit_name, partition_key))",
-                    t("audits")
+                    t("audits").quoted()
                 ),
                 format!(
-                    "CREATE TABLE {} (archive_table text PRIMARY KEY, run_id text NOT NULL, source_table text NOT NULL, kind text NOT NULL, \
-                 row_count {bigint} NOT NULL, checksum text NOT NULL, created_at text NOT NULL, expires_at text NOT NULL, \
-                 restored_at text, dropped_at text)",
-                    t("archives")
+                    "CREATE TABLE {} (archive_table {key} PRIMARY KEY, run_id {key} NOT NULL, source_table {text} NOT NULL, kind {text} NOT NULL, \
+                 row_count {bigint} NOT NULL, checksum {text} NOT NULL, created_at {text} NOT NULL, expires_at {text} NOT NULL, \
+                 restored_at {text}, dropped_at {text})",
+                    t("archives").quoted()
                 ),
                 format!(
-                    "CREATE TABLE {} (id {serial}, run_id text NOT NULL, partition_key text, kind text NOT NULL, detail text, at text NOT NULL)",
-                    t("events")
+                    "CREATE TABLE {} (id {serial}, run_id {key} NOT NULL, partition_key {text}, kind {text} NOT NULL, detail {text}, at {text} NOT NULL)",
+                    t("events").quoted()
                 ),
             ],
         ),
         (
             2,
             "one open run per target; checksum of the rows outside the window at shadow build",
-            vec![
-                format!(
-                    "CREATE UNIQUE INDEX {} ON {} (target) WHERE state IN ('planned', 'running', 'failed', 'auditing', 'audit_failed')",
-                    Ident::new("runs_one_open_per_target")
-                        .map(|i| i.quoted())
-                        .unwrap_or_default(),
-                    t("runs")
-                ),
-                format!("ALTER TABLE {} ADD COLUMN outside_checksum text", t("runs")),
-            ],
+            v2,
         ),
         (
             3,
             "approval gate (awaiting_approval is open; window checksum) and frozen publish mode",
-            vec![
-                format!("DROP INDEX {}", index("runs_one_open_per_target")),
-                format!(
-                    "CREATE UNIQUE INDEX {} ON {} (target) WHERE state IN ('planned', 'running', 'failed', 'auditing', 'audit_failed', 'awaiting_approval')",
-                    Ident::new("runs_one_open_per_target")
-                        .map(|i| i.quoted())
-                        .unwrap_or_default(),
-                    t("runs")
-                ),
-                format!("ALTER TABLE {} ADD COLUMN publish_mode text", t("runs")),
-                format!("ALTER TABLE {} ADD COLUMN window_checksum text", t("runs")),
-            ],
+            v3,
         ),
         (
             4,
             "indexes of a swap_table shadow deferred until its partitions are written",
             vec![format!(
-                "ALTER TABLE {} ADD COLUMN deferred_indexes text",
-                t("runs")
+                "ALTER TABLE {} ADD COLUMN deferred_indexes {text}",
+                runs.quoted()
             )],
         ),
     ]
@@ -370,32 +375,46 @@ impl ControlStore {
     }
 
     /// Brings the control store to the latest version. Safe to call from many processes at
-    /// once: PostgreSQL serialises migrators with an advisory lock, SQLite with its write lock.
+    /// once: each engine serialises migrators (PostgreSQL with an advisory lock, SQLite with
+    /// its write lock, MySQL with a named lock).
     pub async fn migrate(&self) -> Result<(), BackfillError> {
-        let mut tx = self.warehouse.begin().await?;
+        let mut conn = self.warehouse.acquire().await?;
+        let result = self.migrate_on(&mut conn).await;
+        if result.is_err() {
+            // A lock that outlives transactions must not go back to the pool with the session.
+            conn.close_on_drop();
+        }
+        result
+    }
+
+    async fn migrate_on(&self, conn: &mut Conn) -> Result<(), BackfillError> {
+        let engine = self.engine();
+        let mut tx = conn.begin().await?;
         let migrations_table = self.table("schema_migrations");
-        self.engine()
-            .lock_control_store(&mut tx, &self.schema)
-            .await?;
+        engine.lock_control_store(&mut tx, &self.schema).await?;
         execute(
             &mut tx,
-            &format!("CREATE TABLE IF NOT EXISTS {migrations_table} (version {} PRIMARY KEY, description text NOT NULL, applied_at text NOT NULL)", self.engine().sql_type(SqlType::BigInt)),
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {migrations_table} (version {} PRIMARY KEY, description {} NOT NULL, applied_at {} NOT NULL)",
+                engine.sql_type(SqlType::BigInt),
+                engine.sql_type(SqlType::Text),
+                engine.sql_type(SqlType::Text)
+            ),
             &[],
         )
         .await?;
         let row = fetch_one(
             &mut tx,
             &format!(
-                "SELECT CAST(coalesce(max(version), 0) AS {}) FROM {migrations_table}",
-                self.engine().sql_type(SqlType::BigInt)
+                "SELECT {} FROM {migrations_table}",
+                engine.as_bigint("coalesce(max(version), 0)")
             ),
             &[],
         )
         .await?;
         let current: i64 = get(&row, 0)?;
-        let t = |name: &str| self.table(name);
-        let index = |name: &str| self.engine().control_index(&self.schema, name);
-        let migrations = migrations(self.engine(), &t, &index);
+        let t = |name: &str| self.table_name(name);
+        let migrations = migrations(engine, &t);
         let known = migrations.last().map_or(0, |(version, _, _)| *version);
         if current > known {
             // An older binary would misread what a newer one recorded (e.g. a run whose
@@ -423,7 +442,7 @@ impl ControlStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        engine.unlock_control_store(conn).await
     }
 
     pub async fn find_run(&self, run_id: &str) -> Result<Option<RunRecord>, BackfillError> {
@@ -857,27 +876,41 @@ impl ControlStore {
         conn: &mut dyn Session,
         task: &PartitionTask,
     ) -> Result<Option<i64>, BackfillError> {
-        let row = fetch_optional(
+        let claimed = execute(
             conn,
             &format!(
                 "UPDATE {} SET state = 'running', attempt = $4, started_at = $5 \
                  WHERE run_id = $1 AND partition_key = $2 AND fencing_token = $3 AND state <> 'done' \
-                 AND EXISTS (SELECT 1 FROM {} WHERE run_id = $1 AND spec_hash = $6) RETURNING times_applied",
+                 AND EXISTS (SELECT 1 FROM {} WHERE run_id = $1 AND spec_hash = $6)",
                 self.table("partitions"),
                 self.table("runs")
             ),
             &[task.run_id.as_str().into(), task.partition_key.as_str().into(), task.fencing_token.into(), task.attempt.into(), now_text().into(), task.spec_hash.as_str().into()],
         )
         .await?;
-        if row.is_some() {
-            log_state_change(
-                &task.run_id,
-                Some(&task.partition_key),
-                "partition_running",
-                &format!("attempt {} token {}", task.attempt, task.fencing_token),
-            );
+        if claimed == 0 {
+            return Ok(None);
         }
-        row.as_ref().map(|r| get::<i64>(r, 0)).transpose()
+        // The update holds the row's lock until the transaction ends: this reads what it left.
+        let row = fetch_one(
+            conn,
+            &format!(
+                "SELECT times_applied FROM {} WHERE run_id = $1 AND partition_key = $2",
+                self.table("partitions")
+            ),
+            &[
+                task.run_id.as_str().into(),
+                task.partition_key.as_str().into(),
+            ],
+        )
+        .await?;
+        log_state_change(
+            &task.run_id,
+            Some(&task.partition_key),
+            "partition_running",
+            &format!("attempt {} token {}", task.attempt, task.fencing_token),
+        );
+        get::<i64>(&row, 0).map(Some)
     }
 
     pub async fn checkpoint_partition(

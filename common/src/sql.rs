@@ -180,6 +180,58 @@ pub fn rewrite_parameters(
     Ok(out)
 }
 
+/// The statement with each `$n` placeholder outside literals and comments replaced by `?`,
+/// and the 0-based index of the bind each `?` takes, in order (a `$n` used twice binds twice).
+/// For engines whose drivers number parameters by position only (MySQL): the pipeline writes
+/// `$n` everywhere, and the session translates.
+pub fn positional_placeholders(sql: &str) -> Result<(String, Vec<usize>), String> {
+    let (pieces, _) = lex(sql)?;
+    let mut out = String::with_capacity(sql.len());
+    let mut order = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Quoted(text) => out.push_str(text),
+            // A spec's `:name` has been rewritten before it reaches a session; keep it as is.
+            Piece::Parameter(name) => {
+                out.push(':');
+                out.push_str(name);
+            }
+            Piece::Code(text) => {
+                let bytes = text.as_bytes();
+                let mut i = 0;
+                let mut copied = 0;
+                while i < bytes.len() {
+                    let preceded_by_word =
+                        i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+                    if bytes[i] == b'$' && !preceded_by_word {
+                        let digits = bytes[i + 1..]
+                            .iter()
+                            .take_while(|c| c.is_ascii_digit())
+                            .count();
+                        if digits > 0 {
+                            let n: usize = text[i + 1..i + 1 + digits].parse().map_err(|_| {
+                                format!("placeholder {} is too large", &text[i..i + 1 + digits])
+                            })?;
+                            if n == 0 {
+                                return Err("placeholders are numbered from $1".into());
+                            }
+                            out.push_str(&text[copied..i]);
+                            out.push('?');
+                            order.push(n - 1);
+                            i += 1 + digits;
+                            copied = i;
+                            continue;
+                        }
+                    }
+                    i += 1;
+                }
+                out.push_str(&text[copied..]);
+            }
+        }
+    }
+    Ok((out, order))
+}
+
 /// The fragment as it can be embedded in a larger statement: a fragment that ends in a `--`
 /// comment gets a newline, or the comment would swallow whatever the statement puts after it
 /// (a closing parenthesis, `AS bf_q`, the rest of the query).
@@ -299,6 +351,25 @@ mod tests {
         assert_eq!(embeddable("a /* -- */"), "a /* -- */");
         assert_eq!(embeddable("a = '--'"), "a = '--'");
         assert_eq!(embeddable("a--"), "a--\n");
+    }
+
+    #[test]
+    fn numbered_placeholders_become_positional_outside_literals() {
+        let (sql, order) = positional_placeholders(
+            "SELECT '$1', \"a$2\", $2 -- $3\n FROM t /* $4 */ WHERE a = $1 AND b = $10 AND c = $1",
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT '$1', \"a$2\", ? -- $3\n FROM t /* $4 */ WHERE a = ? AND b = ? AND c = ?"
+        );
+        assert_eq!(order, vec![1, 0, 9, 0]);
+        // `$` inside a word is not a placeholder; `$0` is refused.
+        assert_eq!(
+            positional_placeholders("SELECT a$1").unwrap().1,
+            Vec::<usize>::new()
+        );
+        assert!(positional_placeholders("SELECT $0").is_err());
     }
 
     #[test]

@@ -106,6 +106,11 @@ impl Warehouse {
     }
 
     /// A connection from the pool; it goes back when dropped.
+    /// The pool itself, for engine steps that need sessions of their own (a cut-over).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     pub async fn acquire(&self) -> Result<Conn, BackfillError> {
         self.pool.acquire().await
     }

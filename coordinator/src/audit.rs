@@ -219,7 +219,10 @@ pub async fn run_audits(
                     .join(", ");
                 Some((
                     audit,
-                    format!("{col} IS NOT NULL AND CAST({col} AS text) NOT IN ({placeholders})"),
+                    format!(
+                        "{col} IS NOT NULL AND {} NOT IN ({placeholders})",
+                        engine.as_text(&col)
+                    ),
                     values.iter().map(|v| Bind::Text(v.clone())).collect(),
                     *max_failing_rows,
                 ))
@@ -290,7 +293,7 @@ pub async fn run_audits(
             // Highest index first, so `{1}` is not replaced inside `{10}`.
             let placeholder = engine.placeholder(shadow_binds.len() + i + 1);
             let typed = match bind {
-                Bind::Text(_) => format!("CAST({placeholder} AS text)"),
+                Bind::Text(_) => engine.as_text(&placeholder),
                 _ => engine.as_float(&placeholder),
             };
             condition = condition.replace(&format!("{{{i}}}"), &typed);

@@ -274,10 +274,18 @@ pub enum Command {
         distributed: DistributedArgs,
     },
     /// Run the lesson's mini challenge on an embedded SQLite warehouse (no server needed)
+    ///
+    /// With --warehouse-url on the command line, the demo runs on that warehouse
+    /// (PostgreSQL, MySQL/MariaDB) instead: it RECREATES the tables fact_order_items,
+    /// staging_order_items, expected_order_items and the view daily_quantity in that
+    /// database, then runs the mini challenge there (control store: --control-schema).
+    /// BACKFILL_WAREHOUSE_URL alone never points the demo at a server.
     Demo {
-        /// Where to create the demo warehouse (recreated on every demo)
+        /// Where to create the demo's SQLite warehouse (recreated on every demo)
         #[arg(long, default_value = "backfill-demo")]
         dir: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 
@@ -793,9 +801,17 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             println!("abandoned run {run}; dropped {}", record.shadow_table);
             Ok(0)
         }
-        Command::Demo { dir } => {
+        Command::Demo { dir, connection } => {
             let bar = Bar::new(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            let report = demo::run_demo(&dir, &bar).await?;
+            // Only a URL typed on this command line may have its tables recreated.
+            let typed = std::env::args()
+                .any(|a| a == "--warehouse-url" || a.starts_with("--warehouse-url="));
+            let report = match &connection.warehouse_url {
+                Some(url) if typed => {
+                    demo::run_demo_on(url, &connection.control_schema, &bar).await?
+                }
+                _ => demo::run_demo(&dir, &bar).await?,
+            };
             drop(bar);
             println!(
                 "\nmini challenge: quantity was doubled on {} in fact_order_items",

@@ -208,10 +208,10 @@ pub async fn daily_totals(warehouse: &Warehouse) -> Result<Vec<DayTotal>, Backfi
     let rows = fetch_all(
         &mut conn,
         &format!(
-            "SELECT {}, CAST(total_quantity AS bigint), CAST(items AS bigint) FROM daily_quantity ORDER BY 1",
-            warehouse
-                .engine()
-                .partition_label("order_date", Grain::Day)
+            "SELECT {}, {}, {} FROM daily_quantity ORDER BY 1",
+            warehouse.engine().partition_label("order_date", Grain::Day),
+            warehouse.engine().as_bigint("total_quantity"),
+            warehouse.engine().as_bigint("items")
         ),
         &[],
     )
@@ -232,6 +232,59 @@ pub struct DemoReport {
     pub before: Vec<DayTotal>,
     pub after: Vec<DayTotal>,
     pub outcome: RunOutcome,
+}
+
+/// Runs the mini challenge on the warehouse at `url` (PostgreSQL, MySQL/MariaDB, SQLite):
+/// recreates the demo's tables there (`fact_order_items`, `staging_order_items`,
+/// `expected_order_items`, the view `daily_quantity`), then runs the example spec with the
+/// control store in `control_schema`. Each demo is a run of its own (its spec's description
+/// names the time), so a second demo publishes again instead of finding the first.
+pub async fn run_demo_on(
+    url: &str,
+    control_schema: &str,
+    progress: &dyn Progress,
+) -> Result<DemoReport, BackfillError> {
+    let warehouse = Warehouse::connect(url, 4).await?;
+    progress.phase(&format!(
+        "seeding the mini challenge in {}: 10 days of fact_order_items, quantity doubled on 2024-03-03..06",
+        backfill_common::warehouse::redact_url(url)
+    ));
+    seed_mini_challenge(&warehouse).await?;
+    let before = daily_totals(&warehouse).await?;
+    let text = demo_spec(control_schema)?;
+    let backfill = Backfill::open(Spec::parse(&text)?, text, url).await?;
+    let outcome = backfill.run("demo", progress).await?;
+    let after = daily_totals(&warehouse).await?;
+    warehouse.close().await;
+    Ok(DemoReport {
+        warehouse_url: url.to_string(),
+        before,
+        after,
+        outcome,
+    })
+}
+
+/// The example spec as a demo on a server runs it: its control schema, and a description
+/// that makes each demo's spec (and run) its own.
+fn demo_spec(control_schema: &str) -> Result<String, BackfillError> {
+    let schema = backfill_common::ident::Ident::new(control_schema)
+        .map_err(|e| BackfillError::Invalid(format!("--control-schema: {e}")))?;
+    let mut text = MINI_CHALLENGE_SPEC.replacen(
+        "description = \"",
+        &format!(
+            "description = \"demo of {}: ",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
+        1,
+    );
+    if schema.as_str() != "backfill" {
+        text = text.replacen(
+            "[warehouse]\n",
+            &format!("[warehouse]\ncontrol_schema = \"{schema}\"\n"),
+            1,
+        );
+    }
+    Ok(text)
 }
 
 /// Builds a fresh SQLite warehouse in `dir` and runs the mini challenge through it.

@@ -107,6 +107,15 @@ pub async fn diff_run(
         .map_err(|e| BackfillError::Invalid(format!("the stored spec no longer parses: {e}")))?;
     let target =
         TableName::parse(&run.target).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let engine = store.engine();
+    if !engine.capabilities().full_outer_join {
+        return Err(BackfillError::Invalid(format!(
+            "the diff report pairs old and new rows with FULL OUTER JOIN, which {} does not have; \
+             compare the archive ({}) with {target} in your own query",
+            engine.name(),
+            run.archive_table.as_deref().unwrap_or("not published yet")
+        )));
+    }
     let (old, new) = sources(&run, &target)?;
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
@@ -192,11 +201,14 @@ pub async fn diff_run(
         new = new.quoted(),
     );
     let sql = format!(
-        "SELECT {label}, CAST(count(o.{first_key}) AS bigint), CAST(count(n.{first_key}) AS bigint), \
-         CAST(sum(CASE WHEN o.{first_key} IS NULL THEN 1 ELSE 0 END) AS bigint), \
-         CAST(sum(CASE WHEN n.{first_key} IS NULL THEN 1 ELSE 0 END) AS bigint), \
-         CAST(sum(CASE WHEN o.{first_key} IS NOT NULL AND n.{first_key} IS NOT NULL AND ({differs}) THEN 1 ELSE 0 END) AS bigint){sums} \
-         FROM {joined} GROUP BY {group} ORDER BY 1",
+        "SELECT {label}, {}, {}, {}, {}, {}{sums} FROM {joined} GROUP BY {group} ORDER BY 1",
+        engine.as_bigint(&format!("count(o.{first_key})")),
+        engine.as_bigint(&format!("count(n.{first_key})")),
+        engine.as_bigint(&format!("sum(CASE WHEN o.{first_key} IS NULL THEN 1 ELSE 0 END)")),
+        engine.as_bigint(&format!("sum(CASE WHEN n.{first_key} IS NULL THEN 1 ELSE 0 END)")),
+        engine.as_bigint(&format!(
+            "sum(CASE WHEN o.{first_key} IS NOT NULL AND n.{first_key} IS NOT NULL AND ({differs}) THEN 1 ELSE 0 END)"
+        )),
     );
     let rows = fetch_all(&mut conn, &sql, &binds).await?;
     let mut report_partitions = Vec::new();
@@ -235,7 +247,8 @@ pub async fn diff_run(
     let sample_rows = if sample == 0 || common.is_empty() {
         Vec::new()
     } else {
-        let text = |side: &str, c: &str| format!("CAST({side}.{} AS text)", quote_catalog_name(c));
+        let text =
+            |side: &str, c: &str| engine.as_text(&format!("{side}.{}", quote_catalog_name(c)));
         let mut select: Vec<String> = key.iter().map(|k| text("n", k)).collect();
         for c in &common {
             select.push(text("o", c));

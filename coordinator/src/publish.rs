@@ -12,7 +12,7 @@ use backfill_common::BackfillError;
 use backfill_common::control::{
     ArchiveMark, ArchiveRecord, ControlStore, OPEN_STATES, RunRecord, RunState, now_text,
 };
-use backfill_common::engine::{Engine, TableSwap, WriterLock};
+use backfill_common::engine::{Engine, SwapGuard, TableSwap, WriterLock};
 use backfill_common::ident::TableName;
 use backfill_common::sql::string_literal;
 use backfill_common::warehouse::{Checksum, RowHash, Session, execute, fetch_all, fetch_one, get};
@@ -89,8 +89,82 @@ async fn check_window_guard(
     Ok(())
 }
 
-/// Archives the current target and renames the shadow in, in one transaction. Records the
-/// archive with the old table's checksum (for rollback) and marks the run published.
+/// What a `swap_table` publish checks while writers are held: the window as the audits saw
+/// it (an approval gate) and the rows outside the window as the shadow copied them. Returns
+/// the whole target's checksum (one scan) for the archive record.
+struct PublishGuard<'a> {
+    warehouse: &'a backfill_common::warehouse::Warehouse,
+    target: &'a TableName,
+    outside: Option<&'a OutsideGuard>,
+    window: Option<&'a WindowGuard>,
+}
+
+#[async_trait::async_trait]
+impl SwapGuard for PublishGuard<'_> {
+    async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError> {
+        let (warehouse, target) = (self.warehouse, self.target);
+        check_window_guard(warehouse, session, target, self.window).await?;
+        // One scan: the whole table for the archive record, and its rows outside the window
+        // to compare with what the shadow was built from.
+        let Some(guard) = self.outside else {
+            return warehouse.checksum(session, target, None, &[]).await;
+        };
+        let (old, now) = warehouse
+            .checksum_with_subset(
+                session,
+                target,
+                &guard.filter,
+                &guard.binds,
+                RowHash::of_stored(&guard.expected),
+            )
+            .await?;
+        if now.to_string() != guard.expected {
+            return Err(BackfillError::Conflict(format!(
+                "{target} changed outside the window since the shadow was built ({} then, {now} now): publishing would discard those writes. \
+                 Nothing was published; pause the writers (or backfill their partitions too), abandon this run and run again",
+                guard.expected
+            )));
+        }
+        Ok(old)
+    }
+}
+
+/// The checksum of a table, as a guard: what a rollback records of the table it replaces.
+struct ChecksumOf<'a>(&'a backfill_common::warehouse::Warehouse, &'a TableName);
+
+#[async_trait::async_trait]
+impl SwapGuard for ChecksumOf<'_> {
+    async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError> {
+        self.0.checksum(session, self.1, None, &[]).await
+    }
+}
+
+/// Whether a swap of `replacement` into `current`'s place, with `current` stepping aside to
+/// `aside`, already happened: where DDL commits on its own, a process can stop between the
+/// swap and its record. The swap is atomic, so `replacement` gone and `aside` present means
+/// it did; the table at `aside` was not written since.
+async fn swapped_unrecorded(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    aside: &TableName,
+    replacement: &TableName,
+) -> Result<Option<Checksum>, BackfillError> {
+    if warehouse.engine().capabilities().transactional_ddl {
+        return Ok(None);
+    }
+    let mut conn = warehouse.acquire().await?;
+    if warehouse.table_exists(&mut conn, replacement).await?
+        || !warehouse.table_exists(&mut conn, aside).await?
+    {
+        return Ok(None);
+    }
+    tracing::warn!(%aside, %replacement, "the tables were swapped by an attempt that stopped before recording it; recording it now");
+    Ok(Some(warehouse.checksum(&mut conn, aside, None, &[]).await?))
+}
+
+/// Archives the current target and renames the shadow in. Where DDL is transactional, in one
+/// transaction with the archive's record (the old table's checksum, for rollback) and the
+/// run marked published; elsewhere by the engine's cut-over, recorded once the names have
+/// changed (a publish that finds them changed records it).
 pub async fn swap_table(
     store: &ControlStore,
     run: &RunRecord,
@@ -102,50 +176,63 @@ pub async fn swap_table(
 ) -> Result<ArchiveRecord, BackfillError> {
     let warehouse = &store.warehouse;
     let archive = archive_name(target, &run.run_id)?;
-    let mut conn = warehouse.acquire().await?;
     let engine = warehouse.engine();
+    let aside_suffix = archive_suffix(&run.run_id);
+    let swap = TableSwap {
+        current: target,
+        aside: &archive,
+        replacement: shadow,
+        aside_suffix: &aside_suffix,
+        carry_grants: true,
+        takes_index_names: &|_| true,
+    };
+    let guard = PublishGuard {
+        warehouse,
+        target,
+        outside: outside.as_ref(),
+        window: window.as_ref(),
+    };
+    let record = |old: &Checksum| {
+        archive_record(
+            &run.run_id,
+            &archive,
+            target,
+            ARCHIVE_TABLE,
+            old,
+            Duration::days(retention_days as i64),
+        )
+    };
+    let record_publish = async |tx: &mut dyn Session, record: &ArchiveRecord| {
+        store.insert_archive(tx, record).await?;
+        record_published(store, tx, &run.run_id, &archive.to_string()).await?;
+        store
+            .set_pinned_run_state(tx, run, &PUBLISHABLE, RunState::Published, None)
+            .await
+    };
+    if !engine.capabilities().transactional_ddl {
+        let old = match swapped_unrecorded(warehouse, &archive, shadow).await? {
+            Some(old) => old,
+            None => engine.cut_over(warehouse.pool(), &swap, &guard).await?,
+        };
+        let record = record(&old);
+        let mut tx = warehouse.begin().await?;
+        record_publish(&mut tx, &record).await?;
+        tx.commit().await?;
+        return Ok(record);
+    }
+    let mut conn = warehouse.acquire().await?;
     engine.prepare_swap(&mut conn, true).await?;
     let result = async {
         let mut tx = conn.begin().await?;
         // Block writers but not readers while checksumming; the lock for the renames comes
         // after, in the swap.
-        engine.lock_against_writers(&mut tx, target, WriterLock::Shared).await?;
-        check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
-        // One scan: the whole table for the archive record, and its rows outside the window
-        // to compare with what the shadow was built from.
-        let old = match &outside {
-            Some(guard) => {
-                let (old, now) = warehouse.checksum_with_subset(&mut tx, target, &guard.filter, &guard.binds, RowHash::of_stored(&guard.expected)).await?;
-                if now.to_string() != guard.expected {
-                return Err(BackfillError::Conflict(format!(
-                    "{target} changed outside the window since the shadow was built ({} then, {now} now): publishing would discard those writes. \
-                     Nothing was published; pause the writers (or backfill their partitions too), abandon this run and run again",
-                    guard.expected
-                )));
-                }
-                old
-            }
-            None => warehouse.checksum(&mut tx, target, None, &[]).await?,
-        };
         engine
-            .swap_tables(
-                &mut tx,
-                &TableSwap {
-                    current: target,
-                    aside: &archive,
-                    replacement: shadow,
-                    aside_suffix: &archive_suffix(&run.run_id),
-                    carry_grants: true,
-                    takes_index_names: &|_| true,
-                },
-            )
+            .lock_against_writers(&mut tx, target, WriterLock::Shared)
             .await?;
-        let record = archive_record(&run.run_id, &archive, target, ARCHIVE_TABLE, &old, Duration::days(retention_days as i64));
-        store.insert_archive(&mut tx, &record).await?;
-        record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
-        store
-            .set_pinned_run_state(&mut tx, run, &PUBLISHABLE, RunState::Published, None)
-            .await?;
+        let old = guard.check(&mut tx).await?;
+        engine.swap_tables(&mut tx, &swap).await?;
+        let record = record(&old);
+        record_publish(&mut tx, &record).await?;
         tx.commit().await?;
         Ok::<_, BackfillError>(record)
     }
@@ -194,22 +281,24 @@ fn window_merge(
         .collect::<Vec<_>>()
         .join(", ");
     let delete_vanished = format!(
-        "DELETE FROM {target} AS t WHERE {window_on_t} AND NOT EXISTS (SELECT 1 FROM {from} AS s WHERE {})",
+        "{} WHERE {window_on_t} AND NOT EXISTS (SELECT 1 FROM {from} AS s WHERE {})",
+        engine.delete_from(target, "t"),
         key_match("s", "t"),
-        target = target.quoted(),
         from = from.quoted(),
     );
     let update_changed = if non_key.is_empty() {
         // Only key columns: a matched row cannot differ.
         "SELECT 1 WHERE 1 = 0".to_string()
     } else {
-        format!(
-            "UPDATE {target} AS t SET {} FROM {from} AS s WHERE {} AND {window_on_t} AND ({})",
-            non_key
-                .iter()
-                .map(|c| format!("{c} = s.{c}", c = quote_catalog_name(c)))
-                .collect::<Vec<_>>()
-                .join(", "),
+        let set = non_key
+            .iter()
+            .map(|c| {
+                let quoted = quote_catalog_name(c);
+                (quoted.clone(), format!("s.{quoted}"))
+            })
+            .collect::<Vec<_>>();
+        let condition = format!(
+            "{} AND {window_on_t} AND ({})",
             key_match("t", "s"),
             non_key
                 .iter()
@@ -218,8 +307,8 @@ fn window_merge(
                     if text_compared.contains(c) {
                         // json has no equality operator: compare its text
                         engine.distinct(
-                            &format!("CAST(t.{quoted} AS text)"),
-                            &format!("CAST(s.{quoted} AS text)"),
+                            &engine.as_text(&format!("t.{quoted}")),
+                            &engine.as_text(&format!("s.{quoted}")),
                         )
                     } else {
                         engine.distinct(&format!("t.{quoted}"), &format!("s.{quoted}"))
@@ -227,9 +316,8 @@ fn window_merge(
                 })
                 .collect::<Vec<_>>()
                 .join(" OR "),
-            target = target.quoted(),
-            from = from.quoted(),
-        )
+        );
+        engine.update_from(target, from, &set, &condition)
     };
     let insert_new = format!(
         "INSERT INTO {target} ({column_list}) SELECT {} FROM {from} AS s WHERE NOT EXISTS (SELECT 1 FROM {target} AS t WHERE {})",
@@ -326,6 +414,7 @@ pub async fn swap_window(
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
     let archive = archive_name(target, &run.run_id)?;
+    let create_archive = create_window_copy_before(warehouse, target, &archive).await?;
     let mut tx = warehouse.begin().await?;
     // Writers wait; readers go on, seeing the old rows until commit.
     engine
@@ -333,13 +422,22 @@ pub async fn swap_window(
         .await?;
     check_window_guard(warehouse, &mut tx, target, guard.as_ref()).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
-    copy_window(engine, &mut tx, target, &archive, window_on_t, binds).await?;
+    copy_window(
+        engine,
+        &mut tx,
+        target,
+        &archive,
+        create_archive,
+        window_on_t,
+        binds,
+    )
+    .await?;
     let old = warehouse.checksum(&mut tx, &archive, None, &[]).await?;
     check_no_key_outside_window(&mut tx, target, shadow, key, window_on_t, binds).await?;
     let json = engine.text_compared_columns(&mut tx, target).await?;
     let merge = window_merge(engine, target, shadow, &columns, &json, key, window_on_t);
     let writes = apply_window_merge(&mut tx, &merge, binds).await?;
-    execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
+    let shadow_left = drop_with(engine, &mut tx, shadow).await?;
     let record = archive_record(
         &run.run_id,
         &archive,
@@ -366,6 +464,7 @@ pub async fn swap_window(
         .set_pinned_run_state(&mut tx, run, &PUBLISHABLE, RunState::Published, None)
         .await?;
     tx.commit().await?;
+    drop_after_commit(warehouse, shadow_left).await;
     Ok((record, writes))
 }
 
@@ -725,18 +824,83 @@ async fn rollback_partitions(
     })
 }
 
-/// Copies the target's window rows (alias `t`) into the new plain table `into`: the archive of
-/// a window publish, or the backfilled rows a window rollback keeps.
+/// Creates `into`, the plain table a window publish archives the target's window rows in (or
+/// a window rollback keeps the backfilled rows in), before the transaction that fills it
+/// where DDL would commit that transaction (`transactional_ddl`), on a session of its own. A
+/// table of that name left by an attempt that did not commit is replaced: no record names it
+/// until the filling transaction commits. Returns whether `copy_window` still creates it.
+async fn create_window_copy_before(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    target: &TableName,
+    into: &TableName,
+) -> Result<bool, BackfillError> {
+    let engine = warehouse.engine();
+    if engine.capabilities().transactional_ddl {
+        return Ok(true);
+    }
+    let mut conn = warehouse.acquire().await?;
+    execute(
+        &mut conn,
+        &format!("DROP TABLE IF EXISTS {}", into.quoted()),
+        &[],
+    )
+    .await?;
+    execute(&mut conn, &engine.create_table_like(into, target), &[]).await?;
+    Ok(false)
+}
+
+/// Drops `table` inside `tx` where DDL is transactional; otherwise returns it, to be dropped
+/// once `tx` committed (a crash in between leaves a table no open run needs).
+async fn drop_with(
+    engine: &dyn Engine,
+    tx: &mut dyn Session,
+    table: &TableName,
+) -> Result<Option<TableName>, BackfillError> {
+    if !engine.capabilities().transactional_ddl {
+        return Ok(Some(table.clone()));
+    }
+    execute(tx, &format!("DROP TABLE {}", table.quoted()), &[]).await?;
+    Ok(None)
+}
+
+/// Drops what `drop_with` left for after the commit. The publish or rollback has committed:
+/// a failure here is logged, not returned (`backfill gc` drops it later).
+async fn drop_after_commit(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    table: Option<TableName>,
+) {
+    let Some(table) = table else {
+        return;
+    };
+    let dropped = async {
+        let mut conn = warehouse.acquire().await?;
+        execute(
+            &mut conn,
+            &format!("DROP TABLE IF EXISTS {}", table.quoted()),
+            &[],
+        )
+        .await
+    }
+    .await;
+    if let Err(error) = dropped {
+        tracing::warn!(%error, %table, "could not drop the table after the commit; `backfill gc` drops it");
+    }
+}
+
+/// Copies the target's window rows (alias `t`) into the plain table `into` (created here when
+/// `create`): the archive of a window publish, or the backfilled rows a window rollback keeps.
 async fn copy_window(
     engine: &dyn Engine,
     conn: &mut dyn Session,
     target: &TableName,
     into: &TableName,
+    create: bool,
     window_on_t: &str,
     binds: &[backfill_common::warehouse::Bind],
 ) -> Result<(), BackfillError> {
-    let create = engine.create_table_like(into, target);
-    execute(conn, &create, &[]).await?;
+    if create {
+        execute(conn, &engine.create_table_like(into, target), &[]).await?;
+    }
     execute(
         conn,
         &format!(
@@ -902,6 +1066,9 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
     }
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
+    if !engine.capabilities().transactional_ddl {
+        return rollback_by_cut_over(store, &run, &target, &archive, &archive_table, &undone).await;
+    }
     let mut conn = warehouse.acquire().await?;
     engine.prepare_swap(&mut conn, true).await?;
     let result = async {
@@ -951,6 +1118,82 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
     result
 }
 
+/// Rollback of a `swap_table` publish where DDL commits on its own: the archive is checked
+/// first (nobody writes it: it must still hold what publish recorded), then swapped back by
+/// the engine's cut-over, then recorded. A rollback that finds the swap done records it.
+async fn rollback_by_cut_over(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    archive: &ArchiveRecord,
+    archive_table: &TableName,
+    undone: &TableName,
+) -> Result<RollbackReport, BackfillError> {
+    let warehouse = &store.warehouse;
+    let current = match swapped_unrecorded(warehouse, undone, archive_table).await? {
+        Some(current) => current,
+        None => {
+            let mut conn = warehouse.acquire().await?;
+            if !warehouse.table_exists(&mut conn, archive_table).await? {
+                return Err(BackfillError::Invalid(format!(
+                    "the archive table {archive_table} no longer exists"
+                )));
+            }
+            let held = warehouse
+                .checksum_like(&mut conn, archive_table, None, &[], &archive.checksum)
+                .await?;
+            if held.to_string() != archive.checksum {
+                return Err(BackfillError::Conflict(format!(
+                    "the archive {archive_table} has checksum {held} but {} was recorded at publish; it changed since, so nothing was restored",
+                    archive.checksum
+                )));
+            }
+            drop(conn);
+            let archived = archive_suffix(&run.run_id);
+            let swap = TableSwap {
+                current: target,
+                aside: undone,
+                replacement: archive_table,
+                aside_suffix: &undone_suffix(&run.run_id),
+                carry_grants: false,
+                takes_index_names: &|name| name.ends_with(&archived),
+            };
+            warehouse
+                .engine()
+                .cut_over(warehouse.pool(), &swap, &ChecksumOf(warehouse, target))
+                .await?
+        }
+    };
+    let mut tx = warehouse.begin().await?;
+    record_restore(
+        store,
+        &mut tx,
+        &run.run_id,
+        archive,
+        undone,
+        target,
+        &current,
+    )
+    .await?;
+    store
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &[RunState::Published],
+            RunState::RolledBack,
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(RollbackReport {
+        run_id: run.run_id.clone(),
+        target: target.to_string(),
+        restored_from: archive_table.to_string(),
+        kept_as: undone.to_string(),
+        checksum: archive.checksum.clone(),
+    })
+}
+
 /// Puts a `swap_window` archive back: the window's current rows are kept as
 /// `__bf_undone_<run>`, then the window is merged from the archive and its checksum must equal
 /// the one recorded at publish, or nothing changes.
@@ -984,6 +1227,7 @@ async fn rollback_window(
         &spec.planned_partitions(),
         1,
     );
+    let create_undone = create_window_copy_before(warehouse, target, undone).await?;
     let mut tx = warehouse.begin().await?;
     // Writers wait; readers go on, seeing the old rows until commit.
     engine
@@ -994,7 +1238,16 @@ async fn rollback_window(
             "the archive table {archive_table} no longer exists"
         )));
     }
-    copy_window(engine, &mut tx, target, undone, &window, &binds).await?;
+    copy_window(
+        engine,
+        &mut tx,
+        target,
+        undone,
+        create_undone,
+        &window,
+        &binds,
+    )
+    .await?;
     let current = warehouse.checksum(&mut tx, undone, None, &[]).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
     let json = engine.text_compared_columns(&mut tx, target).await?;

@@ -15,7 +15,7 @@ use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
 use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec, SpecChanges};
 use backfill_common::telemetry;
-use backfill_common::warehouse::{Bind, Session, Warehouse, redact_secrets};
+use backfill_common::warehouse::{Bind, Session, Warehouse, execute, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{
     FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume, shadow_facts,
@@ -361,7 +361,8 @@ impl Backfill {
         let row = backfill_common::warehouse::fetch_one(
             conn,
             &format!(
-                "SELECT CAST(count(*) AS bigint) FROM {} AS t WHERE {} AND {outside}",
+                "SELECT {} FROM {} AS t WHERE {} AND {outside}",
+                self.store.engine().as_bigint("count(*)"),
                 self.target.quoted(),
                 publish::in_partitions(&tables)
             ),
@@ -377,7 +378,11 @@ impl Backfill {
         let row = backfill_common::warehouse::fetch_one(
             conn,
             &format!(
-                "SELECT CAST(coalesce(sum(CASE WHEN {window} THEN 1 ELSE 0 END), 0) AS bigint), CAST(count(*) AS bigint) FROM {} AS t",
+                "SELECT {}, {} FROM {} AS t",
+                self.store.engine().as_bigint(&format!(
+                    "coalesce(sum(CASE WHEN {window} THEN 1 ELSE 0 END), 0)"
+                )),
+                self.store.engine().as_bigint("count(*)"),
                 self.target.quoted()
             ),
             &binds,
@@ -1219,9 +1224,38 @@ impl Backfill {
         progress.phase(&format!(
             "run {run_id}: building shadow {shadow} (copying partitions outside the window)"
         ));
-        // Run, partitions and shadow appear together or not at all.
+        // Run, partitions and shadow appear together or not at all. Where DDL commits (MySQL),
+        // the shadow is built first and the run that names it recorded after: a crash in
+        // between leaves a shadow no run names, never a run without its shadow.
+        let shadow_span = || {
+            tracing::info_span!(
+                "backfill.shadow",
+                shadow = %shadow,
+                publish_mode = plan.publish_mode.as_str()
+            )
+        };
+        let ddl_in_tx = self.store.engine().capabilities().transactional_ddl;
+        let built_before = if ddl_in_tx {
+            None
+        } else {
+            let mut conn = self.store.warehouse.acquire().await?;
+            Some(
+                shadow::build_shadow(
+                    &self.store.warehouse,
+                    &mut conn,
+                    &self.spec,
+                    &self.target,
+                    &shadow,
+                    &plan.partitions,
+                    plan.publish_mode,
+                )
+                .instrument(shadow_span())
+                .await?,
+            )
+        };
         let mut tx = self.store.warehouse.begin().await?;
-        self.store
+        let inserted = self
+            .store
             .insert_run(
                 &mut tx,
                 &run,
@@ -1240,22 +1274,36 @@ impl Backfill {
                     ))
                 }
                 _ => e,
-            })?;
-        let built = shadow::build_shadow(
-            &self.store.warehouse,
-            &mut tx,
-            &self.spec,
-            &self.target,
-            &shadow,
-            &plan.partitions,
-            plan.publish_mode,
-        )
-        .instrument(tracing::info_span!(
-            "backfill.shadow",
-            shadow = %shadow,
-            publish_mode = plan.publish_mode.as_str()
-        ))
-        .await?;
+            });
+        if let Err(error) = inserted {
+            drop(tx);
+            if built_before.is_some() {
+                let mut conn = self.store.warehouse.acquire().await?;
+                execute(
+                    &mut conn,
+                    &format!("DROP TABLE IF EXISTS {}", shadow.quoted()),
+                    &[],
+                )
+                .await?;
+            }
+            return Err(error);
+        }
+        let built = match built_before {
+            Some(built) => built,
+            None => {
+                shadow::build_shadow(
+                    &self.store.warehouse,
+                    &mut tx,
+                    &self.spec,
+                    &self.target,
+                    &shadow,
+                    &plan.partitions,
+                    plan.publish_mode,
+                )
+                .instrument(shadow_span())
+                .await?
+            }
+        };
         if let Some(outside) = built.outside {
             self.store
                 .set_run_note(

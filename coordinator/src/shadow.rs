@@ -169,7 +169,7 @@ pub async fn build_shadow(
         }
     };
     if deferred_indexes.is_empty() {
-        execute(conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
+        execute(conn, &warehouse.engine().analyze(shadow), &[]).await?;
     } else if !has_unique_index_on(warehouse, conn, target, &spec.target.key).await? {
         // Without a unique index on the key, the target itself may hold a key twice: say so
         // now, as the shadow's unique index would have while copying, not after every
@@ -228,7 +228,7 @@ pub async fn build_deferred_indexes(
             execute(&mut conn, comment, &[]).await?;
         }
     }
-    execute(&mut conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
+    execute(&mut conn, &warehouse.engine().analyze(shadow), &[]).await?;
     Ok(Ok(()))
 }
 
@@ -792,7 +792,7 @@ async fn build_partitioned_shadow(
             ))
         })?;
     }
-    execute(conn, &format!("ANALYZE {}", shadow.quoted()), &[]).await?;
+    execute(conn, &warehouse.engine().analyze(shadow), &[]).await?;
     // What the copy was taken from: the same rows are checksummed again at publish.
     warehouse.checksum(conn, shadow, None, &[]).await
 }

@@ -42,6 +42,12 @@ pub fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
+/// Admin URL of the local MariaDB / MySQL; override with BACKFILL_TEST_MYSQL_URL.
+pub fn mysql_admin_url() -> String {
+    std::env::var("BACKFILL_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string())
+}
+
 /// A database that exists for one test and is dropped (or deleted) afterwards.
 pub struct TestDatabase {
     pub url: String,
@@ -50,6 +56,7 @@ pub struct TestDatabase {
 
 enum Kind {
     Postgres { name: String },
+    Mysql { name: String },
     Sqlite { _dir: tempfile::TempDir },
 }
 
@@ -84,6 +91,42 @@ impl TestDatabase {
         }
     }
 
+    /// A fresh database on the local MariaDB (utf8mb4 with its default collation, as MySQL 8
+    /// creates them).
+    pub async fn mysql() -> TestDatabase {
+        let name = format!(
+            "bf_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let admin = Warehouse::connect(&mysql_admin_url(), 2)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "MariaDB or MySQL must be running at {} for this test: {e}",
+                    mysql_admin_url()
+                )
+            });
+        let mut conn = admin.acquire().await.expect("admin connection");
+        execute(
+            &mut conn,
+            &format!("CREATE DATABASE {name} CHARACTER SET utf8mb4"),
+            &[],
+        )
+        .await
+        .expect("create test database");
+        drop(conn);
+        admin.close().await;
+        let base = mysql_admin_url();
+        let url = match base.rfind('/') {
+            Some(slash) => format!("{}/{name}", &base[..slash]),
+            None => panic!("cannot derive a database URL from {base}"),
+        };
+        TestDatabase {
+            url,
+            kind: Kind::Mysql { name },
+        }
+    }
+
     pub fn sqlite() -> TestDatabase {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!(
@@ -108,7 +151,17 @@ impl TestDatabase {
         match engine {
             "sqlite" => TestDatabase::sqlite(),
             "postgres" => TestDatabase::postgres().await,
+            "mysql" => TestDatabase::mysql().await,
             other => panic!("no test database for engine `{other}`"),
+        }
+    }
+
+    /// The engine's name, as `on_engines!` spells it.
+    pub fn engine(&self) -> &'static str {
+        match self.kind {
+            Kind::Postgres { .. } => "postgres",
+            Kind::Mysql { .. } => "mysql",
+            Kind::Sqlite { .. } => "sqlite",
         }
     }
 
@@ -125,8 +178,15 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        if let Kind::Postgres { name } = &self.kind {
-            let name = name.clone();
+        let (admin_url, drop) = match &self.kind {
+            Kind::Postgres { name } => (
+                pg_admin_url(),
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            ),
+            Kind::Mysql { name } => (mysql_admin_url(), format!("DROP DATABASE IF EXISTS {name}")),
+            Kind::Sqlite { .. } => return,
+        };
+        {
             // Drop runs outside any runtime guarantee: use a private one on its own thread.
             let handle = std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -134,15 +194,10 @@ impl Drop for TestDatabase {
                     .build()
                     .expect("runtime");
                 runtime.block_on(async move {
-                    if let Ok(admin) = Warehouse::connect(&pg_admin_url(), 2).await
+                    if let Ok(admin) = Warehouse::connect(&admin_url, 2).await
                         && let Ok(mut conn) = admin.acquire().await
                     {
-                        let _ = execute(
-                            &mut conn,
-                            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                            &[],
-                        )
-                        .await;
+                        let _ = execute(&mut conn, &drop, &[]).await;
                     }
                 });
             });

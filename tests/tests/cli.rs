@@ -204,6 +204,65 @@ fn demo_runs_without_any_server() {
     assert!(text(&output).contains("verified"), "{}", text(&output));
 }
 
+/// `demo --warehouse-url` seeds the mini challenge on a server and fixes it there; a second
+/// demo is a run of its own (not "nothing to do"), and the printed rollback command works.
+async fn demo_runs_on_a_server(db: TestDatabase) {
+    let warehouse = db.warehouse().await;
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let output = backfill(&["demo", "--warehouse-url", &db.url], None);
+        let shown = text(&output);
+        assert!(output.status.success(), "{shown}");
+        assert!(
+            shown.contains("2024-03-04         1800        900"),
+            "{shown}"
+        );
+        assert_eq!(
+            checksum(&warehouse, "fact_order_items", None).await,
+            checksum(&warehouse, "expected_order_items", None).await,
+            "the demo fixed the table on the server"
+        );
+        let run_id = shown
+            .split("published run ")
+            .nth(1)
+            .and_then(|s| s.get(..8))
+            .unwrap()
+            .to_string();
+        runs.push(run_id);
+    }
+    assert_ne!(runs[0], runs[1], "each demo is a run of its own");
+    let output = backfill(&["rollback", &runs[1], "--warehouse-url", &db.url], None);
+    assert!(output.status.success(), "{}", text(&output));
+    let day = if db.typed_dates() {
+        "t.order_date = CAST('2024-03-04' AS date)"
+    } else {
+        "t.order_date = '2024-03-04'"
+    };
+    assert_eq!(
+        count(
+            &warehouse,
+            &format!(
+                "SELECT {} FROM fact_order_items AS t WHERE {day}",
+                warehouse.engine().as_bigint("sum(quantity)")
+            )
+        )
+        .await,
+        1800,
+        "rolled back to the seeded (doubled) data"
+    );
+    // BACKFILL_WAREHOUSE_URL alone never points the demo at a server.
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(backfill_bin())
+        .args(["demo", "--dir", dir.path().to_str().unwrap()])
+        .env("BACKFILL_WAREHOUSE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("sqlite://"), "{}", text(&output));
+}
+
+on_engines!(demo_runs_on_a_server: postgres, mysql);
+
 #[test]
 fn help_teaches() {
     let output = backfill(&["--help"], None);

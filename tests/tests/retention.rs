@@ -105,5 +105,5 @@ async fn restored_archives_are_never_collected(db: TestDatabase) {
     );
 }
 
-on_engines!(gc_honours_retention: sqlite, postgres);
-on_engines!(restored_archives_are_never_collected: sqlite, postgres);
+on_engines!(gc_honours_retention: sqlite, postgres, mysql);
+on_engines!(restored_archives_are_never_collected: sqlite, postgres, mysql);

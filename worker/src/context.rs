@@ -56,7 +56,8 @@ pub struct MergeSql {
     pub create_source: String,
     pub source_checks: String,
     pub count_new: String,
-    pub merge: String,
+    /// The merge's statements (one on most engines); their affected rows add up.
+    pub merge: Vec<String>,
     pub delete_vanished: String,
     pub drop_source: Option<String>,
 }
@@ -193,18 +194,26 @@ impl PartitionContext {
             format!("INSERT INTO {shadow_q} ({column_list}) {deduped}")
         };
         let partition_rows_sql = format!(
-            "SELECT count(*), coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {shadow_q} AS t WHERE {}",
-            any_key_null("t"),
+            "SELECT count(*), {} FROM {shadow_q} AS t WHERE {}",
+            engine.as_bigint(&format!(
+                "coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0)",
+                any_key_null("t")
+            )),
             in_partition("t")
         );
 
         let source_table = "bf_src";
         let (create_source, drop_source) = engine.temp_table_from_query(source_table, &deduped);
         let source_checks = format!(
-            "SELECT count(*), coalesce(sum(CASE WHEN s.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0), \
-             coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0) FROM {source_table} AS s",
-            in_partition("s"),
-            any_key_null("s")
+            "SELECT count(*), {}, {} FROM {source_table} AS s",
+            engine.as_bigint(&format!(
+                "coalesce(sum(CASE WHEN s.{part} IS NULL OR NOT ({}) THEN 1 ELSE 0 END), 0)",
+                in_partition("s")
+            )),
+            engine.as_bigint(&format!(
+                "coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0)",
+                any_key_null("s")
+            ))
         );
         // Matching is confined to this partition: a key that exists in another partition is a
         // collision (an error), never a silent move of that row into this one.
@@ -221,7 +230,8 @@ impl PartitionContext {
             in_partition: &in_partition,
         });
         let delete_vanished = format!(
-            "DELETE FROM {shadow_q} AS t WHERE {} AND NOT EXISTS (SELECT 1 FROM {source_table} AS s WHERE {})",
+            "{} WHERE {} AND NOT EXISTS (SELECT 1 FROM {source_table} AS s WHERE {})",
+            engine.delete_from(&shadow, "t"),
             in_partition("t"),
             key_match("s", "t")
         );

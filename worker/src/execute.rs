@@ -475,9 +475,12 @@ async fn merge(
     check_source_rows(task, outside, null_keys)?;
     let row = fetch_one(tx, &sql.count_new, bounds).await?;
     let inserted: i64 = get(&row, 0)?;
-    let affected = execute(tx, &sql.merge, bounds).await.map_err(|e| {
-        explain_constraint(e, task).context(format!("merging partition {}", task.partition_key))
-    })? as i64;
+    let mut affected = 0;
+    for statement in &sql.merge {
+        affected += execute(tx, statement, bounds).await.map_err(|e| {
+            explain_constraint(e, task).context(format!("merging partition {}", task.partition_key))
+        })? as i64;
+    }
     let deleted = execute(tx, &sql.delete_vanished, bounds).await? as i64;
     if let Some(drop) = &sql.drop_source {
         execute(tx, drop, &[]).await?;

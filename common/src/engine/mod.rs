@@ -3,11 +3,13 @@
 //! An [`Engine`] owns every piece of SQL text and every behaviour that is not the same on
 //! every warehouse: connecting and session settings, partition bounds, the partition merge,
 //! catalog reads, checksums, locks, the table swap, the control store's column types, and
-//! how its error codes read. Each engine is one module (`postgres`, `sqlite`); outside them
+//! how its error codes read. Each engine is one module (`postgres`, `sqlite`,
+//! `mysql`); outside them
 //! no code asks which engine it runs on. Where the pipeline takes a different road on some
 //! engines it asks a named [`Capabilities`] flag. No method has a default body: an engine
 //! that forgets a decision does not compile.
 
+pub mod mysql;
 pub mod postgres;
 pub mod session;
 pub mod sqlite;
@@ -26,13 +28,13 @@ pub use session::Pool;
 
 /// The engine a warehouse URL names, or why none does.
 pub fn for_url(url: &str) -> Result<&'static dyn Engine, BackfillError> {
-    const ENGINES: [&dyn Engine; 2] = [&postgres::Postgres, &sqlite::Sqlite];
+    const ENGINES: [&dyn Engine; 3] = [&postgres::Postgres, &sqlite::Sqlite, &mysql::Mysql];
     ENGINES
         .into_iter()
         .find(|engine| engine.accepts_url(url))
         .ok_or_else(|| {
             BackfillError::Invalid(format!(
-                "warehouse URL `{}` is not supported: use postgres://… or sqlite://…",
+                "warehouse URL `{}` is not supported: use postgres://…, mysql://… (or mariadb://…) or sqlite://…",
                 crate::warehouse::redact_url(url)
             ))
         })
@@ -62,6 +64,8 @@ pub struct Capabilities {
     /// Independent scans gain from running at once on two sessions (each is one server
     /// process's work).
     pub parallel_scans: bool,
+    /// `FULL OUTER JOIN` (the diff report of `status --diff`).
+    pub full_outer_join: bool,
 }
 
 /// How views refer to the tables they read.
@@ -97,6 +101,11 @@ pub enum SqlType {
     Amount,
     /// A bigint key the engine numbers itself.
     SerialPrimaryKey,
+    /// Text of any length.
+    Text,
+    /// Text that is a key or indexed (names, ids, states): some engines index only bounded
+    /// text.
+    KeyText,
 }
 
 /// How strongly a publish holds the target against writers; readers go on under both.
@@ -174,6 +183,14 @@ pub struct TableSwap<'a> {
     pub takes_index_names: &'a NameFilter<'a>,
 }
 
+/// What a swap checks while writers are held, just before the names change: that the rows a
+/// publish must not discard are as recorded. Returns the checksum of the table that steps
+/// aside (the archive's record).
+#[async_trait]
+pub trait SwapGuard: Send + Sync {
+    async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError>;
+}
+
 /// Something about the target that a publish mode cannot carry over.
 #[derive(Debug, Clone)]
 pub struct ShapeFinding {
@@ -232,19 +249,47 @@ pub trait Engine: Send + Sync + 'static {
     fn partition_label(&self, column: &str, grain: Grain) -> String;
     /// A numeric expression read back as a float.
     fn as_float(&self, expr: &str) -> String;
+    /// An integer expression (a count, a sum of counts) read back as a 64-bit integer.
+    fn as_bigint(&self, expr: &str) -> String;
+    /// Any expression read back as text.
+    fn as_text(&self, expr: &str) -> String;
     fn sql_type(&self, sql_type: SqlType) -> &'static str;
+    /// The statement refreshing the planner's statistics of `table`.
+    fn analyze(&self, table: &TableName) -> String;
+    /// The head of a DELETE of `table` whose rows the rest of the statement names `alias`.
+    fn delete_from(&self, table: &TableName, alias: &str) -> String;
+    /// An UPDATE of `target` (alias `t`) from the matching rows of `from` (alias `s`):
+    /// each `(column, expression)` of `set` assigns a column of `t`; `condition` matches and
+    /// filters the rows.
+    fn update_from(
+        &self,
+        target: &TableName,
+        from: &TableName,
+        set: &[(String, String)],
+        condition: &str,
+    ) -> String;
+    /// The statements creating a unique index on `column` of the rows matching `condition`
+    /// only (one open run per target); `index` is the index's bare name.
+    fn partial_unique_index(
+        &self,
+        index: &str,
+        table: &TableName,
+        column: &str,
+        condition: &str,
+    ) -> Vec<String>;
+    /// The statements dropping what `partial_unique_index` created.
+    fn drop_partial_unique_index(&self, index: &str, table: &TableName) -> Vec<String>;
     /// A percentile of a column within a group, where the engine computes one.
     fn percentile(&self, p: f64, column: &str) -> Option<String>;
     /// Where a control-store table lives (a schema, or a name prefix).
     fn control_table(&self, schema: &Ident, table: &str) -> TableName;
-    /// The quoted name of a control-store index.
-    fn control_index(&self, schema: &Ident, name: &str) -> String;
     /// The statements creating (and, where the engine does not drop it at commit, dropping)
     /// a temporary table holding a query's rows.
     fn temp_table_from_query(&self, name: &str, query: &str) -> (String, Option<String>);
-    /// The statement merging a partition's materialised source into the shadow: update the
-    /// rows whose non-key columns differ, insert new keys, inside the partition only.
-    fn merge_partition(&self, merge: &PartitionMerge<'_>) -> String;
+    /// The statements merging a partition's materialised source into the shadow: update the
+    /// rows whose non-key columns differ, insert new keys, inside the partition only. The
+    /// rows they affect, summed, are the rows inserted or updated.
+    fn merge_partition(&self, merge: &PartitionMerge<'_>) -> Vec<String>;
     /// A new empty table with the columns (names and types) of `like`, nothing else.
     fn create_table_like(&self, table: &TableName, like: &TableName) -> String;
 
@@ -256,6 +301,9 @@ pub trait Engine: Send + Sync + 'static {
         tx: &mut dyn Session,
         schema: &Ident,
     ) -> Result<(), BackfillError>;
+    /// Releases what `lock_control_store` took, on the same session after its transaction
+    /// ended, where the lock outlives transactions (a session's named lock).
+    async fn unlock_control_store(&self, conn: &mut dyn Session) -> Result<(), BackfillError>;
     /// Bounds how long statements of this transaction wait for a lock.
     async fn set_lock_timeout(
         &self,
@@ -294,6 +342,17 @@ pub trait Engine: Send + Sync + 'static {
         tx: &mut dyn Session,
         swap: &TableSwap<'_>,
     ) -> Result<(), BackfillError>;
+    /// Where DDL is not transactional (`transactional_ddl` false): swaps the tables of `swap`
+    /// in one step that no write can slip into, with `guard`'s checks run while writers are
+    /// held. When it returns Ok the names have changed and the guard's checksum is returned;
+    /// on an error they have not. Engines with transactional DDL swap inside the publish's
+    /// transaction (`swap_tables`) and refuse this.
+    async fn cut_over(
+        &self,
+        pool: &Pool,
+        swap: &TableSwap<'_>,
+        guard: &dyn SwapGuard,
+    ) -> Result<Checksum, BackfillError>;
     /// After `incoming` took `outgoing`'s place (a partition swap), its indexes that
     /// `takes_names` accepts take the names of `outgoing`'s matching ones, which step aside
     /// with `suffix`: migrations and monitoring name indexes.

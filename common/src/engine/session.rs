@@ -292,11 +292,41 @@ pub fn get<T: FromValue>(row: &Row, index: usize) -> Result<T, BackfillError> {
     })
 }
 
+/// The statement as the connection's driver takes it. The pipeline numbers parameters
+/// (`$1`, `$2`, a number used twice binds one value twice); MySQL's protocol takes `?` in
+/// order, so there each `$n` becomes `?` and the binds follow the order of use.
 fn sqlx_query<'q>(
+    conn: &AnyConnection,
     sql: &str,
     binds: &[Bind],
+) -> Result<sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>, BackfillError> {
+    if conn.backend_name() == <sqlx::MySql as sqlx::Database>::NAME {
+        let (sql, order) = crate::sql::positional_placeholders(sql).map_err(|e| {
+            BackfillError::warehouse_permanent(format!(
+                "cannot bind this statement's parameters: {e}"
+            ))
+        })?;
+        let ordered = order
+            .iter()
+            .map(|&i| {
+                binds.get(i).cloned().ok_or_else(|| {
+                    BackfillError::warehouse_permanent(format!(
+                        "the statement uses ${} but {} value(s) are bound",
+                        i + 1,
+                        binds.len()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(bind_all(sqlx::query(AssertSqlSafe(sql)), &ordered));
+    }
+    Ok(bind_all(sqlx::query(AssertSqlSafe(sql.to_string())), binds))
+}
+
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
+    binds: &[Bind],
 ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
-    let mut query = sqlx::query(AssertSqlSafe(sql.to_string()));
     for bind in binds {
         query = match bind {
             Bind::Text(v) => query.bind(v.clone()),
@@ -338,7 +368,7 @@ pub async fn execute(
     binds: &[Bind],
 ) -> Result<u64, BackfillError> {
     match session.backend() {
-        Backend::Sqlx(conn) => Ok(sqlx_query(sql, binds)
+        Backend::Sqlx(conn) => Ok(sqlx_query(conn, sql, binds)?
             .execute(&mut *conn)
             .await?
             .rows_affected()),
@@ -351,7 +381,7 @@ pub async fn fetch_all(
     binds: &[Bind],
 ) -> Result<Vec<Row>, BackfillError> {
     match session.backend() {
-        Backend::Sqlx(conn) => sqlx_query(sql, binds)
+        Backend::Sqlx(conn) => sqlx_query(conn, sql, binds)?
             .fetch_all(&mut *conn)
             .await?
             .iter()
@@ -366,7 +396,7 @@ pub async fn fetch_optional(
     binds: &[Bind],
 ) -> Result<Option<Row>, BackfillError> {
     match session.backend() {
-        Backend::Sqlx(conn) => sqlx_query(sql, binds)
+        Backend::Sqlx(conn) => sqlx_query(conn, sql, binds)?
             .fetch_optional(&mut *conn)
             .await?
             .as_ref()
@@ -392,10 +422,10 @@ pub fn fetch<'a>(
     binds: &'a [Bind],
 ) -> BoxStream<'a, Result<Row, BackfillError>> {
     match session.backend() {
-        Backend::Sqlx(conn) => sqlx_query(sql, binds)
-            .fetch(conn)
-            .map(|row| from_sqlx_row(&row?))
-            .boxed(),
+        Backend::Sqlx(conn) => match sqlx_query(conn, sql, binds) {
+            Ok(query) => query.fetch(conn).map(|row| from_sqlx_row(&row?)).boxed(),
+            Err(error) => futures_util::stream::once(async move { Err(error) }).boxed(),
+        },
     }
 }
 
@@ -404,6 +434,11 @@ pub fn fetch<'a>(
 pub(crate) fn classify_sqlx_error(error: &sqlx::Error) -> (ErrorClass, Option<String>) {
     match error {
         sqlx::Error::Database(db) => {
+            if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                // The server's error number, not the SQLSTATE (23000 is any integrity error).
+                let code = mysql.number().to_string();
+                return (super::mysql::Mysql.classify(&code), Some(code));
+            }
             let code = db.code().map(|c| c.to_string());
             let engine: Option<&dyn Engine> = if db
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()

@@ -12,7 +12,7 @@ use sqlx::any::AnyPoolOptions;
 
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
+    SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
 };
 use crate::engine::session::{Conn, Pool};
 use crate::error::BackfillError;
@@ -55,6 +55,7 @@ impl Engine for Sqlite {
             statement_timeout: false,
             percentiles: false,
             parallel_scans: false,
+            full_outer_join: true,
         }
     }
 
@@ -141,12 +142,65 @@ impl Engine for Sqlite {
         format!("CAST({expr} AS REAL)")
     }
 
+    fn as_bigint(&self, expr: &str) -> String {
+        format!("CAST({expr} AS INTEGER)")
+    }
+
+    fn as_text(&self, expr: &str) -> String {
+        format!("CAST({expr} AS TEXT)")
+    }
+
+    fn analyze(&self, table: &TableName) -> String {
+        format!("ANALYZE {}", table.quoted())
+    }
+
+    fn delete_from(&self, table: &TableName, alias: &str) -> String {
+        format!("DELETE FROM {} AS {alias}", table.quoted())
+    }
+
+    fn update_from(
+        &self,
+        target: &TableName,
+        from: &TableName,
+        set: &[(String, String)],
+        condition: &str,
+    ) -> String {
+        format!(
+            "UPDATE {} AS t SET {} FROM {} AS s WHERE {condition}",
+            target.quoted(),
+            set.iter()
+                .map(|(column, value)| format!("{column} = {value}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            from.quoted()
+        )
+    }
+
+    fn partial_unique_index(
+        &self,
+        index: &str,
+        table: &TableName,
+        column: &str,
+        condition: &str,
+    ) -> Vec<String> {
+        vec![format!(
+            "CREATE UNIQUE INDEX {} ON {} ({column}) WHERE {condition}",
+            quote_catalog_name(index),
+            table.quoted()
+        )]
+    }
+
+    fn drop_partial_unique_index(&self, index: &str, _table: &TableName) -> Vec<String> {
+        vec![format!("DROP INDEX {}", quote_catalog_name(index))]
+    }
+
     fn sql_type(&self, sql_type: SqlType) -> &'static str {
         match sql_type {
             SqlType::BigInt => "INTEGER",
             SqlType::Double | SqlType::Amount => "REAL",
             SqlType::Date | SqlType::Timestamp => "TEXT",
             SqlType::SerialPrimaryKey => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            SqlType::Text | SqlType::KeyText => "TEXT",
         }
     }
 
@@ -163,11 +217,6 @@ impl Engine for Sqlite {
         }
     }
 
-    /// Index names are global to the file.
-    fn control_index(&self, _schema: &Ident, name: &str) -> String {
-        format!("\"{name}\"")
-    }
-
     fn temp_table_from_query(&self, name: &str, query: &str) -> (String, Option<String>) {
         (
             format!("CREATE TEMP TABLE {name} AS {query}"),
@@ -177,7 +226,7 @@ impl Engine for Sqlite {
 
     /// An upsert: a conflict with a row of another partition updates nothing, and the row
     /// count check after the merge then reports the collision.
-    fn merge_partition(&self, merge: &PartitionMerge<'_>) -> String {
+    fn merge_partition(&self, merge: &PartitionMerge<'_>) -> Vec<String> {
         let non_key = merge.non_key();
         let shadow_name = merge.shadow.name.quoted();
         let action = if non_key.is_empty() {
@@ -204,12 +253,12 @@ impl Engine for Sqlite {
             )
         };
         let columns = merge.column_list();
-        format!(
+        vec![format!(
             "INSERT INTO {} ({columns}) SELECT {columns} FROM {} WHERE true ON CONFLICT ({}) {action}",
             merge.shadow.quoted(),
             merge.source,
             merge.key_list()
-        )
+        )]
     }
 
     fn create_table_like(&self, table: &TableName, like: &TableName) -> String {
@@ -233,6 +282,11 @@ impl Engine for Sqlite {
         )
         .await?;
         execute(tx, "DELETE FROM bf_migration_lock", &[]).await?;
+        Ok(())
+    }
+
+    /// The lock ends with the transaction.
+    async fn unlock_control_store(&self, _conn: &mut dyn Session) -> Result<(), BackfillError> {
         Ok(())
     }
 
@@ -307,6 +361,19 @@ impl Engine for Sqlite {
             .map_err(|e| e.context(format!("renaming {from} to {}", to.name)))?;
         }
         Ok(())
+    }
+    /// DDL is transactional: `swap_tables` swaps inside the publish's transaction.
+    async fn cut_over(
+        &self,
+        _pool: &Pool,
+        swap: &TableSwap<'_>,
+        _guard: &dyn SwapGuard,
+    ) -> Result<Checksum, BackfillError> {
+        Err(BackfillError::Invalid(format!(
+            "{} swaps {} inside the publish transaction, not by a cut-over",
+            self.name(),
+            swap.current
+        )))
     }
 
     /// Renaming an index means rebuilding it: indexes keep their names.

@@ -10,7 +10,7 @@ use sqlx::any::AnyPoolOptions;
 
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, TableSwap, ViewBinding, WriterLock, fetch_texts,
+    SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
 };
 use crate::engine::session::Pool;
 use crate::error::BackfillError;
@@ -146,6 +146,7 @@ impl Engine for Postgres {
             statement_timeout: true,
             percentiles: true,
             parallel_scans: true,
+            full_outer_join: true,
         }
     }
 
@@ -236,6 +237,63 @@ impl Engine for Postgres {
         format!("CAST({expr} AS double precision)")
     }
 
+    fn as_bigint(&self, expr: &str) -> String {
+        format!("CAST({expr} AS bigint)")
+    }
+
+    fn as_text(&self, expr: &str) -> String {
+        format!("CAST({expr} AS text)")
+    }
+
+    fn analyze(&self, table: &TableName) -> String {
+        format!("ANALYZE {}", table.quoted())
+    }
+
+    fn delete_from(&self, table: &TableName, alias: &str) -> String {
+        format!("DELETE FROM {} AS {alias}", table.quoted())
+    }
+
+    fn update_from(
+        &self,
+        target: &TableName,
+        from: &TableName,
+        set: &[(String, String)],
+        condition: &str,
+    ) -> String {
+        format!(
+            "UPDATE {} AS t SET {} FROM {} AS s WHERE {condition}",
+            target.quoted(),
+            set.iter()
+                .map(|(column, value)| format!("{column} = {value}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            from.quoted()
+        )
+    }
+
+    fn partial_unique_index(
+        &self,
+        index: &str,
+        table: &TableName,
+        column: &str,
+        condition: &str,
+    ) -> Vec<String> {
+        vec![format!(
+            "CREATE UNIQUE INDEX {} ON {} ({column}) WHERE {condition}",
+            quote_catalog_name(index),
+            table.quoted()
+        )]
+    }
+
+    fn drop_partial_unique_index(&self, index: &str, table: &TableName) -> Vec<String> {
+        let schema = table
+            .schema
+            .as_ref()
+            .map(|s| format!("{}.", s.quoted()))
+            .unwrap_or_default();
+        vec![format!("DROP INDEX {schema}{}", quote_catalog_name(index))]
+    }
+
     fn sql_type(&self, sql_type: SqlType) -> &'static str {
         match sql_type {
             SqlType::BigInt => "bigint",
@@ -244,6 +302,7 @@ impl Engine for Postgres {
             SqlType::Timestamp => "timestamp",
             SqlType::Amount => "numeric(10,2)",
             SqlType::SerialPrimaryKey => "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+            SqlType::Text | SqlType::KeyText => "text",
         }
     }
 
@@ -260,11 +319,6 @@ impl Engine for Postgres {
         }
     }
 
-    /// Indexes live in the control schema.
-    fn control_index(&self, schema: &Ident, name: &str) -> String {
-        format!("{}.\"{name}\"", schema.quoted())
-    }
-
     fn temp_table_from_query(&self, name: &str, query: &str) -> (String, Option<String>) {
         (
             format!("CREATE TEMP TABLE {name} ON COMMIT DROP AS {query}"),
@@ -272,7 +326,7 @@ impl Engine for Postgres {
         )
     }
 
-    fn merge_partition(&self, merge: &PartitionMerge<'_>) -> String {
+    fn merge_partition(&self, merge: &PartitionMerge<'_>) -> Vec<String> {
         let non_key = merge.non_key();
         let set = if non_key.is_empty() {
             String::new()
@@ -291,7 +345,7 @@ impl Engine for Postgres {
                     .join(", ")
             )
         };
-        format!(
+        vec![format!(
             "MERGE INTO {} AS t USING {} AS s ON {} AND {} {set}WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
             merge.shadow.quoted(),
             merge.source,
@@ -304,7 +358,7 @@ impl Engine for Postgres {
                 .map(|c| format!("s.{}", c.quoted()))
                 .collect::<Vec<_>>()
                 .join(", ")
-        )
+        )]
     }
 
     fn create_table_like(&self, table: &TableName, like: &TableName) -> String {
@@ -328,6 +382,11 @@ impl Engine for Postgres {
             &[],
         )
         .await?;
+        Ok(())
+    }
+
+    /// The lock ends with the transaction.
+    async fn unlock_control_store(&self, _conn: &mut dyn Session) -> Result<(), BackfillError> {
         Ok(())
     }
 
@@ -416,6 +475,19 @@ impl Engine for Postgres {
         swap: &TableSwap<'_>,
     ) -> Result<(), BackfillError> {
         swap::swap_tables(tx, swap).await
+    }
+    /// DDL is transactional: `swap_tables` swaps inside the publish's transaction.
+    async fn cut_over(
+        &self,
+        _pool: &Pool,
+        swap: &TableSwap<'_>,
+        _guard: &dyn SwapGuard,
+    ) -> Result<Checksum, BackfillError> {
+        Err(BackfillError::Invalid(format!(
+            "{} swaps {} inside the publish transaction, not by a cut-over",
+            self.name(),
+            swap.current
+        )))
     }
 
     async fn hand_over_index_names(

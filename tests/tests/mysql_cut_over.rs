@@ -1,0 +1,208 @@
+//! MySQL's table swap is a cut-over (its DDL commits on its own): a writer held during the
+//! checks lands in the published table, never in the archive; failed checks change nothing;
+//! a publish that stopped after the rename but before its record is recorded by the next one.
+//! On the local MariaDB.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backfill_common::BackfillError;
+use backfill_common::control::RunState;
+use backfill_common::engine::{Engine, SwapGuard, TableSwap, mysql::Mysql};
+use backfill_common::spec::Spec;
+use backfill_common::warehouse::{Checksum, Session, Warehouse, execute};
+use backfill_coordinator::demo;
+use backfill_coordinator::publish;
+use backfill_coordinator::runner::{Backfill, Quiet, RunOutcome};
+use backfill_tests::*;
+
+async fn two_tables(warehouse: &Warehouse) {
+    exec(warehouse, "CREATE TABLE t (id bigint PRIMARY KEY, v text)").await;
+    exec(warehouse, "CREATE TABLE s (id bigint PRIMARY KEY, v text)").await;
+    exec(warehouse, "INSERT INTO t VALUES (1, 'old'), (2, 'old')").await;
+    exec(warehouse, "INSERT INTO s VALUES (1, 'new'), (2, 'new')").await;
+}
+
+/// During the checks, another session writes to the target: it waits for the lock.
+struct WriterDuringChecks {
+    warehouse: Warehouse,
+    writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[async_trait]
+impl SwapGuard for WriterDuringChecks {
+    async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError> {
+        let warehouse = self.warehouse.clone();
+        let writer = tokio::spawn(async move {
+            let mut conn = warehouse.acquire().await.unwrap();
+            execute(
+                &mut conn,
+                "INSERT INTO t VALUES (3, 'written during the swap')",
+                &[],
+            )
+            .await
+            .unwrap();
+        });
+        *self.writer.lock().unwrap() = Some(writer);
+        // Long enough for the writer to queue behind the lock.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let table = table("t");
+        self.warehouse.checksum(session, &table, None, &[]).await
+    }
+}
+
+struct FailingChecks;
+
+#[async_trait]
+impl SwapGuard for FailingChecks {
+    async fn check(&self, _session: &mut dyn Session) -> Result<Checksum, BackfillError> {
+        Err(BackfillError::Conflict("the target changed".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_held_by_the_cut_over_lands_in_the_published_table() {
+    let db = TestDatabase::mysql().await;
+    let warehouse = db.warehouse().await;
+    two_tables(&warehouse).await;
+    let guard = WriterDuringChecks {
+        warehouse: warehouse.clone(),
+        writer: std::sync::Mutex::new(None),
+    };
+    let (t, s, a) = (table("t"), table("s"), table("t_archive"));
+    let swap = TableSwap {
+        current: &t,
+        aside: &a,
+        replacement: &s,
+        aside_suffix: "_archive",
+        carry_grants: true,
+        takes_index_names: &|_| true,
+    };
+    let checked = Mysql
+        .cut_over(warehouse.pool(), &swap, &guard)
+        .await
+        .unwrap();
+    assert_eq!(checked.rows, 2, "the checks saw the table before the write");
+    let writer = guard.writer.lock().unwrap().take().unwrap();
+    writer.await.unwrap();
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM t WHERE v = 'new'").await,
+        2
+    );
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM t WHERE id = 3").await,
+        1,
+        "the held write went to the published table"
+    );
+    assert_eq!(
+        count(&warehouse, "SELECT count(*) FROM t_archive").await,
+        2,
+        "the archive is the table the checks saw, nothing more"
+    );
+    assert_eq!(
+        checksum(&warehouse, "t_archive", None).await.to_string(),
+        checked.to_string()
+    );
+    assert!(!table_exists(&warehouse, "s").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checks_change_nothing_and_leave_no_sentry() {
+    let db = TestDatabase::mysql().await;
+    let warehouse = db.warehouse().await;
+    two_tables(&warehouse).await;
+    let before = checksum(&warehouse, "t", None).await;
+    // A sentry left by an attempt that stopped before its rename does not block the next.
+    exec(&warehouse, "CREATE TABLE t_archive (bf_sentry int)").await;
+    let (t, s, a) = (table("t"), table("s"), table("t_archive"));
+    let swap = TableSwap {
+        current: &t,
+        aside: &a,
+        replacement: &s,
+        aside_suffix: "_archive",
+        carry_grants: true,
+        takes_index_names: &|_| true,
+    };
+    let error = Mysql
+        .cut_over(warehouse.pool(), &swap, &FailingChecks)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("the target changed"), "{error}");
+    assert_eq!(checksum(&warehouse, "t", None).await, before);
+    assert!(table_exists(&warehouse, "s").await);
+    assert!(
+        !table_exists(&warehouse, "t_archive").await,
+        "no sentry left"
+    );
+    // The pooled sessions hold no table locks: the table is writable.
+    exec(&warehouse, "INSERT INTO t VALUES (9, 'after')").await;
+}
+
+/// A publish that stopped after its rename committed but before the run was recorded: the
+/// next publish finds the names changed and records what happened, data intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_without_its_record_is_recorded_by_the_next_publish() {
+    let db = TestDatabase::mysql().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let before = checksum(&warehouse, "fact_order_items", None).await;
+    let text =
+        demo::MINI_CHALLENGE_SPEC.replace("[publish]\n", "[publish]\napproval = \"manual\"\n");
+    let backfill = Backfill::open(Spec::parse(&text).unwrap(), text.clone(), &db.url)
+        .await
+        .unwrap();
+    let RunOutcome::AwaitingApproval { run_id, .. } = backfill.run("test", &Quiet).await.unwrap()
+    else {
+        panic!("expected the approval gate");
+    };
+    let store = control_store(&warehouse);
+    let run = store.find_run(&run_id).await.unwrap().unwrap();
+    let target = table("fact_order_items");
+    let archive = publish::archive_name(&target, &run_id).unwrap();
+    // What the cut-over's rename does, then the process stops.
+    exec(
+        &warehouse,
+        &format!(
+            "RENAME TABLE fact_order_items TO {}, {} TO fact_order_items",
+            archive.quoted(),
+            table(&run.shadow_table).quoted()
+        ),
+    )
+    .await;
+    let outcome = backfill
+        .publish_approved(&run_id, "test", &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
+    let run = store.find_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.state, RunState::Published);
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+    let archives = store.archives().await.unwrap();
+    assert_eq!(archives.len(), 1);
+    assert_eq!(
+        archives[0].checksum,
+        product_checksum(&warehouse, &archive.to_string(), None).await
+    );
+    assert_eq!(
+        checksum(&warehouse, &archive.to_string(), None).await,
+        before
+    );
+    // The diff report needs FULL OUTER JOIN: refused with the way out, not a syntax error.
+    let refused = backfill_coordinator::diff::diff_run(&store, &run_id, 5)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("FULL OUTER JOIN") && refused.contains(&archive.to_string()),
+        "{refused}"
+    );
+    // And it rolls back like any publish.
+    publish::rollback(&store, &run_id).await.unwrap();
+    assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
+}
