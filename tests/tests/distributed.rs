@@ -22,9 +22,7 @@ fn text(output: &std::process::Output) -> String {
 /// The mini challenge through a coordinator and 3 workers: the published table equals the
 /// embedded run's result (the expected table), every partition applied once; workers stop
 /// cleanly on SIGTERM.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mini_challenge_with_three_workers() {
-    let db = TestDatabase::postgres().await;
+async fn mini_challenge_with_three_workers(db: TestDatabase) {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     let mut cluster = Cluster::new("demo", &db.url);
@@ -86,6 +84,8 @@ async fn mini_challenge_with_three_workers() {
     );
     broker.close().await;
 }
+
+on_engines!(mini_challenge_with_three_workers: postgres, mysql);
 
 /// With a limit of 2 and 6 workers, at no moment do more than 2 partitions run against the
 /// warehouse: sampled from pg_stat_activity while partitions sleep inside their transaction.
@@ -335,10 +335,22 @@ async fn dead_lettered_partition_is_resubmitted_after_the_fix() {
 /// The whole 10-day window, each partition sleeping inside its transaction, so processes can
 /// be killed mid-run.
 fn slow_spec(seconds: f64, concurrency: u32) -> String {
+    slow_spec_on("postgres", seconds, concurrency)
+}
+
+/// `slow_spec` with the engine's sleep function.
+fn slow_spec_on(engine: &str, seconds: f64, concurrency: u32) -> String {
+    let sleep = if engine == "mysql" {
+        "SLEEP"
+    } else {
+        "pg_sleep"
+    };
     mini_challenge_spec(&[
         (
             "FROM staging_order_items\n",
-            &format!("FROM staging_order_items CROSS JOIN (SELECT pg_sleep({seconds})) AS slow\n"),
+            &format!(
+                "FROM staging_order_items CROSS JOIN (SELECT {sleep}({seconds}) AS bf_slept) AS slow\n"
+            ),
         ),
         (
             "first = \"2024-03-03\"\nlast = \"2024-03-06\"",
@@ -370,27 +382,31 @@ async fn assert_applied_once_and_correct(
 /// SIGKILL a worker in the middle of a partition: its task is redelivered to the other worker,
 /// which gets the slot once the dead worker's lease expires (limit 1); every partition is
 /// applied once and the data is right.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_worker_mid_partition() {
-    let db = TestDatabase::postgres().await;
+async fn killed_worker_mid_partition(db: TestDatabase) {
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
     let mut cluster = Cluster::new("demo", &db.url);
     cluster.start_worker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("slow.toml");
-    std::fs::write(&spec, slow_spec(0.6, 1)).unwrap();
+    std::fs::write(&spec, slow_spec_on(db.engine(), 0.6, 1)).unwrap();
     let coordinator = cluster
         .backfill(&["run", spec.to_str().unwrap(), "--no-progress"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until worker 0 is inside a partition, then kill it.
-    let busy = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'",
-        cluster.prefix
-    );
+    // Wait until worker 0 is inside a partition, then kill it (the only worker yet).
+    let busy = if db.engine() == "mysql" {
+        "SELECT count(*) FROM information_schema.processlist WHERE command = 'Execute' \
+         AND info LIKE '%INSERT INTO%' AND info LIKE '%SLEEP%' AND db = DATABASE()"
+            .to_string()
+    } else {
+        format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}-worker-0' AND state = 'active' AND query LIKE '%INSERT INTO%' AND query LIKE '%pg_sleep%'",
+            cluster.prefix
+        )
+    };
     let started = Instant::now();
     while count(&warehouse, &busy).await == 0 {
         assert!(
@@ -425,6 +441,8 @@ async fn killed_worker_mid_partition() {
         .run_id;
     assert_applied_once_and_correct(&warehouse, &run_id).await;
 }
+
+on_engines!(killed_worker_mid_partition: postgres, mysql);
 
 /// SIGKILL the coordinator mid-run and resume it: the run completes and publishes once;
 /// tasks of the first coordinator still queued are stale and change nothing.
