@@ -161,6 +161,25 @@ async fn swapped_unrecorded(
     Ok(Some(warehouse.checksum(&mut conn, aside, None, &[]).await?))
 }
 
+/// Whether `run`'s `swap_table` publish renamed the tables and stopped before recording it
+/// (possible only where DDL commits on its own): its shadow is gone and its archive exists.
+pub async fn swap_done_unrecorded(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    run: &RunRecord,
+) -> Result<bool, BackfillError> {
+    if warehouse.engine().capabilities().transactional_ddl || !run.state.is_open() {
+        return Ok(false);
+    }
+    let target =
+        TableName::parse(&run.target).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let shadow =
+        TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    let archive = archive_name(&target, &run.run_id)?;
+    let mut conn = warehouse.acquire().await?;
+    Ok(!warehouse.table_exists(&mut conn, &shadow).await?
+        && warehouse.table_exists(&mut conn, &archive).await?)
+}
+
 /// Archives the current target and renames the shadow in. Where DDL is transactional, in one
 /// transaction with the archive's record (the old table's checksum, for rollback) and the
 /// run marked published; elsewhere by the engine's cut-over, recorded once the names have
@@ -864,7 +883,7 @@ async fn drop_with(
 }
 
 /// Drops what `drop_with` left for after the commit. The publish or rollback has committed:
-/// a failure here is logged, not returned (`backfill gc` drops it later).
+/// a failure here is logged, not returned (nothing needs the table any more; it is named in the log).
 async fn drop_after_commit(
     warehouse: &backfill_common::warehouse::Warehouse,
     table: Option<TableName>,
@@ -883,7 +902,7 @@ async fn drop_after_commit(
     }
     .await;
     if let Err(error) = dropped {
-        tracing::warn!(%error, %table, "could not drop the table after the commit; `backfill gc` drops it");
+        tracing::warn!(%error, %table, "could not drop the table after the commit; nothing needs it: drop it by hand");
     }
 }
 
@@ -1376,6 +1395,19 @@ async fn drop_archive(store: &ControlStore, archive: &ArchiveRecord) -> Result<(
 pub async fn drop_shadow(store: &ControlStore, run: &RunRecord) -> Result<(), BackfillError> {
     let shadow =
         TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
+    if swap_done_unrecorded(&store.warehouse, run).await? {
+        return Err(BackfillError::Conflict(format!(
+            "run {run_id} was swapped in: {} holds the backfilled rows and {} the old table, but the publish stopped \
+             before recording it. Abandoning would leave it published without a way back: run `backfill resume {run_id}` \
+             to record it, then `backfill rollback {run_id}` if it should not stay",
+            run.target,
+            TableName::parse(&run.target)
+                .ok()
+                .and_then(|target| archive_name(&target, &run.run_id).ok())
+                .map_or_else(|| "its archive".to_string(), |archive| archive.to_string()),
+            run_id = run.run_id
+        )));
+    }
     let mut tx = store.warehouse.begin().await?;
     execute(
         &mut tx,

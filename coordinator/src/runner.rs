@@ -506,6 +506,17 @@ impl Backfill {
             return Ok(outcome);
         }
 
+        if mode == PublishMode::SwapTable
+            && publish::swap_done_unrecorded(&self.store.warehouse, run).await?
+        {
+            // The audits passed and the names changed; only the record is missing.
+            progress.phase(
+                "the shadow was swapped in by a publish that stopped before recording it; recording it",
+            );
+            return self
+                .publish_audited(run, &plan.partitions, mode, None, hooks, progress)
+                .await;
+        }
         progress.phase("auditing the shadow against the current table");
         let shadow = TableName::parse(&run.shadow_table)
             .map_err(|e| BackfillError::Invalid(e.to_string()))?;
@@ -1234,19 +1245,21 @@ impl Backfill {
                 publish_mode = plan.publish_mode.as_str()
             )
         };
-        let ddl_in_tx = self.store.engine().capabilities().transactional_ddl;
-        let built_before = if ddl_in_tx {
+        // Only the DDL goes first: the copy and its checksum run in the run's transaction
+        // (one consistent read of the target).
+        let ddl_in_tx = self.store.engine().capabilities().transactional_ddl
+            || plan.publish_mode == PublishMode::SwapPartitions;
+        let table_before = if ddl_in_tx {
             None
         } else {
             let mut conn = self.store.warehouse.acquire().await?;
             Some(
-                shadow::build_shadow(
+                shadow::create_shadow_table(
                     &self.store.warehouse,
                     &mut conn,
                     &self.spec,
                     &self.target,
                     &shadow,
-                    &plan.partitions,
                     plan.publish_mode,
                 )
                 .instrument(shadow_span())
@@ -1277,7 +1290,7 @@ impl Backfill {
             });
         if let Err(error) = inserted {
             drop(tx);
-            if built_before.is_some() {
+            if table_before.is_some() {
                 let mut conn = self.store.warehouse.acquire().await?;
                 execute(
                     &mut conn,
@@ -1288,8 +1301,20 @@ impl Backfill {
             }
             return Err(error);
         }
-        let built = match built_before {
-            Some(built) => built,
+        let built = match table_before {
+            Some(table) => {
+                shadow::fill_shadow(
+                    &self.store.warehouse,
+                    &mut tx,
+                    &self.spec,
+                    &self.target,
+                    &shadow,
+                    &plan.partitions,
+                    table,
+                )
+                .instrument(shadow_span())
+                .await?
+            }
             None => {
                 shadow::build_shadow(
                     &self.store.warehouse,

@@ -28,6 +28,17 @@ pub struct BuiltShadow {
 
 pub use backfill_common::engine::DeferredIndex;
 
+/// The shadow table as its DDL left it, before any row is copied (see [`fill_shadow`]).
+#[derive(Debug)]
+pub struct ShadowTable {
+    target_columns: Vec<String>,
+    /// `swap_window` shadows hold the window only: nothing is copied.
+    copies: bool,
+    deferred_indexes: Vec<DeferredIndex>,
+}
+
+/// Creates the shadow and copies the target's rows outside the window into it, on one
+/// session (inside the run's first transaction where DDL is transactional).
 pub async fn build_shadow(
     warehouse: &Warehouse,
     conn: &mut dyn Session,
@@ -37,7 +48,6 @@ pub async fn build_shadow(
     partitions: &[Partition],
     mode: PublishMode,
 ) -> Result<BuiltShadow, BackfillError> {
-    let target_columns = warehouse.table_columns(conn, target).await?;
     if mode == PublishMode::SwapPartitions {
         let outside =
             build_partitioned_shadow(warehouse, conn, spec, target, shadow, partitions).await?;
@@ -46,6 +56,23 @@ pub async fn build_shadow(
             deferred_indexes: Vec::new(),
         });
     }
+    let table = create_shadow_table(warehouse, conn, spec, target, shadow, mode).await?;
+    fill_shadow(warehouse, conn, spec, target, shadow, partitions, table).await
+}
+
+/// The shadow's DDL: the table with the target's columns, keys and indexes, `add_columns`, a
+/// unique index on the key, and the indexes deferred until its partitions are written. Where
+/// DDL commits on its own this runs before the run's first transaction, and [`fill_shadow`]
+/// inside it. Not for `swap_partitions` (see [`build_shadow`]).
+pub async fn create_shadow_table(
+    warehouse: &Warehouse,
+    conn: &mut dyn Session,
+    spec: &Spec,
+    target: &TableName,
+    shadow: &TableName,
+    mode: PublishMode,
+) -> Result<ShadowTable, BackfillError> {
+    let target_columns = warehouse.table_columns(conn, target).await?;
     warehouse
         .engine()
         .create_shadow(conn, target, shadow)
@@ -91,7 +118,11 @@ pub async fn build_shadow(
     }
     if mode == PublishMode::SwapWindow {
         // The window only: publish merges it into the target, which keeps everything else.
-        return Ok(BuiltShadow::default());
+        return Ok(ShadowTable {
+            target_columns,
+            copies: false,
+            deferred_indexes: Vec::new(),
+        });
     }
     // Every row of a swap_table shadow is new: building its indexes once, after the last
     // partition, costs far less than maintaining them row by row (the reference workload's
@@ -99,6 +130,34 @@ pub async fn build_shadow(
     // checks its own keys for duplicates meanwhile; the unique index, built again before
     // the audits, proves the whole table has none.
     let deferred_indexes = warehouse.engine().defer_indexes(conn, shadow).await?;
+    Ok(ShadowTable {
+        target_columns,
+        copies: true,
+        deferred_indexes,
+    })
+}
+
+/// Copies the target's rows outside the window into the shadow and returns their checksum
+/// (the publish guard's), as one consistent read: one statement where the engine reports
+/// on what it inserted, else the copy and the checksum in the caller's transaction (SQLite's
+/// write lock, InnoDB's locking read of `INSERT … SELECT`, hold the rows until it ends).
+pub async fn fill_shadow(
+    warehouse: &Warehouse,
+    conn: &mut dyn Session,
+    spec: &Spec,
+    target: &TableName,
+    shadow: &TableName,
+    partitions: &[Partition],
+    table: ShadowTable,
+) -> Result<BuiltShadow, BackfillError> {
+    let ShadowTable {
+        target_columns,
+        copies,
+        deferred_indexes,
+    } = table;
+    if !copies {
+        return Ok(BuiltShadow::default());
+    }
     let column_list = target_columns
         .iter()
         .map(|c| quote_catalog_name(c))
@@ -169,7 +228,11 @@ pub async fn build_shadow(
         }
     };
     if deferred_indexes.is_empty() {
-        execute(conn, &warehouse.engine().analyze(shadow), &[]).await?;
+        // Where DDL commits, so would ANALYZE, in the middle of the caller's transaction:
+        // there (InnoDB) statistics follow the inserted rows by themselves.
+        if warehouse.engine().capabilities().transactional_ddl {
+            execute(conn, &warehouse.engine().analyze(shadow), &[]).await?;
+        }
     } else if !has_unique_index_on(warehouse, conn, target, &spec.target.key).await? {
         // Without a unique index on the key, the target itself may hold a key twice: say so
         // now, as the shadow's unique index would have while copying, not after every

@@ -777,8 +777,8 @@ async fn one_slow_day_running(
     cluster.start_worker(&[]);
     let spec = cluster.log_path("slow.toml");
     let one_slow_day = edit(slow_spec(0.0, 1).replace(
-        "CROSS JOIN (SELECT pg_sleep(0)) AS slow",
-        "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-01' THEN 5 ELSE 0 END)) AS slow",
+        "CROSS JOIN (SELECT pg_sleep(0) AS bf_slept) AS slow",
+        "CROSS JOIN (SELECT pg_sleep(CASE WHEN CAST(:partition_start AS date) = DATE '2024-03-01' THEN 5 ELSE 0 END) AS bf_slept) AS slow",
     ));
     assert!(one_slow_day.contains("THEN 5"), "{one_slow_day}");
     std::fs::write(&spec, one_slow_day).unwrap();

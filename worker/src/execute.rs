@@ -463,6 +463,11 @@ async fn merge(
     bounds: &[Bind],
 ) -> Result<(MergeCounts, i64), BackfillError> {
     let sql = &ctx.merge;
+    if let Some(drop) = &sql.drop_source {
+        // Left by an attempt that failed on this session (MySQL keeps temporary tables
+        // through a rollback).
+        execute(tx, drop, &[]).await?;
+    }
     execute(tx, &sql.create_source, bounds).await.map_err(|e| {
         e.context(format!(
             "reading the source for partition {}",

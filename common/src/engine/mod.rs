@@ -283,8 +283,9 @@ pub trait Engine: Send + Sync + 'static {
     fn percentile(&self, p: f64, column: &str) -> Option<String>;
     /// Where a control-store table lives (a schema, or a name prefix).
     fn control_table(&self, schema: &Ident, table: &str) -> TableName;
-    /// The statements creating (and, where the engine does not drop it at commit, dropping)
-    /// a temporary table holding a query's rows.
+    /// The statements creating (and, where the engine does not drop it at commit, dropping:
+    /// `IF EXISTS`, as it also runs before the create) a temporary table holding a query's
+    /// rows.
     fn temp_table_from_query(&self, name: &str, query: &str) -> (String, Option<String>);
     /// The statements merging a partition's materialised source into the shadow: update the
     /// rows whose non-key columns differ, insert new keys, inside the partition only. The

@@ -26,6 +26,7 @@ use super::{
     SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
 };
 use crate::engine::session::Pool;
+use crate::engine::session::execute_unprepared;
 use crate::error::BackfillError;
 use crate::ident::{Ident, TableName};
 use crate::plan::Grain;
@@ -75,7 +76,8 @@ const IN_SCHEMA: &str = "table_schema = coalesce($1, DATABASE()) AND table_name 
 fn row_hash_expr(columns: &[String]) -> String {
     let quoted = columns
         .iter()
-        .map(|c| format!("QUOTE(t.{})", quote_catalog_name(c)))
+        // As bytes: columns of different collations cannot be concatenated as text.
+        .map(|c| format!("CAST(QUOTE(t.{}) AS BINARY)", quote_catalog_name(c)))
         .collect::<Vec<_>>()
         .join(", ");
     format!("CAST(CONV(LEFT(MD5(CONCAT_WS('|', {quoted})), 15), 16, 10) AS UNSIGNED)")
@@ -143,6 +145,10 @@ impl Engine for Mysql {
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute(SESSION_SQL_MODE).await?;
+                    // MySQL 8 cuts GROUP_CONCAT at 1024 bytes: a wide index's column list
+                    // would read as another index.
+                    conn.execute("SET SESSION group_concat_max_len = 1048576")
+                        .await?;
                     Ok(())
                 })
             })
@@ -183,9 +189,11 @@ impl Engine for Mysql {
         column.to_string()
     }
 
-    /// `<=>` is MySQL's NULL-safe equality.
+    /// `<=>` is MySQL's NULL-safe equality; compared as bytes, because the usual collations
+    /// ignore case, accents or trailing spaces and a backfill that fixes `usa` into `USA`
+    /// must write it.
     fn distinct(&self, a: &str, b: &str) -> String {
-        format!("NOT ({a} <=> {b})")
+        format!("NOT (CAST({a} AS BINARY) <=> CAST({b} AS BINARY))")
     }
 
     fn partition_group(&self, column: &str, grain: Grain) -> String {
@@ -244,11 +252,12 @@ impl Engine for Mysql {
         }
     }
 
-    /// Temporary tables do not commit the transaction (other DDL does).
+    /// Temporary tables do not commit the transaction (other DDL does), and they outlive a
+    /// rolled-back one: the drop also runs before the create.
     fn temp_table_from_query(&self, name: &str, query: &str) -> (String, Option<String>) {
         (
             format!("CREATE TEMPORARY TABLE {name} AS {query}"),
-            Some(format!("DROP TEMPORARY TABLE {name}")),
+            Some(format!("DROP TEMPORARY TABLE IF EXISTS {name}")),
         )
     }
 
@@ -425,7 +434,7 @@ impl Engine for Mysql {
     }
 
     async fn cancel_session(&self, conn: &mut dyn Session, id: i64) -> Result<(), BackfillError> {
-        execute(conn, &format!("KILL QUERY {id}"), &[]).await?;
+        execute_unprepared(conn, &format!("KILL QUERY {id}")).await?;
         Ok(())
     }
 
@@ -499,16 +508,12 @@ impl Engine for Mysql {
             )));
         }
         // The replacement is still there, so no rename happened: a table under the aside
-        // name is the sentry of an attempt that stopped before it.
+        // name is the sentry of an attempt that stopped before it. Anything else under that
+        // name holds data and is never dropped.
+        drop_sentry(&mut holder, aside).await?;
         execute(
             &mut holder,
-            &format!("DROP TABLE IF EXISTS {}", aside.quoted()),
-            &[],
-        )
-        .await?;
-        execute(
-            &mut holder,
-            &format!("CREATE TABLE {} (bf_sentry int)", aside.quoted()),
+            &format!("CREATE TABLE {} ({SENTRY_COLUMN} int)", aside.quoted()),
             &[],
         )
         .await?;
@@ -521,29 +526,34 @@ impl Engine for Mysql {
         } else {
             format!(", {} AS t READ", current.quoted())
         };
-        let locked = execute(
+        // Over the text protocol: MySQL 8 does not prepare LOCK TABLES.
+        let locked = execute_unprepared(
             &mut holder,
             &format!(
                 "LOCK TABLES {} READ{as_t}, {} WRITE",
                 current.quoted(),
                 aside.quoted()
             ),
-            &[],
         )
         .await;
-        let (checked, rename) = match locked {
+        let held = match locked {
             Ok(_) => hold_and_rename(pool, &mut holder, swap, guard).await,
-            Err(error) => (
-                Err(error.context(format!("locking {current} for the swap"))),
-                None,
-            ),
+            Err(error) => Held {
+                checked: Err(error.context(format!("locking {current} for the swap"))),
+                released: false,
+                rename: None,
+            },
         };
         // Never leave the pooled session holding table locks.
-        if execute(&mut holder, "UNLOCK TABLES", &[]).await.is_err() {
+        if execute_unprepared(&mut holder, "UNLOCK TABLES")
+            .await
+            .is_err()
+        {
             holder.close_on_drop();
         }
-        // The rename, once queued, is awaited before anything else touches the sentry.
-        let renamed = match rename {
+        // The rename, once queued, is awaited before anything else touches the sentry, and
+        // its result decides: a rename that succeeded swapped the names.
+        let renamed = match held.rename {
             Some(task) => Some(task.await.unwrap_or_else(|e| {
                 Err(BackfillError::Invalid(format!(
                     "the rename's task stopped: {e}"
@@ -551,24 +561,21 @@ impl Engine for Mysql {
             })),
             None => None,
         };
-        match (checked, renamed) {
+        match (held.checked, renamed) {
             (Ok(checked), Some(Ok(_))) => Ok(checked),
             // The rename failed on its own (a lock wait bound, a lost session): atomic, it
-            // changed nothing.
+            // changed nothing. The sentry is gone if it was released.
             (Ok(_), Some(Err(error))) => {
+                if !held.released {
+                    drop_sentry(&mut holder, aside).await.ok();
+                }
                 Err(error.context(format!("renaming {replacement} into {current}")))
             }
             (Ok(_), None) => Err(BackfillError::Invalid("the rename was never queued".into())),
             (Err(error), _) => {
                 // The checks failed or the rename did not queue in time: the sentry kept the
                 // rename from happening. Remove it.
-                execute(
-                    &mut holder,
-                    &format!("DROP TABLE IF EXISTS {}", aside.quoted()),
-                    &[],
-                )
-                .await
-                .ok();
+                drop_sentry(&mut holder, aside).await.ok();
                 Err(error)
             }
         }
@@ -602,7 +609,7 @@ impl Engine for Mysql {
         let row = fetch_one(
             conn,
             &format!(
-                "SELECT count(*) FROM information_schema.tables WHERE {IN_SCHEMA} AND table_type = 'BASE TABLE'"
+                "SELECT count(*) FROM information_schema.tables WHERE {IN_SCHEMA} AND table_type IN ('BASE TABLE', 'SYSTEM VERSIONED')"
             ),
             &[schema_bind(table), table.name.as_str().into()],
         )
@@ -610,7 +617,8 @@ impl Engine for Mysql {
         Ok(get::<i64>(&row, 0)? > 0)
     }
 
-    /// Generated columns are left out: they cannot be written.
+    /// Generated columns are left out: they cannot be written. (MySQL 8 also says
+    /// `DEFAULT_GENERATED` of a column with an expression default, which is written.)
     async fn table_columns(
         &self,
         conn: &mut dyn Session,
@@ -620,7 +628,7 @@ impl Engine for Mysql {
             conn,
             &format!(
                 "SELECT CAST(column_name AS CHAR) FROM information_schema.columns WHERE {IN_SCHEMA} \
-                 AND extra NOT LIKE '%GENERATED%' ORDER BY ordinal_position"
+                 AND extra NOT REGEXP 'VIRTUAL|STORED|PERSISTENT' ORDER BY ordinal_position"
             ),
             &[schema_bind(table), table.name.as_str().into()],
         )
@@ -824,19 +832,55 @@ impl Engine for Mysql {
 
 type RenameTask = tokio::task::JoinHandle<Result<u64, BackfillError>>;
 
+/// The one column of a sentry table: a table under the aside name with exactly this column is
+/// ours to drop.
+const SENTRY_COLUMN: &str = "bf_sentry";
+
+/// Drops the sentry under `aside`, if there is one; refuses to drop anything else there.
+async fn drop_sentry(
+    conn: &mut crate::engine::session::Conn,
+    aside: &TableName,
+) -> Result<(), BackfillError> {
+    if !Mysql.table_exists(conn, aside).await? {
+        return Ok(());
+    }
+    let columns = Mysql.table_columns(conn, aside).await?;
+    if columns != [SENTRY_COLUMN] {
+        return Err(BackfillError::Conflict(format!(
+            "{aside} exists and holds data (columns {}): a swap would rename the table into its name. \
+             Nothing was swapped; rename or drop it, then publish again",
+            columns.join(", ")
+        )));
+    }
+    execute(conn, &format!("DROP TABLE {}", aside.quoted()), &[]).await?;
+    Ok(())
+}
+
+/// What holding the locks came to: the guard's checksum (or why the swap must not happen),
+/// whether the sentry was released (dropped), and the rename once queued.
+struct Held {
+    checked: Result<Checksum, BackfillError>,
+    released: bool,
+    rename: Option<RenameTask>,
+}
+
 /// With `holder` holding the locks: runs the guard's checks, queues the rename on a session
-/// of its own, waits until the server shows it waiting for the locks, drops the sentry.
-/// Returns the guard's checksum (or why the swap must not happen, the sentry kept) and the
-/// rename once queued, which completes when the locks are released.
+/// of its own, waits until the server shows it waiting for the locks, drops the sentry. The
+/// rename completes once the locks are released.
 async fn hold_and_rename(
     pool: &Pool,
     holder: &mut crate::engine::session::Conn,
     swap: &TableSwap<'_>,
     guard: &dyn SwapGuard,
-) -> (Result<Checksum, BackfillError>, Option<RenameTask>) {
+) -> Held {
+    let refused = |checked| Held {
+        checked,
+        released: false,
+        rename: None,
+    };
     let checked = match guard.check(holder).await {
         Ok(checked) => checked,
-        Err(error) => return (Err(error), None),
+        Err(error) => return refused(Err(error)),
     };
     let queued = async {
         let mut renamer = pool.acquire().await?;
@@ -850,7 +894,7 @@ async fn hold_and_rename(
     .await;
     let (mut renamer, renamer_id) = match queued {
         Ok(pair) => pair,
-        Err(error) => return (Err(error), None),
+        Err(error) => return refused(Err(error)),
     };
     let rename = format!(
         "RENAME TABLE {} TO {}, {} TO {}",
@@ -887,14 +931,23 @@ async fn hold_and_rename(
         }
     }
     .await;
+    if let Err(error) = waiting {
+        // Keep the sentry: the rename fails on it once the locks are released.
+        return Held {
+            checked: Err(error),
+            released: false,
+            rename: Some(task),
+        };
+    }
     // Only a rename seen waiting may go ahead: then the sentry goes.
-    let released = match waiting {
-        Ok(()) => execute(holder, &format!("DROP TABLE {}", swap.aside.quoted()), &[])
-            .await
-            .map(|_| checked),
-        Err(error) => Err(error),
-    };
-    (released, Some(task))
+    let released = execute(holder, &format!("DROP TABLE {}", swap.aside.quoted()), &[]).await;
+    Held {
+        // Had the drop failed on the server, the rename fails on the sentry; had it reached the
+        // server before the session was lost, the rename succeeds: the rename's result decides.
+        checked: Ok(checked),
+        released: released.is_ok(),
+        rename: Some(task),
+    }
 }
 
 #[cfg(test)]

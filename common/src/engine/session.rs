@@ -375,6 +375,20 @@ pub async fn execute(
     }
 }
 
+/// Runs one statement over the text protocol, unprepared and without parameters: for the
+/// few statements a server refuses to prepare (MySQL 8: `LOCK TABLES`, `UNLOCK TABLES`).
+pub async fn execute_unprepared(
+    session: &mut dyn Session,
+    sql: &str,
+) -> Result<u64, BackfillError> {
+    match session.backend() {
+        Backend::Sqlx(conn) => Ok(sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()),
+    }
+}
+
 pub async fn fetch_all(
     session: &mut dyn Session,
     sql: &str,

@@ -220,7 +220,7 @@ impl Engine for Sqlite {
     fn temp_table_from_query(&self, name: &str, query: &str) -> (String, Option<String>) {
         (
             format!("CREATE TEMP TABLE {name} AS {query}"),
-            Some(format!("DROP TABLE temp.{name}")),
+            Some(format!("DROP TABLE IF EXISTS temp.{name}")),
         )
     }
 

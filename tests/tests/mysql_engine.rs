@@ -1,7 +1,9 @@
-//! MySQL's table swap is a cut-over (its DDL commits on its own): a writer held during the
-//! checks lands in the published table, never in the archive; failed checks change nothing;
-//! a publish that stopped after the rename but before its record is recorded by the next one.
-//! On the local MariaDB.
+//! What is MySQL's own, on the local MariaDB. Its table swap is a cut-over (its DDL commits
+//! on its own): a writer held during the checks lands in the published table, never in the
+//! archive; failed checks change nothing and never drop a table that holds data; a publish
+//! that stopped after the rename but before its record is recorded by the next publish or
+//! run, and cannot be abandoned. Changes a case-insensitive collation calls equal are
+//! published.
 
 use std::time::Duration;
 
@@ -141,7 +143,7 @@ async fn failed_checks_change_nothing_and_leave_no_sentry() {
 /// A publish that stopped after its rename committed but before the run was recorded: the
 /// next publish finds the names changed and records what happened, data intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rename_without_its_record_is_recorded_by_the_next_publish() {
+async fn a_rename_without_its_record_is_recorded_by_the_approved_publish() {
     let db = TestDatabase::mysql().await;
     let warehouse = db.warehouse().await;
     demo::seed_mini_challenge(&warehouse).await.unwrap();
@@ -205,4 +207,162 @@ async fn a_rename_without_its_record_is_recorded_by_the_next_publish() {
     // And it rolls back like any publish.
     publish::rollback(&store, &run_id).await.unwrap();
     assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
+}
+
+/// The same stop on a run whose audits had passed (state `auditing`): `abandon` refuses it
+/// (it would leave the table published without a way back) and says to resume; running the
+/// spec again records the publish without auditing a shadow that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_without_its_record_is_recorded_by_the_next_run() {
+    let db = TestDatabase::mysql().await;
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let before = checksum(&warehouse, "fact_order_items", None).await;
+    // Stop the run before publish (a failing audit), then put it where a publish that was
+    // interrupted after its rename leaves it: audits passed, tables swapped, nothing recorded.
+    let text = mini_challenge_spec(&[(
+        "[publish]",
+        "[[audit]]\nkind = \"expression\"\nname = \"stop_here\"\nexpression = \"1 = 0\"\n\n[publish]",
+    )]);
+    let backfill = Backfill::open(Spec::parse(&text).unwrap(), text.clone(), &db.url)
+        .await
+        .unwrap();
+    let RunOutcome::AuditFailed { run_id, .. } = backfill.run("test", &Quiet).await.unwrap() else {
+        panic!("expected the audit to stop the run");
+    };
+    let store = control_store(&warehouse);
+    let run = store.find_run(&run_id).await.unwrap().unwrap();
+    exec(
+        &warehouse,
+        &format!(
+            "UPDATE {} SET state = 'auditing' WHERE run_id = '{run_id}'",
+            store.table("runs")
+        ),
+    )
+    .await;
+    let archive = publish::archive_name(&table("fact_order_items"), &run_id).unwrap();
+    exec(
+        &warehouse,
+        &format!(
+            "RENAME TABLE fact_order_items TO {}, {} TO fact_order_items",
+            archive.quoted(),
+            table(&run.shadow_table).quoted()
+        ),
+    )
+    .await;
+
+    let run = store.find_run(&run_id).await.unwrap().unwrap();
+    let refused = publish::drop_shadow(&store, &run)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("backfill resume") && refused.contains(&archive.to_string()),
+        "{refused}"
+    );
+    assert_eq!(
+        store.find_run(&run_id).await.unwrap().unwrap().state,
+        RunState::Auditing
+    );
+
+    let outcome = backfill.run("test", &Quiet).await.unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
+    assert_eq!(
+        checksum(&warehouse, &archive.to_string(), None).await,
+        before
+    );
+    publish::rollback(&store, &run_id).await.unwrap();
+    assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
+}
+
+/// MySQL's usual collations call `usa` and `USA` (and `a` and `a `) equal; a backfill that
+/// fixes the case or the padding must still write it, and say it updated those rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_a_case_insensitive_collation_calls_equal_are_published() {
+    let db = TestDatabase::mysql().await;
+    let warehouse = db.warehouse().await;
+    for table in ["accounts", "staging_accounts"] {
+        exec(
+            &warehouse,
+            &format!(
+                "CREATE TABLE {table} (id bigint PRIMARY KEY, day date NOT NULL, \
+                 country varchar(20) COLLATE utf8mb4_general_ci NOT NULL)"
+            ),
+        )
+        .await;
+    }
+    exec(
+        &warehouse,
+        "INSERT INTO accounts VALUES (1, '2024-05-01', 'usa'), (2, '2024-05-01', 'fr'), (3, '2024-05-02', 'de')",
+    )
+    .await;
+    exec(
+        &warehouse,
+        "INSERT INTO staging_accounts VALUES (1, '2024-05-01', 'USA'), (2, '2024-05-01', 'fr '), (3, '2024-05-02', 'de')",
+    )
+    .await;
+    let spec = r#"
+name = "fix_country_case"
+[target]
+table = "accounts"
+key = ["id"]
+[partition]
+column = "day"
+grain = "day"
+first = "2024-05-01"
+last = "2024-05-02"
+[source]
+query = "SELECT id, day, country FROM staging_accounts WHERE day >= :partition_start AND day < :partition_end"
+[warehouse]
+name = "accounts"
+[publish]
+mode = "swap_window"
+"#;
+    let outcome = Backfill::open(Spec::parse(spec).unwrap(), spec.to_string(), &db.url)
+        .await
+        .unwrap()
+        .run("test", &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Published { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT count(*) FROM accounts a JOIN staging_accounts s ON s.id = a.id \
+             WHERE CAST(a.country AS BINARY) = CAST(s.country AS BINARY)"
+        )
+        .await,
+        3,
+        "every value is the source's, byte for byte"
+    );
+    let store = control_store(&warehouse);
+    let events = fetch_all_texts(
+        &warehouse,
+        &format!(
+            "SELECT detail FROM {} WHERE kind = 'window_merged'",
+            store.table("events")
+        ),
+    )
+    .await;
+    assert_eq!(events, vec!["deleted 0 updated 2 inserted 0".to_string()]);
+}
+
+async fn fetch_all_texts(warehouse: &Warehouse, sql: &str) -> Vec<String> {
+    let mut conn = warehouse.acquire().await.unwrap();
+    backfill_common::warehouse::fetch_all(&mut conn, sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| backfill_common::warehouse::get(r, 0).unwrap())
+        .collect()
 }
