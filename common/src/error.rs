@@ -34,6 +34,10 @@ pub enum BackfillError {
     PartitionCheck { partition: String, message: String },
     #[error("{0}")]
     Conflict(String),
+    /// A manual approval no longer holds: the target's window changed since the audits
+    /// compared against it. The run goes back to auditing.
+    #[error("{0}")]
+    ApprovalLapsed(String),
     #[error("{0}")]
     Invalid(String),
     #[error("semaphore: {0}")]

@@ -80,7 +80,7 @@ async fn check_window_guard(
         )
         .await?;
     if now.to_string() != guard.expected {
-        return Err(BackfillError::Conflict(format!(
+        return Err(BackfillError::ApprovalLapsed(format!(
             "{target} changed inside the window since the audits compared against it ({} then, {now} now): \
              the approval no longer holds. Nothing was published; run the same spec again to audit the new state",
             guard.expected

@@ -316,7 +316,9 @@ impl Backfill {
         } else {
             (0, 0)
         };
-        let partitioned = findings.iter().any(|f| f.what == "native partitioning");
+        let partitioned = findings
+            .iter()
+            .any(|f| f.kind == backfill_common::engine::FindingKind::NativePartitioning);
         let partition_swap = if partitioned
             && matches!(
                 self.spec.publish.mode,
@@ -958,9 +960,7 @@ impl Backfill {
             .publish_audited(&run, &partitions, mode, Some(guard), &hooks, progress)
             .instrument(span)
             .await;
-        if let Err(BackfillError::Conflict(message)) = &result
-            && message.contains("the approval no longer holds")
-        {
+        if let Err(BackfillError::ApprovalLapsed(message)) = &result {
             // The audits saw another window: audit again on the next run of the spec.
             self.store
                 .set_run_state_now(

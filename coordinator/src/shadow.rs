@@ -408,6 +408,7 @@ pub async fn target_findings(
     let mut findings = warehouse.engine().shape_findings(conn, target).await?;
     if !unique_key {
         findings.push(ShapeFinding {
+            kind: backfill_common::engine::FindingKind::NoUniqueKey,
             what: format!(
                 "no unique index on the key ({})",
                 key.iter()

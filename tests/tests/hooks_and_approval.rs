@@ -336,6 +336,10 @@ async fn approval_is_refused_when_the_target_changed_since_the_audits() {
             .await
             .unwrap_err();
         assert!(
+            matches!(error, backfill_common::BackfillError::ApprovalLapsed(_)),
+            "{mode}: {error:?}"
+        );
+        assert!(
             error.to_string().contains("changed inside the window"),
             "{mode}: {error}"
         );

@@ -191,9 +191,22 @@ pub trait SwapGuard: Send + Sync {
     async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError>;
 }
 
+/// What a shape finding is about, where the pipeline takes a decision on it (never on its
+/// text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindingKind {
+    /// The target is natively partitioned: `swap_partitions` may publish it.
+    NativePartitioning,
+    /// The key has no unique index in the target.
+    NoUniqueKey,
+    /// Anything else (triggers, foreign keys, policies, …): only its blocking flags matter.
+    Other,
+}
+
 /// Something about the target that a publish mode cannot carry over.
 #[derive(Debug, Clone)]
 pub struct ShapeFinding {
+    pub kind: FindingKind,
     pub what: String,
     pub why: &'static str,
     /// `swap_table` cannot publish the target safely.

@@ -22,8 +22,9 @@ use sqlx::Executor;
 use sqlx::any::AnyPoolOptions;
 
 use super::{
-    Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
+    Capabilities, DeferredIndex, Engine, ErrorClass, FindingKind, NameFilter, PartitionMerge,
+    ShapeFinding, SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts,
+    quote_catalog_name,
 };
 use crate::engine::session::Pool;
 use crate::engine::session::execute_unprepared;
@@ -722,6 +723,7 @@ impl Engine for Mysql {
             .await?
             {
                 findings.push(ShapeFinding {
+                    kind: FindingKind::Other,
                     what,
                     why,
                     blocks_swap_table: true,

@@ -11,8 +11,9 @@ use sqlx::Executor;
 use sqlx::any::AnyPoolOptions;
 
 use super::{
-    Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
+    Capabilities, DeferredIndex, Engine, ErrorClass, FindingKind, NameFilter, PartitionMerge,
+    ShapeFinding, SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts,
+    quote_catalog_name,
 };
 use crate::engine::session::{Conn, Pool};
 use crate::error::BackfillError;
@@ -498,6 +499,7 @@ impl Engine for Sqlite {
             for row in fetch_all(conn, sql, &[table.into()]).await? {
                 if let Some(what) = get::<Option<String>>(&row, 0)? {
                     findings.push(ShapeFinding {
+                        kind: FindingKind::Other,
                         what,
                         why,
                         blocks_swap_table: true,

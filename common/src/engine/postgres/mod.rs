@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use sqlx::any::AnyPoolOptions;
 
 use super::{
-    Capabilities, DeferredIndex, Engine, ErrorClass, NameFilter, PartitionMerge, ShapeFinding,
-    SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts, quote_catalog_name,
+    Capabilities, DeferredIndex, Engine, ErrorClass, FindingKind, NameFilter, PartitionMerge,
+    ShapeFinding, SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts,
+    quote_catalog_name,
 };
 use crate::engine::session::Pool;
 use crate::error::BackfillError;
@@ -63,31 +64,35 @@ const RECORD_HASHABLE_SQL: &str = "SELECT CAST(current_setting('server_version_n
 
 /// What a publish mode cannot carry over, one query each over the quoted target (`$1`):
 /// (query returning what was found, why it matters, blocks swap_table, blocks swap_window).
-const SHAPE_CHECKS: [(&str, &str, bool, bool); 9] = [
+const SHAPE_CHECKS: [(&str, &str, bool, bool, FindingKind); 9] = [
     (
         "SELECT CASE WHEN relrowsecurity OR relforcerowsecurity THEN 'row-level security is enabled' END FROM pg_class WHERE oid = CAST($1 AS regclass) \
          UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = CAST($1 AS regclass)",
         "row-level security would hide rows from the copy or the merge",
         true,
         true,
+        FindingKind::Other,
     ),
     (
         "SELECT CASE WHEN relkind = 'p' THEN 'native partitioning' END FROM pg_class WHERE oid = CAST($1 AS regclass)",
         "a renamed copy would not be partitioned",
         true,
         false,
+        FindingKind::NativePartitioning,
     ),
     (
         "SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = CAST($1 AS regclass) AND NOT tgisinternal",
         "triggers are not carried to the new table",
         true,
         false,
+        FindingKind::Other,
     ),
     (
         "SELECT 'foreign key ' || conname || ' to ' || CAST(CAST(confrelid AS regclass) AS text) FROM pg_constraint WHERE conrelid = CAST($1 AS regclass) AND contype = 'f'",
         "foreign keys of the target are not carried to the new table",
         true,
         false,
+        FindingKind::Other,
     ),
     (
         "SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' \
@@ -95,6 +100,7 @@ const SHAPE_CHECKS: [(&str, &str, bool, bool); 9] = [
         "foreign keys referencing the target would keep pointing at the archive",
         true,
         false,
+        FindingKind::Other,
     ),
     (
         "SELECT 'cascading foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' \
@@ -102,6 +108,7 @@ const SHAPE_CHECKS: [(&str, &str, bool, bool); 9] = [
         "foreign keys referencing the target with ON DELETE/UPDATE actions would change other tables when rows are replaced",
         true,
         true,
+        FindingKind::Other,
     ),
     (
         "SELECT 'identity column ' || attname FROM pg_attribute WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped AND attidentity <> '' \
@@ -109,6 +116,7 @@ const SHAPE_CHECKS: [(&str, &str, bool, bool); 9] = [
         "identity and generated columns cannot be copied as they are",
         true,
         true,
+        FindingKind::Other,
     ),
     (
         "SELECT 'column ' || a.attname || ' defaults to ' || pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
@@ -116,6 +124,7 @@ const SHAPE_CHECKS: [(&str, &str, bool, bool); 9] = [
         "a sequence owned by the target would stay with the archive (and block gc)",
         true,
         false,
+        FindingKind::Other,
     ),
     (
         "SELECT DISTINCT 'materialized view ' || CAST(CAST(v.oid AS regclass) AS text) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid \
@@ -123,6 +132,7 @@ const SHAPE_CHECKS: [(&str, &str, bool, bool); 9] = [
         "materialized views would keep reading the archive",
         true,
         false,
+        FindingKind::Other,
     ),
 ];
 
@@ -610,10 +620,11 @@ impl Engine for Postgres {
     ) -> Result<Vec<ShapeFinding>, BackfillError> {
         let name = target.quoted();
         let mut findings = Vec::new();
-        for (sql, why, table, window) in SHAPE_CHECKS {
+        for (sql, why, table, window, kind) in SHAPE_CHECKS {
             for row in fetch_all(conn, sql, &[name.as_str().into()]).await? {
                 if let Some(what) = get::<Option<String>>(&row, 0)? {
                     findings.push(ShapeFinding {
+                        kind,
                         what,
                         why,
                         blocks_swap_table: table,
