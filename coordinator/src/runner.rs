@@ -811,93 +811,29 @@ impl Backfill {
             rows.updated = tracing::field::Empty,
             rows.inserted = tracing::field::Empty,
         );
-        let archive = match mode {
-            PublishMode::SwapWindow => {
-                let (window, binds) = self.window_on_t(partitions);
-                let (archive, writes) = publish::swap_window(
-                    &self.store,
-                    run,
-                    &self.target,
-                    &shadow,
-                    &self.spec.target.key,
-                    &window,
-                    &binds,
-                    self.spec.publish.archive_retention_days,
-                    window_guard,
-                )
-                .instrument(publish_span.clone())
-                .await?;
-                publish_span.record("rows.deleted", writes.deleted);
-                publish_span.record("rows.updated", writes.updated);
-                publish_span.record("rows.inserted", writes.inserted);
-                archive
-            }
-            PublishMode::SwapPartitions => {
-                let outside = self
-                    .store
-                    .run_note(&run.run_id, RunNote::OutsideChecksum)
-                    .await?
-                    .map(|expected| {
-                        let (filter, binds) =
-                            shadow::outside_window(self.store.engine(), &self.spec, partitions);
-                        publish::OutsideGuard {
-                            filter,
-                            binds,
-                            expected,
-                        }
-                    });
-                let archives = publish::swap_partitions(
-                    &self.store,
-                    run,
-                    &self.target,
-                    &shadow,
-                    self.spec.publish.archive_retention_days,
-                    outside,
-                    window_guard,
-                )
-                .instrument(publish_span.clone())
-                .await?;
-                let names = archives
-                    .iter()
-                    .map(|a| a.archive_table.clone())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let mut first = archives.into_iter().next().ok_or_else(|| {
-                    BackfillError::Invalid("swap_partitions archived nothing".into())
-                })?;
-                first.archive_table = names;
-                first
-            }
-            PublishMode::SwapTable | PublishMode::Auto => {
-                let outside = match self
-                    .store
-                    .run_note(&run.run_id, RunNote::OutsideChecksum)
-                    .await?
-                {
-                    Some(expected) => {
-                        let (filter, binds) =
-                            shadow::outside_window(self.store.engine(), &self.spec, partitions);
-                        Some(publish::OutsideGuard {
-                            filter,
-                            binds,
-                            expected,
-                        })
-                    }
-                    None => None,
-                };
-                publish::swap_table(
-                    &self.store,
-                    run,
-                    &self.target,
-                    &shadow,
-                    self.spec.publish.archive_retention_days,
-                    outside,
-                    window_guard,
-                )
-                .instrument(publish_span.clone())
-                .await?
-            }
-        };
+        let outside_checksum = self
+            .store
+            .run_note(&run.run_id, RunNote::OutsideChecksum)
+            .await?;
+        let published = publish::strategy(mode)
+            .publish(publish::PublishRequest {
+                store: &self.store,
+                spec: &self.spec,
+                run,
+                target: &self.target,
+                shadow: &shadow,
+                partitions,
+                outside_checksum,
+                window_guard,
+            })
+            .instrument(publish_span.clone())
+            .await?;
+        if let Some(writes) = published.writes {
+            publish_span.record("rows.deleted", writes.deleted);
+            publish_span.record("rows.updated", writes.updated);
+            publish_span.record("rows.inserted", writes.inserted);
+        }
+        let archive = published.archive;
         let mut published = hooks.clone();
         published.archive = Some(archive.archive_table.clone());
         if let Err(failure) =

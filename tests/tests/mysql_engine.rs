@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use backfill_common::BackfillError;
 use backfill_common::control::RunState;
 use backfill_common::engine::{Engine, SwapGuard, TableSwap, mysql::Mysql};
+use backfill_common::ident::TableName;
 use backfill_common::spec::Spec;
 use backfill_common::warehouse::{Checksum, Session, Warehouse, execute};
 use backfill_coordinator::demo;
@@ -23,6 +24,22 @@ async fn two_tables(warehouse: &Warehouse) {
     exec(warehouse, "CREATE TABLE s (id bigint PRIMARY KEY, v text)").await;
     exec(warehouse, "INSERT INTO t VALUES (1, 'old'), (2, 'old')").await;
     exec(warehouse, "INSERT INTO s VALUES (1, 'new'), (2, 'new')").await;
+}
+
+/// `current` steps aside to `aside`, `replacement` takes its name.
+fn swap_of<'a>(
+    current: &'a TableName,
+    aside: &'a TableName,
+    replacement: &'a TableName,
+) -> TableSwap<'a> {
+    TableSwap {
+        current,
+        aside,
+        replacement,
+        aside_suffix: "_archive",
+        carry_grants: true,
+        takes_index_names: &|_| true,
+    }
 }
 
 /// During the checks, another session writes to the target: it waits for the lock.
@@ -72,14 +89,7 @@ async fn a_write_held_by_the_cut_over_lands_in_the_published_table() {
         writer: std::sync::Mutex::new(None),
     };
     let (t, s, a) = (table("t"), table("s"), table("t_archive"));
-    let swap = TableSwap {
-        current: &t,
-        aside: &a,
-        replacement: &s,
-        aside_suffix: "_archive",
-        carry_grants: true,
-        takes_index_names: &|_| true,
-    };
+    let swap = swap_of(&t, &a, &s);
     let checked = Mysql
         .cut_over(warehouse.pool(), &swap, &guard)
         .await
@@ -117,14 +127,7 @@ async fn failed_checks_change_nothing_and_leave_no_sentry() {
     // A sentry left by an attempt that stopped before its rename does not block the next.
     exec(&warehouse, "CREATE TABLE t_archive (bf_sentry int)").await;
     let (t, s, a) = (table("t"), table("s"), table("t_archive"));
-    let swap = TableSwap {
-        current: &t,
-        aside: &a,
-        replacement: &s,
-        aside_suffix: "_archive",
-        carry_grants: true,
-        takes_index_names: &|_| true,
-    };
+    let swap = swap_of(&t, &a, &s);
     let error = Mysql
         .cut_over(warehouse.pool(), &swap, &FailingChecks)
         .await

@@ -480,6 +480,51 @@ impl std::fmt::Display for dyn Engine {
     }
 }
 
+/// Statement text in standard SQL, for the engines that speak it (PostgreSQL, SQLite).
+pub(crate) mod standard {
+    use super::quote_catalog_name;
+    use crate::ident::TableName;
+
+    pub fn analyze(table: &TableName) -> String {
+        format!("ANALYZE {}", table.quoted())
+    }
+
+    pub fn delete_from(table: &TableName, alias: &str) -> String {
+        format!("DELETE FROM {} AS {alias}", table.quoted())
+    }
+
+    /// `UPDATE target AS t SET … FROM from AS s WHERE …`.
+    pub fn update_from(
+        target: &TableName,
+        from: &TableName,
+        set: &[(String, String)],
+        condition: &str,
+    ) -> String {
+        format!(
+            "UPDATE {} AS t SET {} FROM {} AS s WHERE {condition}",
+            target.quoted(),
+            set.iter()
+                .map(|(column, value)| format!("{column} = {value}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            from.quoted()
+        )
+    }
+
+    pub fn partial_unique_index(
+        index: &str,
+        table: &TableName,
+        column: &str,
+        condition: &str,
+    ) -> Vec<String> {
+        vec![format!(
+            "CREATE UNIQUE INDEX {} ON {} ({column}) WHERE {condition}",
+            quote_catalog_name(index),
+            table.quoted()
+        )]
+    }
+}
+
 /// The first column of every row a catalog query returns, as text.
 pub(crate) async fn fetch_texts(
     conn: &mut dyn Session,

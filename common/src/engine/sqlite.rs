@@ -152,11 +152,11 @@ impl Engine for Sqlite {
     }
 
     fn analyze(&self, table: &TableName) -> String {
-        format!("ANALYZE {}", table.quoted())
+        super::standard::analyze(table)
     }
 
     fn delete_from(&self, table: &TableName, alias: &str) -> String {
-        format!("DELETE FROM {} AS {alias}", table.quoted())
+        super::standard::delete_from(table, alias)
     }
 
     fn update_from(
@@ -166,15 +166,7 @@ impl Engine for Sqlite {
         set: &[(String, String)],
         condition: &str,
     ) -> String {
-        format!(
-            "UPDATE {} AS t SET {} FROM {} AS s WHERE {condition}",
-            target.quoted(),
-            set.iter()
-                .map(|(column, value)| format!("{column} = {value}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            from.quoted()
-        )
+        super::standard::update_from(target, from, set, condition)
     }
 
     fn partial_unique_index(
@@ -184,11 +176,7 @@ impl Engine for Sqlite {
         column: &str,
         condition: &str,
     ) -> Vec<String> {
-        vec![format!(
-            "CREATE UNIQUE INDEX {} ON {} ({column}) WHERE {condition}",
-            quote_catalog_name(index),
-            table.quoted()
-        )]
+        super::standard::partial_unique_index(index, table, column, condition)
     }
 
     fn drop_partial_unique_index(&self, index: &str, _table: &TableName) -> Vec<String> {

@@ -1,0 +1,408 @@
+//! `swap_partitions` (PostgreSQL native partitions): the window's partitions of the target are
+//! detached and archived, the shadow's attached in their place, in one transaction; and its
+//! rollback. Reached only where `Capabilities::partition_exchange` holds.
+
+use super::*;
+
+/// The `swap_partitions` strategy.
+pub struct SwapPartitions;
+
+#[async_trait::async_trait]
+impl PublishStrategy for SwapPartitions {
+    fn mode(&self) -> PublishMode {
+        PublishMode::SwapPartitions
+    }
+
+    async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {
+        let archives = swap_partitions(
+            request.store,
+            request.run,
+            request.target,
+            request.shadow,
+            request.spec.publish.archive_retention_days,
+            request.outside_guard(),
+            request.window_guard,
+        )
+        .await?;
+        let names = archives
+            .iter()
+            .map(|a| a.archive_table.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut archive = archives
+            .into_iter()
+            .next()
+            .ok_or_else(|| BackfillError::Invalid("swap_partitions archived nothing".into()))?;
+        archive.archive_table = names;
+        Ok(Published {
+            archive,
+            writes: None,
+        })
+    }
+
+    async fn rollback(
+        &self,
+        store: &ControlStore,
+        run: &RunRecord,
+        target: &TableName,
+        archives: &[ArchiveRecord],
+    ) -> Result<RollbackReport, BackfillError> {
+        rollback_partitions(store, run, target, archives).await
+    }
+}
+
+/// The condition selecting the rows of these partitions (alias `t`) of a partitioned table.
+pub fn in_partitions(partitions: &[TableName]) -> String {
+    format!(
+        "t.tableoid IN ({})",
+        partitions
+            .iter()
+            .map(|p| format!("CAST({} AS regclass)", string_literal(&p.quoted())))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The shadow's partitions, each with the target partition it replaces and its bound.
+pub(super) async fn shadow_partitions(
+    conn: &mut dyn Session,
+    shadow: &TableName,
+    run_id: &str,
+) -> Result<Vec<(TableName, TableName, String)>, BackfillError> {
+    let rows = fetch_all(
+        conn,
+        "SELECT CAST(n.nspname AS text), CAST(c.relname AS text), pg_get_expr(c.relpartbound, c.oid) \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE i.inhparent = CAST($1 AS regclass) ORDER BY 2",
+        &[shadow.quoted().into()],
+    )
+    .await?;
+    let suffix = format!("__bfs_{run_id}");
+    let mut out = Vec::new();
+    for row in &rows {
+        let (schema, name, bound): (String, String, String) =
+            (get(row, 0)?, get(row, 1)?, get(row, 2)?);
+        let replaces = name.strip_suffix(&suffix).ok_or_else(|| {
+            BackfillError::Invalid(format!("unexpected partition {schema}.{name} in {shadow}"))
+        })?;
+        let parse = |n: &str| {
+            TableName::parse(&format!("{schema}.{n}"))
+                .map_err(|e| BackfillError::Invalid(e.to_string()))
+        };
+        out.push((parse(&name)?, parse(replaces)?, bound));
+    }
+    Ok(out)
+}
+
+/// Publishes a partitioned shadow (natively partitioned PostgreSQL targets), in one
+/// transaction: for each partition the window touches, the target's partition is detached and
+/// kept as `<partition>__bf_archive_<run>`, and the shadow's partition (its rows outside the
+/// window copied, the window recomputed) is renamed in and attached with the same bounds. The
+/// other partitions, the parent, its views and grants are untouched.
+pub async fn swap_partitions(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    shadow: &TableName,
+    retention_days: u32,
+    outside: Option<OutsideGuard>,
+    window: Option<WindowGuard>,
+) -> Result<Vec<ArchiveRecord>, BackfillError> {
+    let warehouse = &store.warehouse;
+    let engine = warehouse.engine();
+    let mut tx = warehouse.begin().await?;
+    execute(
+        &mut tx,
+        "SELECT set_config('lock_timeout', '30s', true)",
+        &[],
+    )
+    .await?;
+    // Writers wait from here; readers go on until the first DETACH, which holds the parent
+    // exclusively until commit (renames and attaches only: the new partitions carry CHECK
+    // constraints equal to their bounds, so attaching them scans nothing).
+    execute(
+        &mut tx,
+        &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()),
+        &[],
+    )
+    .await?;
+    check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
+    let pairs = shadow_partitions(&mut tx, shadow, &run.run_id).await?;
+    if pairs.is_empty() {
+        return Err(BackfillError::Invalid(format!(
+            "{shadow} has no partitions to publish"
+        )));
+    }
+    let replaced: Vec<TableName> = pairs.iter().map(|(_, old, _)| old.clone()).collect();
+    if let Some(guard) = &outside {
+        let filter = format!("{} AND {}", in_partitions(&replaced), guard.filter);
+        let now = warehouse
+            .checksum_like(
+                &mut tx,
+                target,
+                Some(&filter),
+                &guard.binds,
+                &guard.expected,
+            )
+            .await?;
+        if now.to_string() != guard.expected {
+            return Err(BackfillError::Conflict(format!(
+                "the partitions {} of {target} changed outside the window since the shadow was built ({} then, {now} now): \
+                 publishing would discard those writes. Nothing was published; abandon this run and run again",
+                replaced
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                guard.expected
+            )));
+        }
+    }
+    let mut records = Vec::new();
+    // Everything that reads whole partitions happens before the first DETACH, which locks
+    // the parent against readers until commit.
+    let mut old_checksums = Vec::new();
+    for (_, old_partition, _) in &pairs {
+        old_checksums.push(
+            warehouse
+                .checksum(&mut tx, old_partition, None, &[])
+                .await?,
+        );
+    }
+    for ((new_partition, old_partition, bound), old) in pairs.iter().zip(old_checksums) {
+        let archive = archive_name(old_partition, &run.run_id)?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DETACH PARTITION {}",
+                shadow.quoted(),
+                new_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DETACH PARTITION {}",
+                target.quoted(),
+                old_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                old_partition.quoted(),
+                archive.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                new_partition.quoted(),
+                old_partition.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        engine
+            .hand_over_index_names(
+                &mut tx,
+                &archive,
+                old_partition,
+                &archive_suffix(&run.run_id),
+                &|_| true,
+            )
+            .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} ATTACH PARTITION {} {bound}",
+                target.quoted(),
+                old_partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        // The shadow partition's copy of the bound (it made ATTACH skip its scan).
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                old_partition.quoted(),
+                crate::shadow::BOUND_CHECK
+            ),
+            &[],
+        )
+        .await?;
+        let record = archive_record(
+            &run.run_id,
+            &archive,
+            old_partition,
+            ARCHIVE_PARTITION,
+            &old,
+            Duration::days(retention_days as i64),
+        );
+        store.insert_archive(&mut tx, &record).await?;
+        records.push(record);
+    }
+    execute(&mut tx, &format!("DROP TABLE {}", shadow.quoted()), &[]).await?;
+    record_published(
+        store,
+        &mut tx,
+        &run.run_id,
+        &records
+            .iter()
+            .map(|r| r.archive_table.clone())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .await?;
+    store
+        .set_pinned_run_state(&mut tx, run, &PUBLISHABLE, RunState::Published, None)
+        .await?;
+    tx.commit().await?;
+    Ok(records)
+}
+
+/// Puts swap_partitions archives back: each current partition is detached and kept as
+/// `<partition>__bf_undone_<run>`, its archive renamed back and attached with the same bounds;
+/// every restored partition's checksum must equal the one recorded at publish, or nothing
+/// changes.
+pub(super) async fn rollback_partitions(
+    store: &ControlStore,
+    run: &RunRecord,
+    target: &TableName,
+    archives: &[ArchiveRecord],
+) -> Result<RollbackReport, BackfillError> {
+    let warehouse = &store.warehouse;
+    let engine = warehouse.engine();
+    let mut tx = warehouse.begin().await?;
+    execute(
+        &mut tx,
+        "SELECT set_config('lock_timeout', '30s', true)",
+        &[],
+    )
+    .await?;
+    let mut restored_from = Vec::new();
+    let mut kept_as = Vec::new();
+    let mut checksums = Vec::new();
+    for archive in archives {
+        let archive_table = TableName::parse(&archive.archive_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        let partition = TableName::parse(&archive.source_table)
+            .map_err(|e| BackfillError::Invalid(e.to_string()))?;
+        if !warehouse.table_exists(&mut tx, &archive_table).await? {
+            return Err(BackfillError::Invalid(format!(
+                "the archive table {archive_table} no longer exists"
+            )));
+        }
+        let row = fetch_one(
+            &mut tx,
+            "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid \
+             WHERE c.oid = CAST($1 AS regclass) AND i.inhparent = CAST($2 AS regclass)",
+            &[partition.quoted().into(), target.quoted().into()],
+        )
+        .await
+        .map_err(|e| e.context(format!("{partition} is no longer a partition of {target}")))?;
+        let bound: String = get(&row, 0)?;
+        let undone = undone_name(&partition, &run.run_id)?;
+        let current = warehouse.checksum(&mut tx, &partition, None, &[]).await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} DETACH PARTITION {}",
+                target.quoted(),
+                partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                partition.quoted(),
+                undone.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} RENAME TO {}",
+                archive_table.quoted(),
+                partition.name.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        let archived = archive_suffix(&run.run_id);
+        engine
+            .hand_over_index_names(
+                &mut tx,
+                &undone,
+                &partition,
+                &undone_suffix(&run.run_id),
+                &|name| name.ends_with(&archived),
+            )
+            .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {} ATTACH PARTITION {} {bound}",
+                target.quoted(),
+                partition.quoted()
+            ),
+            &[],
+        )
+        .await?;
+        let restored = warehouse
+            .checksum_like(&mut tx, &partition, None, &[], &archive.checksum)
+            .await?;
+        if restored.to_string() != archive.checksum {
+            tx.rollback().await?;
+            return Err(BackfillError::Conflict(format!(
+                "the archive {archive_table} has checksum {restored} but {} was recorded at publish; nothing was restored",
+                archive.checksum
+            )));
+        }
+        record_restore(
+            store,
+            &mut tx,
+            &run.run_id,
+            archive,
+            &undone,
+            &partition,
+            &current,
+        )
+        .await?;
+        restored_from.push(archive_table.to_string());
+        kept_as.push(undone.to_string());
+        checksums.push(restored.to_string());
+    }
+    store
+        .set_run_state(
+            &mut tx,
+            &run.run_id,
+            &[RunState::Published],
+            RunState::RolledBack,
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(RollbackReport {
+        run_id: run.run_id.clone(),
+        target: target.to_string(),
+        restored_from: restored_from.join(", "),
+        kept_as: kept_as.join(", "),
+        checksum: checksums.join(", "),
+    })
+}
