@@ -360,13 +360,19 @@ impl Backfill {
         };
         let tables: Vec<TableName> = affected.into_iter().map(|p| p.table).collect();
         let (outside, binds) = shadow::outside_window(self.store.engine(), &self.spec, &partitions);
+        let Some(native) = self.store.engine().native_partitions() else {
+            return Ok(Err(format!(
+                "{} has no native partitions",
+                self.store.engine().name()
+            )));
+        };
         let row = backfill_common::warehouse::fetch_one(
             conn,
             &format!(
                 "SELECT {} FROM {} AS t WHERE {} AND {outside}",
                 self.store.engine().as_bigint("count(*)"),
                 self.target.quoted(),
-                publish::in_partitions(&tables)
+                native.in_partitions(&tables)
             ),
             &binds,
         )

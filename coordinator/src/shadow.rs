@@ -333,11 +333,10 @@ async fn duplicate_keys(
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "SELECT concat_ws(', ', {}), count(*), string_agg(DISTINCT {label}, ', ') FROM {} AS t GROUP BY {} HAVING count(*) > 1 LIMIT 20",
-        keys.iter()
-            .map(|k| format!("CAST({k} AS text)"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        "SELECT {}, {}, {} FROM {} AS t GROUP BY {} HAVING count(*) > 1 LIMIT 20",
+        engine.joined_values(&keys),
+        engine.as_bigint("count(*)"),
+        engine.joined_distinct(&label),
         shadow.quoted(),
         keys.join(", ")
     );
@@ -587,38 +586,6 @@ pub fn shadow_partition_name(
         .map_err(|e| BackfillError::Invalid(format!("partition {partition}: {e}")))
 }
 
-/// Parses one bound value of `FOR VALUES FROM ('2024-01-01') TO (MAXVALUE)`.
-fn bound_value(text: &str) -> Option<NaiveDateTime> {
-    let text = text.trim();
-    match text {
-        "MINVALUE" => return Some(NaiveDateTime::MIN),
-        "MAXVALUE" => return Some(NaiveDateTime::MAX),
-        _ => {}
-    }
-    let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
-    if let Ok(day) = chrono::NaiveDate::parse_from_str(inner, "%Y-%m-%d") {
-        return day.and_hms_opt(0, 0, 0);
-    }
-    [
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%#z",
-    ]
-    .iter()
-    .find_map(|format| NaiveDateTime::parse_from_str(inner, format).ok())
-}
-
-/// Parses `FOR VALUES FROM (a) TO (b)` of a single-column range partition.
-pub fn parse_range_bound(bound: &str) -> Option<(NaiveDateTime, NaiveDateTime)> {
-    let rest = bound.trim().strip_prefix("FOR VALUES FROM (")?;
-    let (from, rest) = rest.split_once(") TO (")?;
-    let to = rest.strip_suffix(')')?;
-    if from.contains(',') || to.contains(',') {
-        return None;
-    }
-    Some((bound_value(from)?, bound_value(to)?))
-}
-
 /// The target's partitions that hold rows of the window, when the target is range-partitioned
 /// on the spec's partition column; an error says why swap_partitions cannot be used.
 pub async fn partitions_in_window(
@@ -633,39 +600,28 @@ pub async fn partitions_in_window(
             "publish.mode: swap_partitions cannot publish {target}: {why}; use swap_window"
         ))
     };
-    let strategy = fetch_all(
-        conn,
-        "SELECT CAST(p.partstrat AS text), CAST(p.partnatts AS bigint), CAST(a.attname AS text) FROM pg_partitioned_table p \
-         LEFT JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0] WHERE p.partrelid = CAST($1 AS regclass)",
-        &[target.quoted().into()],
-    )
-    .await?;
-    let Some(row) = strategy.first() else {
+    let Some(native) = engine.native_partitions() else {
+        return Err(refuse(format!(
+            "{} has no native partitions that can be exchanged",
+            engine.name()
+        )));
+    };
+    let Some(key) = native.partition_key(conn, target).await? else {
         return Err(refuse("it is not natively partitioned".into()));
     };
-    let (kind, columns, column): (String, i64, Option<String>) =
-        (get(row, 0)?, get(row, 1)?, get(row, 2)?);
-    if kind != "r" || columns != 1 || column.as_deref() != Some(spec.partition.column.as_str()) {
+    if !key.by_range
+        || key.columns != 1
+        || key.first_column.as_deref() != Some(spec.partition.column.as_str())
+    {
         return Err(refuse(format!(
             "it is not range-partitioned on `{}` alone",
             spec.partition.column
         )));
     }
-    let rows = fetch_all(
-        conn,
-        "SELECT CAST(n.nspname AS text), CAST(c.relname AS text), pg_get_expr(c.relpartbound, c.oid), CAST(c.relkind AS text) \
-         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE i.inhparent = CAST($1 AS regclass) ORDER BY 2",
-        &[target.quoted().into()],
-    )
-    .await?;
     let mut affected = Vec::new();
-    for row in &rows {
-        let (schema, name, bound, kind): (String, String, String, String) =
-            (get(row, 0)?, get(row, 1)?, get(row, 2)?, get(row, 3)?);
-        let table = TableName::parse(&format!("{schema}.{name}"))
-            .map_err(|e| refuse(format!("partition {schema}.{name}: {e}")))?;
-        if bound.trim() == "DEFAULT" {
+    for of in native.partitions_of(conn, target).await? {
+        let table = of.table;
+        if of.is_default {
             let (window, binds) = window_condition(
                 engine,
                 spec.partition.grain,
@@ -690,7 +646,9 @@ pub async fn partitions_in_window(
             }
             continue;
         }
-        let (from, to) = parse_range_bound(&bound)
+        let bound = of.bound;
+        let (from, to) = native
+            .bound_range(&bound)
             .ok_or_else(|| refuse(format!("cannot read the bounds of {table} ({bound})")))?;
         let partition = NativePartition {
             table,
@@ -702,7 +660,7 @@ pub async fn partitions_in_window(
             .iter()
             .any(|p| partition.overlaps(p.start, p.end))
         {
-            if kind != "r" {
+            if of.partitioned {
                 return Err(refuse(format!("{} is itself partitioned", partition.table)));
             }
             affected.push(partition);
@@ -725,27 +683,12 @@ pub async fn partitions_in_window(
     }
     // What is attached to a partition itself (not inherited from the parent) would stay with
     // the archived partition.
-    for native in &affected {
-        let rows = fetch_all(
-            conn,
-            "SELECT DISTINCT 'view ' || CAST(CAST(v.oid AS regclass) AS text) FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid \
-             JOIN pg_class v ON v.oid = r.ev_class WHERE d.classid = CAST('pg_rewrite' AS regclass) AND d.refobjid = CAST($1 AS regclass) AND v.oid <> CAST($1 AS regclass) \
-             UNION ALL SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = CAST($1 AS regclass) AND NOT tgisinternal AND tgparentid = 0 \
-             UNION ALL SELECT 'foreign key ' || conname || ' on ' || CAST(CAST(conrelid AS regclass) AS text) FROM pg_constraint WHERE confrelid = CAST($1 AS regclass) AND contype = 'f' AND conparentid = 0 \
-             UNION ALL SELECT 'index ' || CAST(CAST(i.indexrelid AS regclass) AS text) FROM pg_index i WHERE i.indrelid = CAST($1 AS regclass) \
-               AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid) \
-             UNION ALL SELECT 'grants' FROM pg_class WHERE oid = CAST($1 AS regclass) AND relacl IS NOT NULL",
-            &[native.table.quoted().into()],
-        )
-        .await?;
-        let found: Vec<String> = rows
-            .iter()
-            .filter_map(|r| get::<Option<String>>(r, 0).ok().flatten())
-            .collect();
+    for partition in &affected {
+        let found = native.own_dependents(conn, &partition.table).await?;
         if !found.is_empty() {
             return Err(refuse(format!(
                 "{} has its own {} that would stay with the archived partition",
-                native.table,
+                partition.table,
                 found.join(", ")
             )));
         }
@@ -753,32 +696,7 @@ pub async fn partitions_in_window(
     Ok(affected)
 }
 
-/// A CHECK constraint equal to a partition's bound, so attaching the partition needs no
-/// validation scan while the parent is locked. None when the bound's literals are not plain
-/// date/time literals as PostgreSQL prints them.
-fn bound_check(column: &Ident, bound: &str) -> Option<String> {
-    let rest = bound.trim().strip_prefix("FOR VALUES FROM (")?;
-    let (from, rest) = rest.split_once(") TO (")?;
-    let to = rest.strip_suffix(')')?;
-    let literal = |text: &str| {
-        let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
-        inner
-            .chars()
-            .all(|c| c.is_ascii_digit() || " -:.+T".contains(c))
-            .then(|| format!("'{inner}'"))
-    };
-    let column = column.quoted();
-    let mut parts = vec![format!("{column} IS NOT NULL")];
-    if from.trim() != "MINVALUE" {
-        parts.push(format!("{column} >= {}", literal(from.trim())?));
-    }
-    if to.trim() != "MAXVALUE" {
-        parts.push(format!("{column} < {}", literal(to.trim())?));
-    }
-    Some(parts.join(" AND "))
-}
-
-/// The name of the CHECK constraint `bound_check` adds to a shadow partition.
+/// The name of the CHECK constraint the engine's `bound_check` adds to a shadow partition.
 pub const BOUND_CHECK: &str = "bf_partition_bound";
 
 /// swap_partitions: the shadow is a partitioned table with one partition per target partition
@@ -794,14 +712,15 @@ async fn build_partitioned_shadow(
     partitions: &[Partition],
 ) -> Result<Checksum, BackfillError> {
     let affected = partitions_in_window(warehouse.engine(), conn, spec, target, partitions).await?;
-    let column = spec.partition.column.quoted();
+    let native = warehouse.engine().native_partitions().ok_or_else(|| {
+        BackfillError::Invalid(format!(
+            "{} has no native partitions",
+            warehouse.engine().name()
+        ))
+    })?;
     execute(
         conn,
-        &format!(
-            "CREATE TABLE {} (LIKE {} INCLUDING ALL) PARTITION BY RANGE ({column})",
-            shadow.quoted(),
-            target.quoted()
-        ),
+        &native.create_partitioned_like(shadow, target, &spec.partition.column),
         &[],
     )
     .await?;
@@ -818,16 +737,11 @@ async fn build_partitioned_shadow(
         let child = shadow_partition_name(&partition.table, run_id)?;
         execute(
             conn,
-            &format!(
-                "CREATE TABLE {} PARTITION OF {} {}",
-                child.quoted(),
-                shadow.quoted(),
-                partition.bound
-            ),
+            &native.create_partition_of(&child, shadow, &partition.bound),
             &[],
         )
         .await?;
-        if let Some(check) = bound_check(&spec.partition.column, &partition.bound) {
+        if let Some(check) = native.bound_check(&spec.partition.column, &partition.bound) {
             // Checked now, on an empty table; publish attaches without a validation scan.
             execute(
                 conn,

@@ -54,7 +54,7 @@ pub struct Capabilities {
     /// the table's identity, and leaves views bound by name reading the new table.
     pub views_bind: ViewBinding,
     /// Native range partitions that can be detached and attached in one transaction
-    /// (`swap_partitions`).
+    /// (`swap_partitions`; the engine's `native_partitions` answers how).
     pub partition_exchange: bool,
     /// The server bounds a statement's time itself; otherwise the partition timeout bounds
     /// how long the run waits, not the statement.
@@ -203,6 +203,77 @@ pub enum FindingKind {
     Other,
 }
 
+/// How a table is natively partitioned (`NativePartitions::partition_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionKey {
+    pub by_range: bool,
+    pub columns: i64,
+    pub first_column: Option<String>,
+}
+
+/// A partition of a natively partitioned table.
+#[derive(Debug, Clone)]
+pub struct PartitionOf {
+    pub table: TableName,
+    /// The bound as the engine spells it (reused verbatim to attach).
+    pub bound: String,
+    /// The default partition (no bound).
+    pub is_default: bool,
+    /// Itself partitioned.
+    pub partitioned: bool,
+}
+
+/// Native range partitions that can be detached and attached in one transaction
+/// (`swap_partitions`): the catalog questions and the statements, where an engine has them.
+#[async_trait]
+pub trait NativePartitions: Send + Sync {
+    /// How `table` is partitioned; None if it is not.
+    async fn partition_key(
+        &self,
+        conn: &mut dyn Session,
+        table: &TableName,
+    ) -> Result<Option<PartitionKey>, BackfillError>;
+    /// The partitions of `parent`, by name.
+    async fn partitions_of(
+        &self,
+        conn: &mut dyn Session,
+        parent: &TableName,
+    ) -> Result<Vec<PartitionOf>, BackfillError>;
+    /// The bound of `partition` if it is a partition of `parent`.
+    async fn bound_of(
+        &self,
+        conn: &mut dyn Session,
+        partition: &TableName,
+        parent: &TableName,
+    ) -> Result<Option<String>, BackfillError>;
+    /// What is attached to `partition` itself, not inherited from its parent (views,
+    /// triggers, foreign keys, indexes, grants): it would stay with an archived partition.
+    async fn own_dependents(
+        &self,
+        conn: &mut dyn Session,
+        partition: &TableName,
+    ) -> Result<Vec<String>, BackfillError>;
+    /// The range `[from, to)` of a single-column range bound, None for another bound.
+    fn bound_range(&self, bound: &str) -> Option<(chrono::NaiveDateTime, chrono::NaiveDateTime)>;
+    /// A CHECK condition equal to `bound` on `column`, so that attaching needs no validation
+    /// scan; None where the bound's literals cannot be restated safely.
+    fn bound_check(&self, column: &Ident, bound: &str) -> Option<String>;
+    /// The condition that a row (alias `t`) of a partitioned table lies in `partitions`.
+    fn in_partitions(&self, partitions: &[TableName]) -> String;
+    /// A new table with the columns, keys and indexes of `like`, partitioned by range on
+    /// `column`.
+    fn create_partitioned_like(
+        &self,
+        table: &TableName,
+        like: &TableName,
+        column: &Ident,
+    ) -> String;
+    fn create_partition_of(&self, partition: &TableName, parent: &TableName, bound: &str)
+    -> String;
+    fn detach(&self, parent: &TableName, partition: &TableName) -> String;
+    fn attach(&self, parent: &TableName, partition: &TableName, bound: &str) -> String;
+}
+
 /// Something about the target that a publish mode cannot carry over.
 #[derive(Debug, Clone)]
 pub struct ShapeFinding {
@@ -236,6 +307,8 @@ pub trait Engine: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities;
     /// What one of the engine's error codes (SQLSTATE, result code) means.
     fn classify(&self, code: &str) -> ErrorClass;
+    /// Native partitions `swap_partitions` can exchange, where the engine has them.
+    fn native_partitions(&self) -> Option<&dyn NativePartitions>;
 
     // Connecting.
 
@@ -267,6 +340,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Any expression read back as text.
     fn as_text(&self, expr: &str) -> String;
     fn sql_type(&self, sql_type: SqlType) -> &'static str;
+    /// Text aggregates of a grouped query: the values of `columns` joined with `, ` in one
+    /// row, and the distinct values of `expr` over a group joined with `, `.
+    fn joined_values(&self, columns: &[String]) -> String;
+    fn joined_distinct(&self, expr: &str) -> String;
     /// The statement refreshing the planner's statistics of `table`.
     fn analyze(&self, table: &TableName) -> String;
     /// The head of a DELETE of `table` whose rows the rest of the statement names `alias`.

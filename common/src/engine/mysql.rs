@@ -108,6 +108,11 @@ impl Engine for Mysql {
         }
     }
 
+    /// No native partitions that can be exchanged.
+    fn native_partitions(&self) -> Option<&dyn super::NativePartitions> {
+        None
+    }
+
     fn classify(&self, code: &str) -> ErrorClass {
         let Ok(number) = code.parse::<u16>() else {
             return ErrorClass::Permanent;
@@ -309,6 +314,24 @@ impl Engine for Mysql {
             "CREATE TABLE {} AS SELECT * FROM {} WHERE 1 = 0",
             table.quoted(),
             like.quoted()
+        )
+    }
+
+    fn joined_values(&self, columns: &[String]) -> String {
+        format!(
+            "CONCAT_WS(', ', {})",
+            columns
+                .iter()
+                .map(|c| self.as_text(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    fn joined_distinct(&self, expr: &str) -> String {
+        format!(
+            "GROUP_CONCAT(DISTINCT {} SEPARATOR ', ')",
+            self.as_text(expr)
         )
     }
 

@@ -61,6 +61,11 @@ impl Engine for Sqlite {
     }
 
     /// BUSY and LOCKED, with their extended codes, are transient.
+    /// No native partitions that can be exchanged.
+    fn native_partitions(&self) -> Option<&dyn super::NativePartitions> {
+        None
+    }
+
     fn classify(&self, code: &str) -> ErrorClass {
         let Ok(code) = code.parse::<i64>() else {
             return ErrorClass::Permanent;
@@ -149,6 +154,21 @@ impl Engine for Sqlite {
 
     fn as_text(&self, expr: &str) -> String {
         format!("CAST({expr} AS TEXT)")
+    }
+
+    fn joined_values(&self, columns: &[String]) -> String {
+        columns
+            .iter()
+            .map(|c| format!("coalesce({}, 'NULL')", self.as_text(c)))
+            .collect::<Vec<_>>()
+            .join(" || ', ' || ")
+    }
+
+    fn joined_distinct(&self, expr: &str) -> String {
+        format!(
+            "replace(group_concat(DISTINCT {}), ',', ', ')",
+            self.as_text(expr)
+        )
     }
 
     fn analyze(&self, table: &TableName) -> String {

@@ -15,8 +15,7 @@ use backfill_common::control::{
 };
 use backfill_common::engine::{Engine, SwapGuard, TableSwap, WriterLock};
 use backfill_common::ident::TableName;
-use backfill_common::sql::string_literal;
-use backfill_common::warehouse::{Checksum, RowHash, Session, execute, fetch_all, fetch_one, get};
+use backfill_common::warehouse::{Checksum, RowHash, Session, execute, fetch_one, get};
 use chrono::{Duration, Utc};
 
 use backfill_common::engine::quote_catalog_name;
@@ -27,7 +26,7 @@ mod swap_table;
 mod swap_window;
 
 pub use gc::{GcReport, drop_shadow, gc};
-pub use swap_partitions::{SwapPartitions, in_partitions, swap_partitions};
+pub use swap_partitions::{SwapPartitions, swap_partitions};
 pub use swap_table::{SwapTable, swap_table};
 pub use swap_window::{SwapWindow, WindowWrites, swap_window};
 

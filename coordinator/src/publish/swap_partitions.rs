@@ -3,6 +3,8 @@
 //! rollback. Reached only where `Capabilities::partition_exchange` holds.
 
 use super::*;
+use backfill_common::engine::NativePartitions;
+use backfill_common::ident::Ident;
 
 /// The `swap_partitions` strategy.
 pub struct SwapPartitions;
@@ -51,45 +53,35 @@ impl PublishStrategy for SwapPartitions {
     }
 }
 
-/// The condition selecting the rows of these partitions (alias `t`) of a partitioned table.
-pub fn in_partitions(partitions: &[TableName]) -> String {
-    format!(
-        "t.tableoid IN ({})",
-        partitions
-            .iter()
-            .map(|p| format!("CAST({} AS regclass)", string_literal(&p.quoted())))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+/// The engine's native partitions, which `swap_partitions` is only chosen with.
+pub(super) fn native(engine: &dyn Engine) -> Result<&dyn NativePartitions, BackfillError> {
+    engine.native_partitions().ok_or_else(|| {
+        BackfillError::Invalid(format!(
+            "swap_partitions: {} has no native partitions",
+            engine.name()
+        ))
+    })
 }
 
 /// The shadow's partitions, each with the target partition it replaces and its bound.
 pub(super) async fn shadow_partitions(
+    native: &dyn NativePartitions,
     conn: &mut dyn Session,
     shadow: &TableName,
     run_id: &str,
 ) -> Result<Vec<(TableName, TableName, String)>, BackfillError> {
-    let rows = fetch_all(
-        conn,
-        "SELECT CAST(n.nspname AS text), CAST(c.relname AS text), pg_get_expr(c.relpartbound, c.oid) \
-         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE i.inhparent = CAST($1 AS regclass) ORDER BY 2",
-        &[shadow.quoted().into()],
-    )
-    .await?;
     let suffix = format!("__bfs_{run_id}");
     let mut out = Vec::new();
-    for row in &rows {
-        let (schema, name, bound): (String, String, String) =
-            (get(row, 0)?, get(row, 1)?, get(row, 2)?);
+    for of in native.partitions_of(conn, shadow).await? {
+        let name = of.table.name.as_str();
         let replaces = name.strip_suffix(&suffix).ok_or_else(|| {
-            BackfillError::Invalid(format!("unexpected partition {schema}.{name} in {shadow}"))
+            BackfillError::Invalid(format!("unexpected partition {} in {shadow}", of.table))
         })?;
-        let parse = |n: &str| {
-            TableName::parse(&format!("{schema}.{n}"))
-                .map_err(|e| BackfillError::Invalid(e.to_string()))
+        let replaces = TableName {
+            schema: of.table.schema.clone(),
+            name: Ident::new(replaces).map_err(|e| BackfillError::Invalid(e.to_string()))?,
         };
-        out.push((parse(&name)?, parse(replaces)?, bound));
+        out.push((of.table, replaces, of.bound));
     }
     Ok(out)
 }
@@ -110,24 +102,19 @@ pub async fn swap_partitions(
 ) -> Result<Vec<ArchiveRecord>, BackfillError> {
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
+    let native = native(engine)?;
     let mut tx = warehouse.begin().await?;
-    execute(
-        &mut tx,
-        "SELECT set_config('lock_timeout', '30s', true)",
-        &[],
-    )
-    .await?;
+    engine
+        .set_lock_timeout(&mut tx, std::time::Duration::from_secs(30))
+        .await?;
     // Writers wait from here; readers go on until the first DETACH, which holds the parent
     // exclusively until commit (renames and attaches only: the new partitions carry CHECK
     // constraints equal to their bounds, so attaching them scans nothing).
-    execute(
-        &mut tx,
-        &format!("LOCK TABLE {} IN SHARE MODE", target.quoted()),
-        &[],
-    )
-    .await?;
+    engine
+        .lock_against_writers(&mut tx, target, WriterLock::Shared)
+        .await?;
     check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
-    let pairs = shadow_partitions(&mut tx, shadow, &run.run_id).await?;
+    let pairs = shadow_partitions(native, &mut tx, shadow, &run.run_id).await?;
     if pairs.is_empty() {
         return Err(BackfillError::Invalid(format!(
             "{shadow} has no partitions to publish"
@@ -135,7 +122,7 @@ pub async fn swap_partitions(
     }
     let replaced: Vec<TableName> = pairs.iter().map(|(_, old, _)| old.clone()).collect();
     if let Some(guard) = &outside {
-        let filter = format!("{} AND {}", in_partitions(&replaced), guard.filter);
+        let filter = format!("{} AND {}", native.in_partitions(&replaced), guard.filter);
         let now = warehouse
             .checksum_like(
                 &mut tx,
@@ -171,26 +158,8 @@ pub async fn swap_partitions(
     }
     for ((new_partition, old_partition, bound), old) in pairs.iter().zip(old_checksums) {
         let archive = archive_name(old_partition, &run.run_id)?;
-        execute(
-            &mut tx,
-            &format!(
-                "ALTER TABLE {} DETACH PARTITION {}",
-                shadow.quoted(),
-                new_partition.quoted()
-            ),
-            &[],
-        )
-        .await?;
-        execute(
-            &mut tx,
-            &format!(
-                "ALTER TABLE {} DETACH PARTITION {}",
-                target.quoted(),
-                old_partition.quoted()
-            ),
-            &[],
-        )
-        .await?;
+        execute(&mut tx, &native.detach(shadow, new_partition), &[]).await?;
+        execute(&mut tx, &native.detach(target, old_partition), &[]).await?;
         execute(
             &mut tx,
             &format!(
@@ -220,16 +189,7 @@ pub async fn swap_partitions(
                 &|_| true,
             )
             .await?;
-        execute(
-            &mut tx,
-            &format!(
-                "ALTER TABLE {} ATTACH PARTITION {} {bound}",
-                target.quoted(),
-                old_partition.quoted()
-            ),
-            &[],
-        )
-        .await?;
+        execute(&mut tx, &native.attach(target, old_partition, bound), &[]).await?;
         // The shadow partition's copy of the bound (it made ATTACH skip its scan).
         execute(
             &mut tx,
@@ -283,13 +243,11 @@ pub(super) async fn rollback_partitions(
 ) -> Result<RollbackReport, BackfillError> {
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
+    let native = native(engine)?;
     let mut tx = warehouse.begin().await?;
-    execute(
-        &mut tx,
-        "SELECT set_config('lock_timeout', '30s', true)",
-        &[],
-    )
-    .await?;
+    engine
+        .set_lock_timeout(&mut tx, std::time::Duration::from_secs(30))
+        .await?;
     let mut restored_from = Vec::new();
     let mut kept_as = Vec::new();
     let mut checksums = Vec::new();
@@ -303,27 +261,15 @@ pub(super) async fn rollback_partitions(
                 "the archive table {archive_table} no longer exists"
             )));
         }
-        let row = fetch_one(
-            &mut tx,
-            "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid \
-             WHERE c.oid = CAST($1 AS regclass) AND i.inhparent = CAST($2 AS regclass)",
-            &[partition.quoted().into(), target.quoted().into()],
-        )
-        .await
-        .map_err(|e| e.context(format!("{partition} is no longer a partition of {target}")))?;
-        let bound: String = get(&row, 0)?;
+        let bound = native
+            .bound_of(&mut tx, &partition, target)
+            .await?
+            .ok_or_else(|| {
+                BackfillError::Invalid(format!("{partition} is no longer a partition of {target}"))
+            })?;
         let undone = undone_name(&partition, &run.run_id)?;
         let current = warehouse.checksum(&mut tx, &partition, None, &[]).await?;
-        execute(
-            &mut tx,
-            &format!(
-                "ALTER TABLE {} DETACH PARTITION {}",
-                target.quoted(),
-                partition.quoted()
-            ),
-            &[],
-        )
-        .await?;
+        execute(&mut tx, &native.detach(target, &partition), &[]).await?;
         execute(
             &mut tx,
             &format!(
@@ -354,16 +300,7 @@ pub(super) async fn rollback_partitions(
                 &|name| name.ends_with(&archived),
             )
             .await?;
-        execute(
-            &mut tx,
-            &format!(
-                "ALTER TABLE {} ATTACH PARTITION {} {bound}",
-                target.quoted(),
-                partition.quoted()
-            ),
-            &[],
-        )
-        .await?;
+        execute(&mut tx, &native.attach(target, &partition, &bound), &[]).await?;
         let restored = warehouse
             .checksum_like(&mut tx, &partition, None, &[], &archive.checksum)
             .await?;

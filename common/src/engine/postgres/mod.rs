@@ -1,6 +1,7 @@
 //! PostgreSQL (15 and newer tested; `hash_record_extended` from 14). Everything here is
 //! transactional, DDL included; views bind to tables by OID, so a swap re-creates them.
 
+mod partitions;
 mod swap;
 
 use std::time::Duration;
@@ -163,6 +164,10 @@ impl Engine for Postgres {
     /// Classes 08 (connection) and 53 (resources), serialization failure, deadlock, lock not
     /// available, statement timeout or cancel, and the server shutting down or starting are
     /// transient.
+    fn native_partitions(&self) -> Option<&dyn super::NativePartitions> {
+        Some(&partitions::PgPartitions)
+    }
+
     fn classify(&self, code: &str) -> ErrorClass {
         use codes::*;
         match code {
@@ -253,6 +258,21 @@ impl Engine for Postgres {
 
     fn as_text(&self, expr: &str) -> String {
         format!("CAST({expr} AS text)")
+    }
+
+    fn joined_values(&self, columns: &[String]) -> String {
+        format!(
+            "concat_ws(', ', {})",
+            columns
+                .iter()
+                .map(|c| self.as_text(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    fn joined_distinct(&self, expr: &str) -> String {
+        format!("string_agg(DISTINCT {}, ', ')", self.as_text(expr))
     }
 
     fn analyze(&self, table: &TableName) -> String {
