@@ -166,6 +166,15 @@ async fn sigkill_and_resume_on_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_resume_on_mysql() {
+    kill_and_resume(
+        TestDatabase::mysql().await,
+        "(SELECT SLEEP(0.15) AS bf_slept) AS slow",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_resume_on_sqlite() {
     kill_and_resume(
         TestDatabase::sqlite(),

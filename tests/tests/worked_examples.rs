@@ -124,10 +124,10 @@ max_ratio = 1.12
 
 async fn hourly_partitions(db: TestDatabase) {
     let warehouse = db.warehouse().await;
-    let (ts, real) = if db.is_postgres() {
-        ("timestamp", "double precision")
-    } else {
-        ("TEXT", "REAL")
+    let (ts, real) = match db.engine() {
+        "postgres" => ("timestamp", "double precision"),
+        "mysql" => ("DATETIME", "DOUBLE"),
+        _ => ("TEXT", "REAL"),
     };
     for table in ["hourly_readings", "staging_readings", "expected_readings"] {
         exec(&warehouse, &format!("CREATE TABLE {table} (reading_hour {ts} NOT NULL, sensor_id integer NOT NULL, reading {real} NOT NULL, PRIMARY KEY (reading_hour, sensor_id))")).await;
@@ -145,12 +145,10 @@ async fn hourly_partitions(db: TestDatabase) {
                 );
                 let value = (sensor * 100 + hour) as f64 + 0.5;
                 let stored = if day == 1 { value * 0.9 } else { value };
-                let cast = |v: &str| {
-                    if db.is_postgres() {
-                        format!("CAST('{v}' AS timestamp)")
-                    } else {
-                        format!("'{v}'")
-                    }
+                let cast = |v: &str| match db.engine() {
+                    "postgres" => format!("CAST('{v}' AS timestamp)"),
+                    "mysql" => format!("CAST('{v}' AS DATETIME)"),
+                    _ => format!("'{v}'"),
                 };
                 production.push(format!("({}, {sensor}, {stored})", cast(&at)));
                 corrected.push(format!("({}, {sensor}, {value})", cast(&at)));
@@ -216,15 +214,7 @@ async fn hourly_partitions(db: TestDatabase) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hourly_partitions_on_sqlite() {
-    hourly_partitions(TestDatabase::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hourly_partitions_on_postgres() {
-    hourly_partitions(TestDatabase::postgres().await).await;
-}
+on_engines!(hourly_partitions: sqlite, postgres, mysql);
 
 /// SQLite keeps timestamps as text, often ISO-8601 with a `T`, which does not sort with the
 /// space-separated bounds. Hour partitions must still select exactly their hour: the rows of
