@@ -1,4 +1,4 @@
-//! Hostile data and hostile SQL text, on both dialects. NULL keys and duplicate keys in the
+//! Hostile data and hostile SQL text, on every engine. NULL keys and duplicate keys in the
 //! source stop their partition with a message that says what to fix, without retrying and
 //! without publishing anything. Text that is odd (quotes, SQL and parameter lookalikes, bidi
 //! overrides, combining marks, emoji sequences, the last code point, control characters, a
@@ -352,7 +352,89 @@ async fn trailing_comments_do_not_swallow_the_statement(db: TestDatabase) {
     );
 }
 
+/// NULL is a value to a backfill: NULL to a value and a value to NULL are changes (written,
+/// counted as updates), NULL to NULL is not, in the window merge of `swap_window`
+/// (`IS DISTINCT FROM` semantics on every engine: `IS NOT` on SQLite, `<=>` on MySQL).
+async fn null_to_value_and_back_are_changes(db: TestDatabase) {
+    let warehouse = db.warehouse().await;
+    let date = if db.typed_dates() { "date" } else { "TEXT" };
+    for table in ["notes", "staging_notes"] {
+        exec(
+            &warehouse,
+            &format!(
+                "CREATE TABLE {table} (note_id bigint NOT NULL PRIMARY KEY, day {date} NOT NULL, note varchar(20), amount bigint)"
+            ),
+        )
+        .await;
+    }
+    let day = |d: &str| {
+        if db.typed_dates() {
+            format!("CAST('{d}' AS date)")
+        } else {
+            format!("'{d}'")
+        }
+    };
+    let (d1, d2) = (day("2024-05-01"), day("2024-05-02"));
+    exec(
+        &warehouse,
+        &format!(
+            "INSERT INTO notes VALUES (1, {d1}, NULL, 5), (2, {d1}, 'was', NULL), (3, {d1}, NULL, NULL), (4, {d2}, 'kept', 7)"
+        ),
+    )
+    .await;
+    exec(
+        &warehouse,
+        &format!(
+            "INSERT INTO staging_notes VALUES (1, {d1}, 'now', 5), (2, {d1}, NULL, 9), (3, {d1}, NULL, NULL), (4, {d2}, 'kept', 7)"
+        ),
+    )
+    .await;
+    let spec = r#"
+name = "null_changes"
+[target]
+table = "notes"
+key = ["note_id"]
+[partition]
+column = "day"
+grain = "day"
+first = "2024-05-01"
+last = "2024-05-02"
+[source]
+query = "SELECT note_id, day, note, amount FROM staging_notes WHERE day >= :partition_start AND day < :partition_end"
+[warehouse]
+name = "notes"
+[publish]
+mode = "swap_window"
+"#;
+    let outcome = run(&db, spec).await;
+    let RunOutcome::Published { run_id, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        checksum(&warehouse, "notes", None).await,
+        checksum(&warehouse, "staging_notes", None).await,
+        "every NULL and value is the source's"
+    );
+    let store = control_store(&warehouse);
+    let rows = fetch_all(
+        &mut warehouse.acquire().await.unwrap(),
+        &format!(
+            "SELECT detail FROM {} WHERE run_id = $1 AND kind = 'window_merged'",
+            store.table("events")
+        ),
+        &[Bind::Text(run_id)],
+    )
+    .await
+    .unwrap();
+    let detail: String = get(&rows[0], 0).unwrap();
+    assert_eq!(
+        detail, "deleted 0 updated 2 inserted 0",
+        "rows 1 and 2 changed; 3 (NULL to NULL) and 4 did not"
+    );
+}
+
 on_engines!(null_keys_stop_their_partition: sqlite, postgres, mysql);
+on_engines!(null_to_value_and_back_are_changes: sqlite, postgres, mysql);
 on_engines!(duplicate_keys_without_dedupe_stop_their_partition: sqlite, postgres, mysql);
 on_engines!(odd_text_and_bytes_come_through_exactly: sqlite, postgres, mysql);
 on_engines!(trailing_comments_do_not_swallow_the_statement: sqlite, postgres, mysql);
