@@ -168,28 +168,62 @@ async fn custom_sql_compares_backfilled_with_current() {
 }
 
 /// Orders of 2023-12 .. 2024-04, costs per sku changing on 2024-02-15, and a fact table whose
-/// cost used the latest price for every day (the bug).
-async fn seed_scd(warehouse: &backfill_common::warehouse::Warehouse) {
-    for sql in [
-        "CREATE TABLE staging_orders (order_id bigint PRIMARY KEY, order_date date NOT NULL, sku text NOT NULL, quantity integer NOT NULL, revenue numeric(12,2) NOT NULL)",
-        "INSERT INTO staging_orders SELECT g, DATE '2023-12-01' + (g % 150), 'SKU-' || (g % 20), 1 + g % 4, (1 + g % 4) * (20 + g % 20) FROM generate_series(1, 6000) g",
-        "CREATE TABLE dim_costs_scd (sku text NOT NULL, unit_cost numeric(12,2) NOT NULL, effective_from date NOT NULL, effective_to date, PRIMARY KEY (sku, effective_from))",
-        "INSERT INTO dim_costs_scd SELECT 'SKU-' || s, 10 + s % 5, DATE '2020-01-01', DATE '2024-02-15' FROM generate_series(0, 19) s",
-        "INSERT INTO dim_costs_scd SELECT 'SKU-' || s, 12 + s % 5, DATE '2024-02-15', NULL FROM generate_series(0, 19) s",
-        "CREATE TABLE fact_orders_daily (order_id bigint PRIMARY KEY, order_date date NOT NULL, sku text NOT NULL, quantity integer NOT NULL, revenue numeric(12,2) NOT NULL, cost numeric(12,2), margin numeric(8,4))",
+/// cost used the latest price for every day (the bug). The rows come from a recursive CTE,
+/// the one series generator PostgreSQL and MySQL share.
+async fn seed_scd(db: &TestDatabase, warehouse: &backfill_common::warehouse::Warehouse) {
+    let mysql = db.engine() == "mysql";
+    // Day arithmetic and the series, as each engine writes them.
+    let plus_days = |days: &str| {
+        if mysql {
+            format!("DATE '2023-12-01' + INTERVAL ({days}) DAY")
+        } else {
+            format!("DATE '2023-12-01' + ({days})")
+        }
+    };
+    // Up to 10,000 rows from two hundred-row recursions (MariaDB stops recursion at 1,000).
+    let series = |to: u32| {
+        format!(
+            "WITH RECURSIVE d(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM d WHERE n < 99), \
+             series(g) AS (SELECT a.n * 100 + b.n + 1 FROM d a CROSS JOIN d b WHERE a.n * 100 + b.n < {to})"
+        )
+    };
+    let text = if mysql { "varchar(20)" } else { "text" };
+    let statements = [
+        format!(
+            "CREATE TABLE staging_orders (order_id bigint PRIMARY KEY, order_date date NOT NULL, sku {text} NOT NULL, quantity integer NOT NULL, revenue numeric(12,2) NOT NULL)"
+        ),
+        format!(
+            "INSERT INTO staging_orders {} SELECT g, {}, 'SKU-' || (g % 20), 1 + g % 4, (1 + g % 4) * (20 + g % 20) FROM series",
+            series(6000),
+            plus_days("g % 150")
+        ),
+        format!(
+            "CREATE TABLE dim_costs_scd (sku {text} NOT NULL, unit_cost numeric(12,2) NOT NULL, effective_from date NOT NULL, effective_to date, PRIMARY KEY (sku, effective_from))"
+        ),
+        format!(
+            "INSERT INTO dim_costs_scd {} SELECT 'SKU-' || (g - 1), 10 + (g - 1) % 5, DATE '2020-01-01', DATE '2024-02-15' FROM series",
+            series(20)
+        ),
+        format!(
+            "INSERT INTO dim_costs_scd {} SELECT 'SKU-' || (g - 1), 12 + (g - 1) % 5, DATE '2024-02-15', NULL FROM series",
+            series(20)
+        ),
+        format!(
+            "CREATE TABLE fact_orders_daily (order_id bigint PRIMARY KEY, order_date date NOT NULL, sku {text} NOT NULL, quantity integer NOT NULL, revenue numeric(12,2) NOT NULL, cost numeric(12,2), margin numeric(8,4))"
+        ),
         // The bug: the current cost for every date.
         "INSERT INTO fact_orders_daily SELECT o.order_id, o.order_date, o.sku, o.quantity, o.revenue, o.quantity * c.unit_cost, (o.revenue - o.quantity * c.unit_cost) / o.revenue \
-         FROM staging_orders o JOIN dim_costs_scd c ON c.sku = o.sku AND c.effective_to IS NULL",
-    ] {
-        exec(warehouse, sql).await;
+         FROM staging_orders o JOIN dim_costs_scd c ON c.sku = o.sku AND c.effective_to IS NULL"
+            .to_string(),
+    ];
+    for sql in statements {
+        exec(warehouse, &sql).await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worked_example_2_gross_margin_with_scd_costs() {
-    let db = TestDatabase::postgres().await;
+async fn worked_example_2_gross_margin_with_scd_costs(db: TestDatabase) {
     let warehouse = db.warehouse().await;
-    seed_scd(&warehouse).await;
+    seed_scd(&db, &warehouse).await;
     let outcome = run_spec(&db, SCD_SPEC).await;
     assert!(
         matches!(outcome, RunOutcome::Published { .. }),
@@ -227,11 +261,9 @@ async fn worked_example_2_gross_margin_with_scd_costs() {
 
 /// A cost above the selling price for one sku in January: revenue_covers_cost fails, names
 /// itself, and nothing is published.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worked_example_2_refuses_costs_above_revenue() {
-    let db = TestDatabase::postgres().await;
+async fn worked_example_2_refuses_costs_above_revenue(db: TestDatabase) {
     let warehouse = db.warehouse().await;
-    seed_scd(&warehouse).await;
+    seed_scd(&db, &warehouse).await;
     exec(&warehouse, "UPDATE dim_costs_scd SET unit_cost = 500 WHERE sku = 'SKU-3' AND effective_from = DATE '2020-01-01'").await;
     let before = checksum(&warehouse, "fact_orders_daily", None).await;
     let outcome = run_spec(&db, SCD_SPEC).await;
@@ -250,3 +282,6 @@ async fn worked_example_2_refuses_costs_above_revenue() {
         before
     );
 }
+
+on_engines!(worked_example_2_gross_margin_with_scd_costs: postgres, mysql);
+on_engines!(worked_example_2_refuses_costs_above_revenue: postgres, mysql);
