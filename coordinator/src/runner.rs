@@ -483,23 +483,31 @@ impl Backfill {
         run_span.record("run.id", run.run_id.as_str());
         let mode = self.frozen_publish_mode(&run).await?;
         let hooks = self.hook_context(&run, &plan.partitions, mode);
-        let result = self
-            .drive(&run, &plan, mode, &hooks, progress, executor)
-            .await;
-        self.report_failure(&hooks, &result, progress).await;
+        let ctx = RunContext {
+            run: &run,
+            partitions: &plan.partitions,
+            mode,
+            hooks: &hooks,
+            progress,
+        };
+        let result = self.drive(ctx, &plan, executor).await;
+        self.report_failure(ctx, &result).await;
         result
     }
 
     /// Write, barrier, audit, then publish or wait for approval.
     async fn drive(
         &self,
-        run: &RunRecord,
+        ctx: RunContext<'_>,
         plan: &Plan,
-        mode: PublishMode,
-        hooks: &HookContext,
-        progress: &dyn Progress,
         executor: &Executor,
     ) -> Result<RunOutcome, BackfillError> {
+        let RunContext {
+            run,
+            mode,
+            progress,
+            ..
+        } = ctx;
         if run.state == RunState::AwaitingApproval {
             return Ok(RunOutcome::AwaitingApproval {
                 run_id: run.run_id.clone(),
@@ -507,9 +515,7 @@ impl Backfill {
             });
         }
         if matches!(run.state, RunState::Running | RunState::Failed)
-            && let Some(outcome) = self
-                .write_partitions(run, plan, hooks, progress, executor)
-                .await?
+            && let Some(outcome) = self.write_partitions(ctx, plan, executor).await?
         {
             return Ok(outcome);
         }
@@ -521,9 +527,7 @@ impl Backfill {
             progress.phase(
                 "the shadow was swapped in by a publish that stopped before recording it; recording it",
             );
-            return self
-                .publish_audited(run, &plan.partitions, mode, None, hooks, progress)
-                .await;
+            return self.publish_audited(ctx, None).await;
         }
         progress.phase("auditing the shadow against the current table");
         let shadow = TableName::parse(&run.shadow_table)
@@ -609,20 +613,23 @@ impl Backfill {
             });
         }
         tx.commit().await?;
-        self.publish_audited(run, &plan.partitions, mode, None, hooks, progress)
-            .await
+        self.publish_audited(ctx, None).await
     }
 
     /// The partition phase: reissue what is not done, run it (embedded or on workers), and
     /// hold the barrier. Returns an outcome when the run stops here.
     async fn write_partitions(
         &self,
-        run: &RunRecord,
+        ctx: RunContext<'_>,
         plan: &Plan,
-        hooks: &HookContext,
-        progress: &dyn Progress,
         executor: &Executor,
     ) -> Result<Option<RunOutcome>, BackfillError> {
+        let RunContext {
+            run,
+            hooks,
+            progress,
+            ..
+        } = ctx;
         let facts = shadow_facts(&self.store, &self.spec, run).await?;
         let ctx = Arc::new(PartitionContext::new(
             self.store.clone(),
@@ -779,13 +786,16 @@ impl Backfill {
     /// the target untouched), the publish itself in the run's mode, after_publish hooks.
     async fn publish_audited(
         &self,
-        run: &RunRecord,
-        partitions: &[Partition],
-        mode: PublishMode,
+        ctx: RunContext<'_>,
         window_guard: Option<publish::WindowGuard>,
-        hooks: &HookContext,
-        progress: &dyn Progress,
     ) -> Result<RunOutcome, BackfillError> {
+        let RunContext {
+            run,
+            partitions,
+            mode,
+            hooks,
+            progress,
+        } = ctx;
         if let Err(failure) =
             hooks::run_hooks(&self.spec.hooks, HookEvent::BeforePublish, hooks).await
         {
@@ -898,8 +908,15 @@ impl Backfill {
                 .await?;
         }
         let span = tracing::info_span!("backfill.approved_publish", run.id = %run_id);
+        let ctx = RunContext {
+            run: &run,
+            partitions: &partitions,
+            mode,
+            hooks: &hooks,
+            progress,
+        };
         let result = self
-            .publish_audited(&run, &partitions, mode, Some(guard), &hooks, progress)
+            .publish_audited(ctx, Some(guard))
             .instrument(span)
             .await;
         if let Err(BackfillError::ApprovalLapsed(message)) = &result {
@@ -913,7 +930,7 @@ impl Backfill {
                 )
                 .await?;
         }
-        self.report_failure(&hooks, &result, progress).await;
+        self.report_failure(ctx, &result).await;
         result
     }
 
@@ -941,10 +958,12 @@ impl Backfill {
     /// Runs the on_failure hooks when a run stops without publishing.
     async fn report_failure(
         &self,
-        hooks: &HookContext,
+        ctx: RunContext<'_>,
         result: &Result<RunOutcome, BackfillError>,
-        progress: &dyn Progress,
     ) {
+        let RunContext {
+            hooks, progress, ..
+        } = ctx;
         let (outcome, error) = match result {
             Ok(RunOutcome::PartitionsFailed { failures, .. }) => (
                 "partitions_failed",
@@ -1299,6 +1318,17 @@ impl Backfill {
         tx.commit().await?;
         Ok(Ok(run))
     }
+}
+
+/// What every phase of one run is given, instead of the same arguments passed by hand: the
+/// run, its partitions, its frozen publish mode, the hooks' context, where progress goes.
+#[derive(Clone, Copy)]
+struct RunContext<'a> {
+    run: &'a RunRecord,
+    partitions: &'a [Partition],
+    mode: PublishMode,
+    hooks: &'a HookContext,
+    progress: &'a dyn Progress,
 }
 
 pub fn shadow_name(target: &TableName, run_id: &str) -> Result<TableName, BackfillError> {
