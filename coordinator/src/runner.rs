@@ -1208,23 +1208,24 @@ impl Backfill {
         };
         // Only the DDL goes first: the copy and its checksum run in the run's transaction
         // (one consistent read of the target).
-        let ddl_in_tx = self.store.engine().capabilities().transactional_ddl
-            || plan.publish_mode == PublishMode::SwapPartitions;
+        let strategy = publish::strategy(plan.publish_mode);
+        let request = publish::ShadowRequest {
+            warehouse: &self.store.warehouse,
+            spec: &self.spec,
+            target: &self.target,
+            shadow: &shadow,
+            partitions: &plan.partitions,
+        };
+        let ddl_in_tx = self.store.engine().capabilities().transactional_ddl;
         let table_before = if ddl_in_tx {
             None
         } else {
             let mut conn = self.store.warehouse.acquire().await?;
             Some(
-                shadow::create_shadow_table(
-                    &self.store.warehouse,
-                    &mut conn,
-                    &self.spec,
-                    &self.target,
-                    &shadow,
-                    plan.publish_mode,
-                )
-                .instrument(shadow_span())
-                .await?,
+                strategy
+                    .create_shadow(request, &mut conn)
+                    .instrument(shadow_span())
+                    .await?,
             )
         };
         let mut tx = self.store.warehouse.begin().await?;
@@ -1262,34 +1263,15 @@ impl Backfill {
             }
             return Err(error);
         }
-        let built = match table_before {
-            Some(table) => {
-                shadow::fill_shadow(
-                    &self.store.warehouse,
-                    &mut tx,
-                    &self.spec,
-                    &self.target,
-                    &shadow,
-                    &plan.partitions,
-                    table,
-                )
-                .instrument(shadow_span())
-                .await?
-            }
-            None => {
-                shadow::build_shadow(
-                    &self.store.warehouse,
-                    &mut tx,
-                    &self.spec,
-                    &self.target,
-                    &shadow,
-                    &plan.partitions,
-                    plan.publish_mode,
-                )
-                .instrument(shadow_span())
-                .await?
-            }
-        };
+        let built = async {
+            let table = match table_before {
+                Some(table) => table,
+                None => strategy.create_shadow(request, &mut tx).await?,
+            };
+            strategy.fill_shadow(request, &mut tx, table).await
+        }
+        .instrument(shadow_span())
+        .await?;
         if let Some(outside) = built.outside {
             self.store
                 .set_run_note(

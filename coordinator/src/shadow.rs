@@ -37,40 +37,31 @@ pub struct ShadowTable {
     deferred_indexes: Vec<DeferredIndex>,
 }
 
-/// Creates the shadow and copies the target's rows outside the window into it, on one
-/// session (inside the run's first transaction where DDL is transactional).
-pub async fn build_shadow(
-    warehouse: &Warehouse,
-    conn: &mut dyn Session,
-    spec: &Spec,
-    target: &TableName,
-    shadow: &TableName,
-    partitions: &[Partition],
-    mode: PublishMode,
-) -> Result<BuiltShadow, BackfillError> {
-    if mode == PublishMode::SwapPartitions {
-        let outside =
-            build_partitioned_shadow(warehouse, conn, spec, target, shadow, partitions).await?;
-        return Ok(BuiltShadow {
-            outside: Some(outside),
+impl ShadowTable {
+    /// A shadow whose DDL and copy are one step, inside the run's first transaction
+    /// (`swap_partitions`, PostgreSQL only): nothing was created before it.
+    pub fn created_with_fill() -> ShadowTable {
+        ShadowTable {
+            target_columns: Vec::new(),
+            copies: false,
             deferred_indexes: Vec::new(),
-        });
+        }
     }
-    let table = create_shadow_table(warehouse, conn, spec, target, shadow, mode).await?;
-    fill_shadow(warehouse, conn, spec, target, shadow, partitions, table).await
 }
 
 /// The shadow's DDL: the table with the target's columns, keys and indexes, `add_columns`, a
 /// unique index on the key, and the indexes deferred until its partitions are written. Where
 /// DDL commits on its own this runs before the run's first transaction, and [`fill_shadow`]
-/// inside it. Not for `swap_partitions` (see [`build_shadow`]).
+/// inside it. `copies`: the rows outside the window are copied (`swap_table`), or the shadow
+/// holds the window only (`swap_window`). `swap_partitions` builds its own
+/// ([`build_partitioned_shadow`]).
 pub async fn create_shadow_table(
     warehouse: &Warehouse,
     conn: &mut dyn Session,
     spec: &Spec,
     target: &TableName,
     shadow: &TableName,
-    mode: PublishMode,
+    copies: bool,
 ) -> Result<ShadowTable, BackfillError> {
     let target_columns = warehouse.table_columns(conn, target).await?;
     warehouse
@@ -116,7 +107,7 @@ pub async fn create_shadow_table(
         )
         .await?;
     }
-    if mode == PublishMode::SwapWindow {
+    if !copies {
         // The window only: publish merges it into the target, which keeps everything else.
         return Ok(ShadowTable {
             target_columns,
@@ -703,7 +694,7 @@ pub const BOUND_CHECK: &str = "bf_partition_bound";
 /// the window touches, holding that partition's rows outside the window (the window's rows
 /// come from the partition tasks). Returns the checksum of the copied rows, for the publish
 /// guard.
-async fn build_partitioned_shadow(
+pub async fn build_partitioned_shadow(
     warehouse: &Warehouse,
     conn: &mut dyn Session,
     spec: &Spec,

@@ -85,9 +85,34 @@ pub struct Published {
 /// One publish mode: how the audited shadow replaces what the target held, and how that is
 /// taken back. Each mode is a module of its own (`swap_table`, `swap_window`,
 /// `swap_partitions`); `strategy` and `rollback` choose one.
+/// What building a shadow is given.
+#[derive(Clone, Copy)]
+pub struct ShadowRequest<'a> {
+    pub warehouse: &'a backfill_common::warehouse::Warehouse,
+    pub spec: &'a Spec,
+    pub target: &'a TableName,
+    pub shadow: &'a TableName,
+    pub partitions: &'a [Partition],
+}
+
 #[async_trait::async_trait]
 pub trait PublishStrategy: Send + Sync {
     fn mode(&self) -> PublishMode;
+    /// The shadow's DDL. Where DDL commits on its own this runs before the run's first
+    /// transaction, on a session of its own; `fill_shadow` runs inside it.
+    async fn create_shadow(
+        &self,
+        request: ShadowRequest<'_>,
+        conn: &mut dyn Session,
+    ) -> Result<crate::shadow::ShadowTable, BackfillError>;
+    /// Copies into the shadow what this mode keeps beside the window (and returns its
+    /// checksum, for the publish guard), in the run's first transaction.
+    async fn fill_shadow(
+        &self,
+        request: ShadowRequest<'_>,
+        conn: &mut dyn Session,
+        table: crate::shadow::ShadowTable,
+    ) -> Result<crate::shadow::BuiltShadow, BackfillError>;
     /// Publishes the shadow and records the archive and the run's new state.
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError>;
     /// Puts the archives of a published run back, its checksums verified.

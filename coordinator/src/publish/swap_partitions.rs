@@ -15,6 +15,37 @@ impl PublishStrategy for SwapPartitions {
         PublishMode::SwapPartitions
     }
 
+    /// Nothing before the fill: the partitioned shadow's DDL and copy are one step, inside
+    /// the run's first transaction (PostgreSQL's DDL is transactional).
+    async fn create_shadow(
+        &self,
+        _request: ShadowRequest<'_>,
+        _conn: &mut dyn Session,
+    ) -> Result<crate::shadow::ShadowTable, BackfillError> {
+        Ok(crate::shadow::ShadowTable::created_with_fill())
+    }
+
+    async fn fill_shadow(
+        &self,
+        request: ShadowRequest<'_>,
+        conn: &mut dyn Session,
+        _table: crate::shadow::ShadowTable,
+    ) -> Result<crate::shadow::BuiltShadow, BackfillError> {
+        let outside = crate::shadow::build_partitioned_shadow(
+            request.warehouse,
+            conn,
+            request.spec,
+            request.target,
+            request.shadow,
+            request.partitions,
+        )
+        .await?;
+        Ok(crate::shadow::BuiltShadow {
+            outside: Some(outside),
+            deferred_indexes: Vec::new(),
+        })
+    }
+
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {
         let archives = swap_partitions(
             request.store,

@@ -14,6 +14,40 @@ impl PublishStrategy for SwapTable {
         PublishMode::SwapTable
     }
 
+    async fn create_shadow(
+        &self,
+        request: ShadowRequest<'_>,
+        conn: &mut dyn Session,
+    ) -> Result<crate::shadow::ShadowTable, BackfillError> {
+        crate::shadow::create_shadow_table(
+            request.warehouse,
+            conn,
+            request.spec,
+            request.target,
+            request.shadow,
+            true,
+        )
+        .await
+    }
+
+    async fn fill_shadow(
+        &self,
+        request: ShadowRequest<'_>,
+        conn: &mut dyn Session,
+        table: crate::shadow::ShadowTable,
+    ) -> Result<crate::shadow::BuiltShadow, BackfillError> {
+        crate::shadow::fill_shadow(
+            request.warehouse,
+            conn,
+            request.spec,
+            request.target,
+            request.shadow,
+            request.partitions,
+            table,
+        )
+        .await
+    }
+
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {
         let archive = swap_table(
             request.store,
