@@ -95,6 +95,44 @@ pub struct ShadowRequest<'a> {
     pub partitions: &'a [Partition],
 }
 
+impl ShadowRequest<'_> {
+    /// A shadow with the target's columns, keys and indexes (`shadow::create_shadow_table`);
+    /// `copies`: the rows outside the window will be copied into it.
+    async fn create_table(
+        &self,
+        conn: &mut dyn Session,
+        copies: bool,
+    ) -> Result<crate::shadow::ShadowTable, BackfillError> {
+        crate::shadow::create_shadow_table(
+            self.warehouse,
+            conn,
+            self.spec,
+            self.target,
+            self.shadow,
+            copies,
+        )
+        .await
+    }
+
+    /// `shadow::fill_shadow` of what `create_table` made.
+    async fn fill_table(
+        &self,
+        conn: &mut dyn Session,
+        table: crate::shadow::ShadowTable,
+    ) -> Result<crate::shadow::BuiltShadow, BackfillError> {
+        crate::shadow::fill_shadow(
+            self.warehouse,
+            conn,
+            self.spec,
+            self.target,
+            self.shadow,
+            self.partitions,
+            table,
+        )
+        .await
+    }
+}
+
 #[async_trait::async_trait]
 pub trait PublishStrategy: Send + Sync {
     fn mode(&self) -> PublishMode;

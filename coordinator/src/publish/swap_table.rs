@@ -19,15 +19,7 @@ impl PublishStrategy for SwapTable {
         request: ShadowRequest<'_>,
         conn: &mut dyn Session,
     ) -> Result<crate::shadow::ShadowTable, BackfillError> {
-        crate::shadow::create_shadow_table(
-            request.warehouse,
-            conn,
-            request.spec,
-            request.target,
-            request.shadow,
-            true,
-        )
-        .await
+        request.create_table(conn, true).await
     }
 
     async fn fill_shadow(
@@ -36,16 +28,7 @@ impl PublishStrategy for SwapTable {
         conn: &mut dyn Session,
         table: crate::shadow::ShadowTable,
     ) -> Result<crate::shadow::BuiltShadow, BackfillError> {
-        crate::shadow::fill_shadow(
-            request.warehouse,
-            conn,
-            request.spec,
-            request.target,
-            request.shadow,
-            request.partitions,
-            table,
-        )
-        .await
+        request.fill_table(conn, table).await
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {

@@ -18,15 +18,7 @@ impl PublishStrategy for SwapWindow {
         request: ShadowRequest<'_>,
         conn: &mut dyn Session,
     ) -> Result<crate::shadow::ShadowTable, BackfillError> {
-        crate::shadow::create_shadow_table(
-            request.warehouse,
-            conn,
-            request.spec,
-            request.target,
-            request.shadow,
-            false,
-        )
-        .await
+        request.create_table(conn, false).await
     }
 
     async fn fill_shadow(
@@ -35,16 +27,7 @@ impl PublishStrategy for SwapWindow {
         conn: &mut dyn Session,
         table: crate::shadow::ShadowTable,
     ) -> Result<crate::shadow::BuiltShadow, BackfillError> {
-        crate::shadow::fill_shadow(
-            request.warehouse,
-            conn,
-            request.spec,
-            request.target,
-            request.shadow,
-            request.partitions,
-            table,
-        )
-        .await
+        request.fill_table(conn, table).await
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {
