@@ -185,7 +185,11 @@ async fn stale_process_cannot_move_a_run_backwards_and_rollback_waits_for_open_r
 /// would misread what the newer one recorded. The refusal says to upgrade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_store_from_a_newer_version_is_refused() {
-    for db in [TestDatabase::postgres().await, TestDatabase::sqlite()] {
+    for db in [
+        TestDatabase::postgres().await,
+        TestDatabase::sqlite(),
+        TestDatabase::mysql().await,
+    ] {
         let warehouse = db.warehouse().await;
         let store = control_store(&warehouse);
         store.migrate().await.unwrap();
@@ -206,3 +210,47 @@ async fn a_control_store_from_a_newer_version_is_refused() {
         );
     }
 }
+
+/// Processes that start at once on a fresh warehouse all migrate its control store: one
+/// applies each version, the others wait for it (PostgreSQL's advisory lock, SQLite's write
+/// lock, MySQL's named lock, which outlives the commits its DDL makes and is released after),
+/// and each version is recorded once. A migrator that comes later finds nothing to do at once.
+async fn migrators_starting_together_apply_each_version_once(db: TestDatabase) {
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let url = db.url.clone();
+        handles.push(tokio::spawn(async move {
+            let warehouse = backfill_common::warehouse::Warehouse::connect(&url, 2)
+                .await
+                .unwrap();
+            control_store(&warehouse).migrate().await
+        }));
+    }
+    for handle in handles {
+        handle.await.unwrap().unwrap();
+    }
+    let warehouse = db.warehouse().await;
+    let store = control_store(&warehouse);
+    let versions = count(
+        &warehouse,
+        &format!("SELECT count(*) FROM {}", store.table("schema_migrations")),
+    )
+    .await;
+    let distinct = count(
+        &warehouse,
+        &format!(
+            "SELECT count(DISTINCT version) FROM {}",
+            store.table("schema_migrations")
+        ),
+    )
+    .await;
+    assert_eq!((versions, distinct), (4, 4), "versions 1 to 4, each once");
+    let started = std::time::Instant::now();
+    store.migrate().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "no lock was left behind"
+    );
+}
+
+on_engines!(migrators_starting_together_apply_each_version_once: sqlite, postgres, mysql);

@@ -369,3 +369,39 @@ async fn fetch_all_texts(warehouse: &Warehouse, sql: &str) -> Vec<String> {
         .map(|r| backfill_common::warehouse::get(r, 0).unwrap())
         .collect()
 }
+
+/// MySQL has no partial index: "one open run per target" is a unique index on a stored
+/// generated column that holds the target only while the run is open. Two open runs of one
+/// target are refused as a duplicate key; finished runs of it are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_open_run_per_target_without_partial_indexes() {
+    let db = TestDatabase::mysql().await;
+    let warehouse = db.warehouse().await;
+    let store = control_store(&warehouse);
+    store.migrate().await.unwrap();
+    let insert = |run_id: &str, state: &str| {
+        format!(
+            "INSERT INTO {} (run_id, spec_hash, spec_name, target, state, tool_version, owner, shadow_table, created_at, updated_at) \
+             VALUES ('{run_id}', 'h', 'n', 'db.t', '{state}', 'v', 'o', 'db.t__bf_shadow_{run_id}', 'now', 'now')",
+            store.table("runs")
+        )
+    };
+    for (run_id, state) in [("p1", "published"), ("p2", "published"), ("r1", "running")] {
+        exec(&warehouse, &insert(run_id, state)).await;
+    }
+    let mut conn = warehouse.acquire().await.unwrap();
+    let error = backfill_common::warehouse::execute(&mut conn, &insert("r2", "auditing"), &[])
+        .await
+        .unwrap_err();
+    assert!(error.is_unique_violation(), "{error:?}");
+    drop(conn);
+    exec(
+        &warehouse,
+        &format!(
+            "UPDATE {} SET state = 'abandoned' WHERE run_id = 'r1'",
+            store.table("runs")
+        ),
+    )
+    .await;
+    exec(&warehouse, &insert("r2", "auditing")).await;
+}
