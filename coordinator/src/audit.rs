@@ -82,8 +82,7 @@ pub async fn run_audits(
     let grain = spec.partition.grain;
     let group = engine.partition_group(&format!("t.{}", spec.partition.column.quoted()), grain);
     let label = engine.group_label(&group, grain);
-    let (window, window_binds) =
-        window_condition(engine, grain, &spec.partition.column, "t", partitions, 1);
+    let (window, window_binds) = crate::window::spec_window(engine, spec, partitions);
     let mut records = Vec::new();
 
     // Unique key over the window (keys outside it were copied from the current table).

@@ -1015,14 +1015,7 @@ impl Backfill {
 
     /// The window (alias `t`) of this spec as a condition with its binds.
     fn window_on_t(&self, partitions: &[Partition]) -> (String, Vec<Bind>) {
-        crate::window::window_condition(
-            self.store.engine(),
-            self.spec.partition.grain,
-            &self.spec.partition.column,
-            "t",
-            partitions,
-            1,
-        )
+        crate::window::spec_window(self.store.engine(), &self.spec, partitions)
     }
 
     fn hook_context(

@@ -14,7 +14,7 @@ use backfill_common::warehouse::{
 };
 use chrono::NaiveDateTime;
 
-use crate::window::window_condition;
+use crate::window::spec_window;
 
 /// What building the shadow leaves for later steps of the run.
 #[derive(Debug, Default)]
@@ -154,14 +154,7 @@ pub async fn fill_shadow(
         .map(|c| quote_catalog_name(c))
         .collect::<Vec<_>>()
         .join(", ");
-    let (window, binds) = window_condition(
-        warehouse.engine(),
-        spec.partition.grain,
-        &spec.partition.column,
-        "t",
-        partitions,
-        1,
-    );
+    let (window, binds) = spec_window(warehouse.engine(), spec, partitions);
     let copy = format!(
         "INSERT INTO {} ({column_list}) SELECT {} FROM {} AS t WHERE NOT coalesce({window}, false)",
         shadow.quoted(),
@@ -356,14 +349,7 @@ pub fn outside_window(
     spec: &Spec,
     partitions: &[Partition],
 ) -> (String, Vec<backfill_common::warehouse::Bind>) {
-    let (window, binds) = window_condition(
-        engine,
-        spec.partition.grain,
-        &spec.partition.column,
-        "t",
-        partitions,
-        1,
-    );
+    let (window, binds) = spec_window(engine, spec, partitions);
     (format!("NOT coalesce({window}, false)"), binds)
 }
 
@@ -613,14 +599,7 @@ pub async fn partitions_in_window(
     for of in native.partitions_of(conn, target).await? {
         let table = of.table;
         if of.is_default {
-            let (window, binds) = window_condition(
-                engine,
-                spec.partition.grain,
-                &spec.partition.column,
-                "t",
-                partitions,
-                1,
-            );
+            let (window, binds) = spec_window(engine, spec, partitions);
             let row = fetch_one(
                 conn,
                 &format!(

@@ -5,6 +5,23 @@ use backfill_common::ident::Ident;
 use backfill_common::plan::{self, Grain, Partition};
 use backfill_common::warehouse::Bind;
 
+/// The window of `spec` over `partitions` on its partition column, alias `t`, placeholders
+/// from `$1`: what most statements about the window use.
+pub fn spec_window(
+    engine: &dyn Engine,
+    spec: &backfill_common::spec::Spec,
+    partitions: &[Partition],
+) -> (String, Vec<Bind>) {
+    window_condition(
+        engine,
+        spec.partition.grain,
+        &spec.partition.column,
+        "t",
+        partitions,
+        1,
+    )
+}
+
 /// `(t.col >= $a AND t.col < $b) OR …` over the coalesced ranges of `partitions`, with
 /// placeholders numbered from `first_placeholder`.
 pub fn window_condition(

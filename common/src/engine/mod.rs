@@ -602,6 +602,15 @@ pub(crate) mod standard {
     }
 }
 
+/// A table's schema and name as the binds of a catalog query: the schema NULL (the session's
+/// current schema or database) when the name is unqualified.
+pub(crate) fn table_binds(table: &TableName) -> [Bind; 2] {
+    [
+        table.schema.as_ref().map(|s| s.as_str().to_string()).into(),
+        table.name.as_str().into(),
+    ]
+}
+
 /// The first column of every row a catalog query returns, as text.
 pub(crate) async fn fetch_texts(
     conn: &mut dyn Session,

@@ -24,14 +24,14 @@ use sqlx::any::AnyPoolOptions;
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, FindingKind, NameFilter, PartitionMerge,
     ShapeFinding, SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts,
-    quote_catalog_name,
+    quote_catalog_name, table_binds,
 };
 use crate::engine::session::Pool;
 use crate::engine::session::execute_unprepared;
 use crate::error::BackfillError;
 use crate::ident::{Ident, TableName};
 use crate::plan::Grain;
-use crate::warehouse::{Bind, Checksum, RowHash, Session, execute, fetch_all, fetch_one, get};
+use crate::warehouse::{Bind, Checksum, RowHash, Session, execute, fetch_one, get};
 
 /// Server error numbers the pipeline acts on (sqlx reports them as the error's code here; the
 /// SQLSTATE 23000 would not tell a duplicate key from a NULL in a NOT NULL column).
@@ -63,10 +63,6 @@ fn driver_url(url: &str) -> String {
         Some(rest) => format!("mysql:{rest}"),
         None => url.to_string(),
     }
-}
-
-fn schema_bind(table: &TableName) -> Bind {
-    table.schema.as_ref().map(|s| s.as_str().to_string()).into()
 }
 
 /// `table_schema = …` of the table's database, or the session's.
@@ -635,7 +631,7 @@ impl Engine for Mysql {
             &format!(
                 "SELECT count(*) FROM information_schema.tables WHERE {IN_SCHEMA} AND table_type IN ('BASE TABLE', 'SYSTEM VERSIONED')"
             ),
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await?;
         Ok(get::<i64>(&row, 0)? > 0)
@@ -654,7 +650,7 @@ impl Engine for Mysql {
                 "SELECT CAST(column_name AS CHAR) FROM information_schema.columns WHERE {IN_SCHEMA} \
                  AND extra NOT REGEXP 'VIRTUAL|STORED|PERSISTENT' ORDER BY ordinal_position"
             ),
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await
     }
@@ -671,7 +667,7 @@ impl Engine for Mysql {
                  AND data_type IN ('tinyint', 'smallint', 'mediumint', 'int', 'bigint', 'decimal', 'float', 'double') \
                  ORDER BY ordinal_position"
             ),
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await
     }
@@ -698,7 +694,7 @@ impl Engine for Mysql {
                  FROM information_schema.statistics WHERE {IN_SCHEMA} AND non_unique = 0 \
                  GROUP BY index_name HAVING sum(sub_part IS NOT NULL) = 0"
             ),
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await
     }
@@ -713,7 +709,7 @@ impl Engine for Mysql {
             &format!(
                 "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics WHERE {IN_SCHEMA}"
             ),
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await
     }
@@ -738,13 +734,7 @@ impl Engine for Mysql {
             ),
         ];
         for (sql, why) in checks {
-            for what in fetch_texts(
-                conn,
-                sql,
-                &[schema_bind(target), target.name.as_str().into()],
-            )
-            .await?
-            {
+            for what in fetch_texts(conn, sql, &table_binds(target)).await? {
                 findings.push(ShapeFinding {
                     kind: FindingKind::Other,
                     what,
@@ -827,7 +817,7 @@ impl Engine for Mysql {
         _how: RowHash,
     ) -> Result<(Checksum, Checksum), BackfillError> {
         let columns = self.table_columns(conn, table).await?;
-        let rows = fetch_all(
+        let row = fetch_one(
             conn,
             &format!(
                 "SELECT count(*), CAST(coalesce(sum(h), 0) AS CHAR), CAST(coalesce(sum(p), 0) AS SIGNED), \
@@ -839,17 +829,14 @@ impl Engine for Mysql {
             binds,
         )
         .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| BackfillError::warehouse_permanent("a checksum returned no row"))?;
         Ok((
             Checksum {
-                rows: get(row, 0)?,
-                digest: format!("m{}", get::<String>(row, 1)?),
+                rows: get(&row, 0)?,
+                digest: format!("m{}", get::<String>(&row, 1)?),
             },
             Checksum {
-                rows: get(row, 2)?,
-                digest: format!("m{}", get::<String>(row, 3)?),
+                rows: get(&row, 2)?,
+                digest: format!("m{}", get::<String>(&row, 3)?),
             },
         ))
     }

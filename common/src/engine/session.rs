@@ -448,22 +448,21 @@ pub fn fetch<'a>(
 pub(crate) fn classify_sqlx_error(error: &sqlx::Error) -> (ErrorClass, Option<String>) {
     match error {
         sqlx::Error::Database(db) => {
-            if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-                // The server's error number, not the SQLSTATE (23000 is any integrity error).
-                let code = mysql.number().to_string();
-                return (super::mysql::Mysql.classify(&code), Some(code));
-            }
-            let code = db.code().map(|c| c.to_string());
-            let engine: Option<&dyn Engine> = if db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some()
-            {
-                Some(&super::postgres::Postgres)
-            } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                Some(&super::sqlite::Sqlite)
-            } else {
-                None
-            };
+            let sqlstate = || db.code().map(|c| c.to_string());
+            let (engine, code): (Option<&dyn Engine>, Option<String>) =
+                if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                    // The server's error number, not the SQLSTATE (23000 is any integrity error).
+                    (Some(&super::mysql::Mysql), Some(mysql.number().to_string()))
+                } else if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    (Some(&super::postgres::Postgres), sqlstate())
+                } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    (Some(&super::sqlite::Sqlite), sqlstate())
+                } else {
+                    (None, sqlstate())
+                };
             let class = match (engine, &code) {
                 (Some(engine), Some(code)) => engine.classify(code),
                 _ => ErrorClass::Permanent,

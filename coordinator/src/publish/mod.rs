@@ -26,9 +26,10 @@ mod swap_table;
 mod swap_window;
 
 pub use gc::{GcReport, drop_shadow, gc};
-pub use swap_partitions::{SwapPartitions, swap_partitions};
-pub use swap_table::{SwapTable, swap_table};
-pub use swap_window::{SwapWindow, WindowWrites, swap_window};
+use swap_partitions::SwapPartitions;
+use swap_table::SwapTable;
+use swap_window::SwapWindow;
+pub use swap_window::WindowWrites;
 
 use backfill_common::plan::Partition;
 use backfill_common::spec::{PublishMode, Spec};
@@ -51,14 +52,7 @@ pub struct PublishRequest<'a> {
 impl PublishRequest<'_> {
     /// The window's rows of the target (alias `t`) as a condition with its binds.
     fn window(&self) -> (String, Vec<backfill_common::warehouse::Bind>) {
-        crate::window::window_condition(
-            self.store.engine(),
-            self.spec.partition.grain,
-            &self.spec.partition.column,
-            "t",
-            self.partitions,
-            1,
-        )
+        crate::window::spec_window(self.store.engine(), self.spec, self.partitions)
     }
 
     /// The guard on the rows outside the window, where the shadow build recorded them.
@@ -135,7 +129,6 @@ impl ShadowRequest<'_> {
 
 #[async_trait::async_trait]
 pub trait PublishStrategy: Send + Sync {
-    fn mode(&self) -> PublishMode;
     /// The shadow's DDL. Where DDL commits on its own this runs before the run's first
     /// transaction, on a session of its own; `fill_shadow` runs inside it.
     async fn create_shadow(
@@ -286,17 +279,27 @@ async fn swapped_unrecorded(
     aside: &TableName,
     replacement: &TableName,
 ) -> Result<Option<Checksum>, BackfillError> {
-    if warehouse.engine().capabilities().transactional_ddl {
-        return Ok(None);
-    }
-    let mut conn = warehouse.acquire().await?;
-    if warehouse.table_exists(&mut conn, replacement).await?
-        || !warehouse.table_exists(&mut conn, aside).await?
-    {
+    if !renamed_unrecorded(warehouse, aside, replacement).await? {
         return Ok(None);
     }
     tracing::warn!(%aside, %replacement, "the tables were swapped by an attempt that stopped before recording it; recording it now");
+    let mut conn = warehouse.acquire().await?;
     Ok(Some(warehouse.checksum(&mut conn, aside, None, &[]).await?))
+}
+
+/// The catalog's side of `swapped_unrecorded`: where DDL commits on its own, `replacement`
+/// gone and `aside` present (elsewhere the swap and its record are one transaction).
+async fn renamed_unrecorded(
+    warehouse: &backfill_common::warehouse::Warehouse,
+    aside: &TableName,
+    replacement: &TableName,
+) -> Result<bool, BackfillError> {
+    if warehouse.engine().capabilities().transactional_ddl {
+        return Ok(false);
+    }
+    let mut conn = warehouse.acquire().await?;
+    Ok(!warehouse.table_exists(&mut conn, replacement).await?
+        && warehouse.table_exists(&mut conn, aside).await?)
 }
 
 /// Whether `run`'s `swap_table` publish renamed the tables and stopped before recording it
@@ -305,7 +308,7 @@ pub async fn swap_done_unrecorded(
     warehouse: &backfill_common::warehouse::Warehouse,
     run: &RunRecord,
 ) -> Result<bool, BackfillError> {
-    if warehouse.engine().capabilities().transactional_ddl || !run.state.is_open() {
+    if !run.state.is_open() {
         return Ok(false);
     }
     let target =
@@ -313,9 +316,7 @@ pub async fn swap_done_unrecorded(
     let shadow =
         TableName::parse(&run.shadow_table).map_err(|e| BackfillError::Invalid(e.to_string()))?;
     let archive = archive_name(&target, &run.run_id)?;
-    let mut conn = warehouse.acquire().await?;
-    Ok(!warehouse.table_exists(&mut conn, &shadow).await?
-        && warehouse.table_exists(&mut conn, &archive).await?)
+    renamed_unrecorded(warehouse, &archive, &shadow).await
 }
 
 /// States a run publishes from: audited, or audited and approved.

@@ -11,10 +11,6 @@ pub struct SwapPartitions;
 
 #[async_trait::async_trait]
 impl PublishStrategy for SwapPartitions {
-    fn mode(&self) -> PublishMode {
-        PublishMode::SwapPartitions
-    }
-
     /// Nothing before the fill: the partitioned shadow's DDL and copy are one step, inside
     /// the run's first transaction (PostgreSQL's DDL is transactional).
     async fn create_shadow(

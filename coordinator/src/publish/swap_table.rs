@@ -10,10 +10,6 @@ pub struct SwapTable;
 
 #[async_trait::async_trait]
 impl PublishStrategy for SwapTable {
-    fn mode(&self) -> PublishMode {
-        PublishMode::SwapTable
-    }
-
     async fn create_shadow(
         &self,
         request: ShadowRequest<'_>,

@@ -9,10 +9,6 @@ pub struct SwapWindow;
 
 #[async_trait::async_trait]
 impl PublishStrategy for SwapWindow {
-    fn mode(&self) -> PublishMode {
-        PublishMode::SwapWindow
-    }
-
     async fn create_shadow(
         &self,
         request: ShadowRequest<'_>,
@@ -397,14 +393,7 @@ pub(super) async fn rollback_window(
             run.run_id
         ))
     })?;
-    let (window, binds) = crate::window::window_condition(
-        engine,
-        spec.partition.grain,
-        &spec.partition.column,
-        "t",
-        &spec.planned_partitions(),
-        1,
-    );
+    let (window, binds) = crate::window::spec_window(engine, &spec, &spec.planned_partitions());
     let create_undone = create_window_copy_before(warehouse, target, undone).await?;
     let mut tx = warehouse.begin().await?;
     // Writers wait; readers go on, seeing the old rows until commit.

@@ -12,7 +12,7 @@ use sqlx::any::AnyPoolOptions;
 use super::{
     Capabilities, DeferredIndex, Engine, ErrorClass, FindingKind, NameFilter, PartitionMerge,
     ShapeFinding, SqlType, SwapGuard, TableSwap, ViewBinding, WriterLock, fetch_texts,
-    quote_catalog_name,
+    quote_catalog_name, table_binds,
 };
 use crate::engine::session::Pool;
 use crate::error::BackfillError;
@@ -536,7 +536,7 @@ impl Engine for Postgres {
             conn,
             "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await?;
         Ok(get::<i64>(&row, 0)? > 0)
@@ -552,7 +552,7 @@ impl Engine for Postgres {
             "SELECT CAST(a.attname AS text) FROM pg_catalog.pg_attribute a \
              JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await
     }
@@ -569,7 +569,7 @@ impl Engine for Postgres {
              JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid \
              WHERE n.nspname = coalesce($1, current_schema()) AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
              AND ty.typcategory = 'N' ORDER BY a.attnum",
-            &[schema_bind(table), table.name.as_str().into()],
+            &table_binds(table),
         )
         .await
     }
@@ -768,11 +768,6 @@ impl Engine for Postgres {
             },
         ))
     }
-}
-
-/// The schema of a table name as a bind; NULL (the current schema) when unqualified.
-fn schema_bind(table: &TableName) -> Bind {
-    table.schema.as_ref().map(|s| s.as_str().to_string()).into()
 }
 
 #[cfg(test)]
