@@ -40,6 +40,10 @@ pub enum BackfillError {
     ApprovalLapsed(String),
     #[error("{0}")]
     Invalid(String),
+    /// A publish or rollback could not take its locks within `publish.lock_wait`: other
+    /// sessions held the table. Nothing changed; the same command later goes on.
+    #[error("{0}")]
+    LockWait(String),
     #[error("semaphore: {0}")]
     Semaphore(String),
     #[error("queue: {0}")]
@@ -68,6 +72,7 @@ impl BackfillError {
             } => Retry::Transient,
             BackfillError::Timeout { .. } => Retry::Transient,
             BackfillError::Semaphore(_) | BackfillError::Queue(_) => Retry::Transient,
+            BackfillError::LockWait(_) => Retry::Transient,
             _ => Retry::Permanent,
         }
     }
@@ -92,6 +97,14 @@ impl BackfillError {
                 ..
             }
         )
+    }
+
+    /// The SQLSTATE (or the engine's error number) of a warehouse error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            BackfillError::Warehouse { sqlstate, .. } => sqlstate.as_deref(),
+            _ => None,
+        }
     }
 
     pub fn is_transient(&self) -> bool {

@@ -39,6 +39,7 @@ fn swap_of<'a>(
         aside_suffix: "_archive",
         carry_grants: true,
         takes_index_names: &|_| true,
+        lock_wait: backfill_common::spec::DEFAULT_LOCK_WAIT,
     }
 }
 

@@ -181,6 +181,8 @@ pub struct TableSwap<'a> {
     pub carry_grants: bool,
     /// Which of the replacement's indexes take the names of the outgoing ones.
     pub takes_index_names: &'a NameFilter<'a>,
+    /// Longest the swap waits for the locks it needs (`publish.lock_wait`).
+    pub lock_wait: Duration,
 }
 
 /// What a swap checks while writers are held, just before the names change: that the rows a
@@ -410,18 +412,24 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Option<i64>, BackfillError>;
     /// Cancels the statement running in the session `begin_partition` named.
     async fn cancel_session(&self, conn: &mut dyn Session, id: i64) -> Result<(), BackfillError>;
-    /// Holds `table` against writers until the transaction ends; readers go on.
+    /// Holds `table` against writers until the transaction ends; readers go on. Waits at
+    /// most `wait` for sessions holding it, and in a way that never makes their queries fail
+    /// (they hold the table, we give way and try again).
     async fn lock_against_writers(
         &self,
         tx: &mut dyn Session,
         table: &TableName,
         lock: WriterLock,
+        wait: Duration,
     ) -> Result<(), BackfillError>;
-    /// Holds `table` against everyone, as a rename needs.
+    /// Holds `table` against everyone, as renames and partition detaches need, with the
+    /// views that read it taken first (the order readers of a view take them), waiting at
+    /// most `wait` and never in a way that fails a reader's query.
     async fn lock_for_swap(
         &self,
         tx: &mut dyn Session,
         table: &TableName,
+        wait: Duration,
     ) -> Result<(), BackfillError>;
     /// Session settings a swap needs, set before its transaction (`on`) and after (`off`).
     async fn prepare_swap(&self, conn: &mut dyn Session, on: bool) -> Result<(), BackfillError>;

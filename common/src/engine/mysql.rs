@@ -465,8 +465,9 @@ impl Engine for Mysql {
         tx: &mut dyn Session,
         table: &TableName,
         lock: WriterLock,
+        wait: Duration,
     ) -> Result<(), BackfillError> {
-        self.set_lock_timeout(tx, Duration::from_secs(30)).await?;
+        self.set_lock_timeout(tx, wait).await?;
         let mode = match lock {
             WriterLock::Shared => "LOCK IN SHARE MODE",
             WriterLock::Exclusive => "FOR UPDATE",
@@ -480,11 +481,12 @@ impl Engine for Mysql {
         Ok(())
     }
 
-    /// `RENAME TABLE` takes its own metadata locks.
+    /// `RENAME TABLE` takes its own metadata locks (and swaps go through `cut_over`).
     async fn lock_for_swap(
         &self,
         _tx: &mut dyn Session,
         _table: &TableName,
+        _wait: Duration,
     ) -> Result<(), BackfillError> {
         Ok(())
     }
@@ -537,8 +539,7 @@ impl Engine for Mysql {
             &[],
         )
         .await?;
-        self.set_lock_timeout(&mut holder, Duration::from_secs(30))
-            .await?;
+        self.set_lock_timeout(&mut holder, swap.lock_wait).await?;
         // Under LOCK TABLES a statement may use only the names and aliases locked: the
         // guard's checks read the target as `t` (a table named `t` is its own alias).
         let as_t = if current.name.as_str().eq_ignore_ascii_case("t") {

@@ -329,20 +329,23 @@ impl Engine for Sqlite {
         _tx: &mut dyn Session,
         _table: &TableName,
         _lock: WriterLock,
-    ) -> Result<(), BackfillError> {
-        Ok(())
-    }
-
-    async fn lock_for_swap(
-        &self,
-        _tx: &mut dyn Session,
-        _table: &TableName,
+        _wait: Duration,
     ) -> Result<(), BackfillError> {
         Ok(())
     }
 
     /// Renames leave views alone with `legacy_alter_table` (they then resolve by name at
     /// query time, reading the new table).
+    /// A write transaction already holds the file's one write lock.
+    async fn lock_for_swap(
+        &self,
+        _tx: &mut dyn Session,
+        _table: &TableName,
+        _wait: Duration,
+    ) -> Result<(), BackfillError> {
+        Ok(())
+    }
+
     async fn prepare_swap(&self, conn: &mut dyn Session, on: bool) -> Result<(), BackfillError> {
         let value = if on { "ON" } else { "OFF" };
         execute(conn, &format!("PRAGMA legacy_alter_table = {value}"), &[]).await?;

@@ -262,6 +262,18 @@ pub struct Publish {
     pub mode: PublishMode,
     pub approval: Approval,
     pub archive_retention_days: u32,
+    /// Longest a publish (or rollback) waits, in short attempts, for the locks its swap
+    /// needs while sessions hold the target: past it the publish stops, nothing changed,
+    /// and names the sessions in the way. Left out of the canonical form at its default.
+    #[serde(with = "duration_ms", skip_serializing_if = "is_default_lock_wait")]
+    pub lock_wait: Duration,
+}
+
+/// The default `publish.lock_wait`.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+fn is_default_lock_wait(wait: &Duration) -> bool {
+    *wait == DEFAULT_LOCK_WAIT
 }
 
 /// When a hook runs.
@@ -451,6 +463,7 @@ fn is_identity(path: &str) -> bool {
             "warehouse.concurrency",
             "publish.approval",
             "publish.archive_retention_days",
+            "publish.lock_wait",
         ]
         .contains(&path);
     !setting
@@ -462,6 +475,7 @@ fn is_duration_path(path: &str) -> bool {
         || path.ends_with(".backoff_initial")
         || path.ends_with(".backoff_max")
         || path.ends_with(".timeout")
+        || path.ends_with(".lock_wait")
 }
 
 /// A JSON value as `path → leaf`: objects by key (`execution.retries`), array elements by

@@ -148,6 +148,7 @@ pub(super) struct RawPublish {
     pub(super) mode: Option<String>,
     pub(super) approval: Option<String>,
     pub(super) archive_retention_days: Option<u32>,
+    pub(super) lock_wait: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -239,6 +239,17 @@ pub(super) fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
             ),
         ));
     }
+    let lock_wait = match raw.publish.lock_wait.as_deref() {
+        Some(text) => duration("publish.lock_wait", text)?,
+        None => DEFAULT_LOCK_WAIT,
+    };
+    if lock_wait < Duration::from_secs(1) {
+        return Err(field_error(
+            "publish.lock_wait",
+            format!("`{}`", raw.publish.lock_wait.as_deref().unwrap_or_default()),
+            "at least 1s: the publish waits for sessions reading or writing the target to let go, in short attempts (the default is 60s)",
+        ));
+    }
 
     Ok(Spec {
         name,
@@ -269,6 +280,7 @@ pub(super) fn validate(raw: RawSpec) -> Result<Spec, SpecError> {
             mode,
             approval,
             archive_retention_days,
+            lock_wait,
         },
         hooks,
     })

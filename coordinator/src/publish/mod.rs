@@ -147,13 +147,19 @@ pub trait PublishStrategy: Send + Sync {
     /// Publishes the shadow and records the archive and the run's new state.
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError>;
     /// Puts the archives of a published run back, its checksums verified.
-    async fn rollback(
-        &self,
-        store: &ControlStore,
-        run: &RunRecord,
-        target: &TableName,
-        archives: &[ArchiveRecord],
-    ) -> Result<RollbackReport, BackfillError>;
+    async fn rollback(&self, request: RollbackRequest<'_>)
+    -> Result<RollbackReport, BackfillError>;
+}
+
+/// What a rollback works from: the published run, its frozen spec, its archives.
+#[derive(Clone, Copy)]
+pub struct RollbackRequest<'a> {
+    pub store: &'a ControlStore,
+    pub run: &'a RunRecord,
+    /// The spec the run published with (as frozen in the control store).
+    pub spec: &'a Spec,
+    pub target: &'a TableName,
+    pub archives: &'a [ArchiveRecord],
 }
 
 /// The strategy of a (resolved) publish mode; `auto` is resolved at plan time and publishes
@@ -521,7 +527,30 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
             )));
         }
     };
+    let spec = frozen_spec(store, &run).await?;
     strategy_for_archive(&kind)
-        .rollback(store, &run, &target, &archives)
+        .rollback(RollbackRequest {
+            store,
+            run: &run,
+            spec: &spec,
+            target: &target,
+            archives: &archives,
+        })
         .await
+}
+
+/// The spec a run was frozen with, from the control store.
+async fn frozen_spec(store: &ControlStore, run: &RunRecord) -> Result<Spec, BackfillError> {
+    let text = store.spec_source(&run.spec_hash).await?.ok_or_else(|| {
+        BackfillError::Invalid(format!(
+            "the spec of run {} is missing from the control store",
+            run.run_id
+        ))
+    })?;
+    Spec::parse(&text).map_err(|e| {
+        BackfillError::Invalid(format!(
+            "the stored spec of run {} no longer parses: {e}",
+            run.run_id
+        ))
+    })
 }

@@ -48,7 +48,7 @@ impl PublishStrategy for SwapPartitions {
             request.run,
             request.target,
             request.shadow,
-            request.spec.publish.archive_retention_days,
+            &request.spec.publish,
             request.outside_guard(),
             request.window_guard,
         )
@@ -71,12 +71,9 @@ impl PublishStrategy for SwapPartitions {
 
     async fn rollback(
         &self,
-        store: &ControlStore,
-        run: &RunRecord,
-        target: &TableName,
-        archives: &[ArchiveRecord],
+        request: RollbackRequest<'_>,
     ) -> Result<RollbackReport, BackfillError> {
-        rollback_partitions(store, run, target, archives).await
+        rollback_partitions(request).await
     }
 }
 
@@ -123,7 +120,7 @@ pub async fn swap_partitions(
     run: &RunRecord,
     target: &TableName,
     shadow: &TableName,
-    retention_days: u32,
+    publish: &backfill_common::spec::Publish,
     outside: Option<OutsideGuard>,
     window: Option<WindowGuard>,
 ) -> Result<Vec<ArchiveRecord>, BackfillError> {
@@ -131,14 +128,11 @@ pub async fn swap_partitions(
     let engine = warehouse.engine();
     let native = native(engine)?;
     let mut tx = warehouse.begin().await?;
-    engine
-        .set_lock_timeout(&mut tx, std::time::Duration::from_secs(30))
-        .await?;
     // Writers wait from here; readers go on until the first DETACH, which holds the parent
     // exclusively until commit (renames and attaches only: the new partitions carry CHECK
     // constraints equal to their bounds, so attaching them scans nothing).
     engine
-        .lock_against_writers(&mut tx, target, WriterLock::Shared)
+        .lock_against_writers(&mut tx, target, WriterLock::Shared, publish.lock_wait)
         .await?;
     check_window_guard(warehouse, &mut tx, target, window.as_ref()).await?;
     let pairs = shadow_partitions(native, &mut tx, shadow, &run.run_id).await?;
@@ -183,6 +177,10 @@ pub async fn swap_partitions(
                 .await?,
         );
     }
+    // The views over the parent, then the parent, as its readers take them.
+    engine
+        .lock_for_swap(&mut tx, target, publish.lock_wait)
+        .await?;
     for ((new_partition, old_partition, bound), old) in pairs.iter().zip(old_checksums) {
         let archive = archive_name(old_partition, &run.run_id)?;
         execute(&mut tx, &native.detach(shadow, new_partition), &[]).await?;
@@ -234,7 +232,7 @@ pub async fn swap_partitions(
             old_partition,
             ARCHIVE_PARTITION,
             &old,
-            Duration::days(retention_days as i64),
+            Duration::days(publish.archive_retention_days as i64),
         );
         store.insert_archive(&mut tx, &record).await?;
         records.push(record);
@@ -263,17 +261,22 @@ pub async fn swap_partitions(
 /// every restored partition's checksum must equal the one recorded at publish, or nothing
 /// changes.
 pub(super) async fn rollback_partitions(
-    store: &ControlStore,
-    run: &RunRecord,
-    target: &TableName,
-    archives: &[ArchiveRecord],
+    request: RollbackRequest<'_>,
 ) -> Result<RollbackReport, BackfillError> {
+    let RollbackRequest {
+        store,
+        run,
+        spec,
+        target,
+        archives,
+    } = request;
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
     let native = native(engine)?;
     let mut tx = warehouse.begin().await?;
+    // The views over the parent, then the parent: the order its readers take them.
     engine
-        .set_lock_timeout(&mut tx, std::time::Duration::from_secs(30))
+        .lock_for_swap(&mut tx, target, spec.publish.lock_wait)
         .await?;
     let mut restored_from = Vec::new();
     let mut kept_as = Vec::new();

@@ -33,7 +33,7 @@ impl PublishStrategy for SwapTable {
             request.run,
             request.target,
             request.shadow,
-            request.spec.publish.archive_retention_days,
+            &request.spec.publish,
             request.outside_guard(),
             request.window_guard,
         )
@@ -46,13 +46,11 @@ impl PublishStrategy for SwapTable {
 
     async fn rollback(
         &self,
-        store: &ControlStore,
-        run: &RunRecord,
-        target: &TableName,
-        archives: &[ArchiveRecord],
+        request: RollbackRequest<'_>,
     ) -> Result<RollbackReport, BackfillError> {
-        let (archive, archive_table, undone) = single_archive(run, target, archives)?;
-        rollback_swap_table(store, run, target, &archive, &archive_table, &undone).await
+        let (archive, archive_table, undone) =
+            single_archive(request.run, request.target, request.archives)?;
+        rollback_swap_table(request, &archive, &archive_table, &undone).await
     }
 }
 
@@ -115,7 +113,7 @@ pub async fn swap_table(
     run: &RunRecord,
     target: &TableName,
     shadow: &TableName,
-    retention_days: u32,
+    publish: &backfill_common::spec::Publish,
     outside: Option<OutsideGuard>,
     window: Option<WindowGuard>,
 ) -> Result<ArchiveRecord, BackfillError> {
@@ -130,6 +128,7 @@ pub async fn swap_table(
         aside_suffix: &aside_suffix,
         carry_grants: true,
         takes_index_names: &|_| true,
+        lock_wait: publish.lock_wait,
     };
     let guard = PublishGuard {
         warehouse,
@@ -144,7 +143,7 @@ pub async fn swap_table(
             target,
             ARCHIVE_TABLE,
             old,
-            Duration::days(retention_days as i64),
+            Duration::days(publish.archive_retention_days as i64),
         )
     };
     let record_publish = async |tx: &mut dyn Session, record: &ArchiveRecord| {
@@ -172,7 +171,7 @@ pub async fn swap_table(
         // Block writers but not readers while checksumming; the lock for the renames comes
         // after, in the swap.
         engine
-            .lock_against_writers(&mut tx, target, WriterLock::Shared)
+            .lock_against_writers(&mut tx, target, WriterLock::Shared, publish.lock_wait)
             .await?;
         let old = guard.check(&mut tx).await?;
         engine.swap_tables(&mut tx, &swap).await?;
@@ -190,17 +189,22 @@ pub async fn swap_table(
 /// the backfilled table kept as `undone`, in one transaction whose restored checksum must be
 /// the one recorded at publish (by a cut-over where DDL commits on its own).
 pub(super) async fn rollback_swap_table(
-    store: &ControlStore,
-    run: &RunRecord,
-    target: &TableName,
+    request: RollbackRequest<'_>,
     archive: &ArchiveRecord,
     archive_table: &TableName,
     undone: &TableName,
 ) -> Result<RollbackReport, BackfillError> {
+    let RollbackRequest {
+        store,
+        run,
+        spec,
+        target,
+        ..
+    } = request;
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
     if !engine.capabilities().transactional_ddl {
-        return rollback_by_cut_over(store, run, target, archive, archive_table, undone).await;
+        return rollback_by_cut_over(request, archive, archive_table, undone).await;
     }
     let mut conn = warehouse.acquire().await?;
     engine.prepare_swap(&mut conn, true).await?;
@@ -209,7 +213,11 @@ pub(super) async fn rollback_swap_table(
         if !warehouse.table_exists(&mut tx, archive_table).await? {
             return Err(BackfillError::Invalid(format!("the archive table {archive_table} no longer exists")));
         }
-        engine.lock_for_swap(&mut tx, target).await?;
+        // Writers wait while the table that steps aside is checksummed; readers go on until
+        // the swap takes the views and the table.
+        engine
+            .lock_against_writers(&mut tx, target, WriterLock::Shared, spec.publish.lock_wait)
+            .await?;
         let current = warehouse.checksum(&mut tx, target, None, &[]).await?;
         let archived = archive_suffix(&run.run_id);
         engine
@@ -222,6 +230,7 @@ pub(super) async fn rollback_swap_table(
                     aside_suffix: &undone_suffix(&run.run_id),
                     carry_grants: false,
                     takes_index_names: &|name| name.ends_with(&archived),
+                    lock_wait: spec.publish.lock_wait,
                 },
             )
             .await?;
@@ -246,13 +255,18 @@ pub(super) async fn rollback_swap_table(
 /// first (nobody writes it: it must still hold what publish recorded), then swapped back by
 /// the engine's cut-over, then recorded. A rollback that finds the swap done records it.
 pub(super) async fn rollback_by_cut_over(
-    store: &ControlStore,
-    run: &RunRecord,
-    target: &TableName,
+    request: RollbackRequest<'_>,
     archive: &ArchiveRecord,
     archive_table: &TableName,
     undone: &TableName,
 ) -> Result<RollbackReport, BackfillError> {
+    let RollbackRequest {
+        store,
+        run,
+        spec,
+        target,
+        ..
+    } = request;
     let warehouse = &store.warehouse;
     let current = match swapped_unrecorded(warehouse, undone, archive_table).await? {
         Some(current) => current,
@@ -281,6 +295,7 @@ pub(super) async fn rollback_by_cut_over(
                 aside_suffix: &undone_suffix(&run.run_id),
                 carry_grants: false,
                 takes_index_names: &|name| name.ends_with(&archived),
+                lock_wait: spec.publish.lock_wait,
             };
             warehouse
                 .engine()

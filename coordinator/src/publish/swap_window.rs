@@ -36,7 +36,7 @@ impl PublishStrategy for SwapWindow {
             &request.spec.target.key,
             &window,
             &binds,
-            request.spec.publish.archive_retention_days,
+            &request.spec.publish,
             request.window_guard,
         )
         .await?;
@@ -48,13 +48,11 @@ impl PublishStrategy for SwapWindow {
 
     async fn rollback(
         &self,
-        store: &ControlStore,
-        run: &RunRecord,
-        target: &TableName,
-        archives: &[ArchiveRecord],
+        request: RollbackRequest<'_>,
     ) -> Result<RollbackReport, BackfillError> {
-        let (archive, archive_table, undone) = single_archive(run, target, archives)?;
-        rollback_window(store, run, target, &archive, &archive_table, &undone).await
+        let (archive, archive_table, undone) =
+            single_archive(request.run, request.target, request.archives)?;
+        rollback_window(request, &archive, &archive_table, &undone).await
     }
 }
 
@@ -218,7 +216,7 @@ pub async fn swap_window(
     key: &[backfill_common::ident::Ident],
     window_on_t: &str,
     binds: &[backfill_common::warehouse::Bind],
-    retention_days: u32,
+    publish: &backfill_common::spec::Publish,
     guard: Option<WindowGuard>,
 ) -> Result<(ArchiveRecord, WindowWrites), BackfillError> {
     let warehouse = &store.warehouse;
@@ -228,7 +226,7 @@ pub async fn swap_window(
     let mut tx = warehouse.begin().await?;
     // Writers wait; readers go on, seeing the old rows until commit.
     engine
-        .lock_against_writers(&mut tx, target, WriterLock::Exclusive)
+        .lock_against_writers(&mut tx, target, WriterLock::Exclusive, publish.lock_wait)
         .await?;
     check_window_guard(warehouse, &mut tx, target, guard.as_ref()).await?;
     let columns = warehouse.table_columns(&mut tx, target).await?;
@@ -254,7 +252,7 @@ pub async fn swap_window(
         target,
         ARCHIVE_WINDOW,
         &old,
-        Duration::days(retention_days as i64),
+        Duration::days(publish.archive_retention_days as i64),
     );
     store.insert_archive(&mut tx, &record).await?;
     record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
@@ -372,33 +370,31 @@ pub(super) async fn copy_window(
 /// `__bf_undone_<run>`, then the window is merged from the archive and its checksum must equal
 /// the one recorded at publish, or nothing changes.
 pub(super) async fn rollback_window(
-    store: &ControlStore,
-    run: &RunRecord,
-    target: &TableName,
+    request: RollbackRequest<'_>,
     archive: &ArchiveRecord,
     archive_table: &TableName,
     undone: &TableName,
 ) -> Result<RollbackReport, BackfillError> {
+    let RollbackRequest {
+        store,
+        run,
+        spec,
+        target,
+        ..
+    } = request;
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
-    let text = store.spec_source(&run.spec_hash).await?.ok_or_else(|| {
-        BackfillError::Invalid(format!(
-            "the spec of run {} is missing from the control store",
-            run.run_id
-        ))
-    })?;
-    let spec = backfill_common::spec::Spec::parse(&text).map_err(|e| {
-        BackfillError::Invalid(format!(
-            "the stored spec of run {} no longer parses: {e}",
-            run.run_id
-        ))
-    })?;
-    let (window, binds) = crate::window::spec_window(engine, &spec, &spec.planned_partitions());
+    let (window, binds) = crate::window::spec_window(engine, spec, &spec.planned_partitions());
     let create_undone = create_window_copy_before(warehouse, target, undone).await?;
     let mut tx = warehouse.begin().await?;
     // Writers wait; readers go on, seeing the old rows until commit.
     engine
-        .lock_against_writers(&mut tx, target, WriterLock::Exclusive)
+        .lock_against_writers(
+            &mut tx,
+            target,
+            WriterLock::Exclusive,
+            spec.publish.lock_wait,
+        )
         .await?;
     if !warehouse.table_exists(&mut tx, archive_table).await? {
         return Err(BackfillError::Invalid(format!(

@@ -1,6 +1,7 @@
 //! PostgreSQL (15 and newer tested; `hash_record_extended` from 14). Everything here is
 //! transactional, DDL included; views bind to tables by OID, so a swap re-creates them.
 
+mod locks;
 mod partitions;
 mod swap;
 
@@ -453,34 +454,25 @@ impl Engine for Postgres {
         tx: &mut dyn Session,
         table: &TableName,
         lock: WriterLock,
+        wait: Duration,
     ) -> Result<(), BackfillError> {
-        self.set_lock_timeout(tx, Duration::from_secs(30)).await?;
         let mode = match lock {
             WriterLock::Shared => "SHARE",
             WriterLock::Exclusive => "EXCLUSIVE",
         };
-        execute(
-            tx,
-            &format!("LOCK TABLE {} IN {mode} MODE", table.quoted()),
-            &[],
-        )
-        .await?;
-        Ok(())
+        locks::lock_patiently(tx, &locks::against_writers(table, mode), wait).await?;
+        // What follows (checksums, the swap's DDL) waits no longer than this for a lock.
+        self.set_lock_timeout(tx, Duration::from_secs(30)).await
     }
 
     async fn lock_for_swap(
         &self,
         tx: &mut dyn Session,
         table: &TableName,
+        wait: Duration,
     ) -> Result<(), BackfillError> {
-        self.set_lock_timeout(tx, Duration::from_secs(30)).await?;
-        execute(
-            tx,
-            &format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", table.quoted()),
-            &[],
-        )
-        .await?;
-        Ok(())
+        swap::lock_views_then_table(tx, table, wait).await?;
+        self.set_lock_timeout(tx, Duration::from_secs(30)).await
     }
 
     async fn prepare_swap(&self, _conn: &mut dyn Session, _on: bool) -> Result<(), BackfillError> {

@@ -2,6 +2,7 @@
 //! grants, and by name (indexes and the key constraints they back) follows the name across
 //! the renames, inside the swap's transaction.
 
+use super::locks::{Lock, lock_patiently};
 use crate::engine::{NameFilter, TableSwap, quote_catalog_name};
 use crate::error::BackfillError;
 use crate::ident::TableName;
@@ -13,6 +14,7 @@ pub(super) async fn swap_tables(
     conn: &mut dyn Session,
     swap: &TableSwap<'_>,
 ) -> Result<(), BackfillError> {
+    lock_views_then_table(conn, swap.current, swap.lock_wait).await?;
     let dependents = read_dependents(conn, swap.current).await?;
     rename(conn, swap.current, swap.aside).await?;
     rename(conn, swap.replacement, swap.current).await?;
@@ -42,19 +44,64 @@ struct ViewDefinition {
     options: Option<String>,
 }
 
-/// Locks the target and reads what depends on it. Refuses targets whose dependents a rename
-/// would strand: materialized views and foreign keys pointing at the target.
+/// The views that read `table` directly (by OID), as quoted qualified names in OID order.
+async fn views_on(conn: &mut dyn Session, table: &TableName) -> Result<Vec<String>, BackfillError> {
+    let rows = fetch_all(
+        conn,
+        "SELECT DISTINCT CAST(v.oid AS bigint), CAST(quote_ident(vn.nspname) || '.' || quote_ident(v.relname) AS text) \
+         FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+         JOIN pg_catalog.pg_class v ON v.oid = r.ev_class JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace \
+         WHERE d.classid = CAST('pg_catalog.pg_rewrite' AS regclass) AND d.refobjid = CAST($1 AS regclass) \
+         AND v.oid <> CAST($1 AS regclass) ORDER BY 1",
+        &[table.quoted().into()],
+    )
+    .await?;
+    rows.iter().map(|row| get::<String>(row, 1)).collect()
+}
+
+/// Takes the locks the renames and the views' re-creation need, in the order a reader of a
+/// view takes them (the view, then the table it reads), in attempts that give way to
+/// readers (`locks::lock_patiently`): a publish that held the table and then waited for a
+/// view that a reader held while waiting for the table would deadlock with it. Taken inside
+/// a savepoint, so that if a view appeared between the catalog read and the locks (it can't
+/// once the table is locked) they are released and taken again with it.
+pub(super) async fn lock_views_then_table(
+    conn: &mut dyn Session,
+    table: &TableName,
+    wait: std::time::Duration,
+) -> Result<(), BackfillError> {
+    let started = std::time::Instant::now();
+    loop {
+        execute(conn, "SAVEPOINT bf_swap_locks", &[]).await?;
+        let views = views_on(conn, table).await?;
+        let mut locks: Vec<Lock> = views
+            .iter()
+            .map(|view| Lock {
+                relation: view.clone(),
+                mode: "ACCESS EXCLUSIVE",
+            })
+            .collect();
+        locks.push(Lock {
+            relation: table.quoted(),
+            mode: "ACCESS EXCLUSIVE",
+        });
+        lock_patiently(conn, &locks, wait.saturating_sub(started.elapsed())).await?;
+        if views_on(conn, table).await? == views {
+            execute(conn, "RELEASE SAVEPOINT bf_swap_locks", &[]).await?;
+            return Ok(());
+        }
+        execute(conn, "ROLLBACK TO SAVEPOINT bf_swap_locks", &[]).await?;
+    }
+}
+
+/// Reads what depends on the target (locked by `lock_views_then_table`). Refuses targets
+/// whose dependents a rename would strand: materialized views and foreign keys pointing at
+/// the target.
 async fn read_dependents(
     conn: &mut dyn Session,
     target: &TableName,
 ) -> Result<Dependents, BackfillError> {
     let target_text = target.quoted();
-    execute(
-        conn,
-        &format!("LOCK TABLE {target_text} IN ACCESS EXCLUSIVE MODE"),
-        &[],
-    )
-    .await?;
     let row = fetch_one(conn, "SELECT current_setting('search_path')", &[]).await?;
     let search_path: String = get(&row, 0)?;
     // With only pg_catalog on the path, view definitions come back fully qualified.
