@@ -117,6 +117,14 @@ fn migrations(
                 runs.quoted()
             )],
         ),
+        (
+            5,
+            "checksum of what a publish put in an archive's place, so a rollback sees writes since",
+            vec![format!(
+                "ALTER TABLE {} ADD COLUMN published_checksum {text}",
+                t("archives").quoted()
+            )],
+        ),
     ]
 }
 
@@ -336,6 +344,10 @@ pub struct ArchiveRecord {
     pub expires_at: String,
     pub restored_at: Option<String>,
     pub dropped_at: Option<String>,
+    /// The checksum of what the publish put in the archive's place (the table, the window,
+    /// the partition) when it committed: a rollback that finds another has seen writes made
+    /// since. None for archives recorded before this was kept.
+    pub published_checksum: Option<String>,
 }
 
 /// A unit of work as the queue carries it: which partition, which attempt, which token.
@@ -865,6 +877,37 @@ impl ControlStore {
             .collect()
     }
 
+    /// Every partition of an audit-failed run is to be applied again (the source was fixed):
+    /// all back to pending with new fencing tokens (a re-application merges, writing only
+    /// rows that changed and deleting vanished keys), the run back to running. Conditional on
+    /// the run still being audit-failed under its spec.
+    pub async fn reopen_audit_failed(&self, run: &RunRecord) -> Result<RunRecord, BackfillError> {
+        let mut tx = self.warehouse.begin().await?;
+        self.set_pinned_run_state(
+            &mut tx,
+            run,
+            &[RunState::AuditFailed],
+            RunState::Running,
+            None,
+        )
+        .await?;
+        execute(
+            &mut tx,
+            &format!(
+                "UPDATE {} SET fencing_token = fencing_token + 1, state = 'pending', error = NULL WHERE run_id = $1",
+                self.table("partitions")
+            ),
+            &[run.run_id.as_str().into()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RunRecord {
+            state: RunState::Running,
+            error: None,
+            ..run.clone()
+        })
+    }
+
     /// First statement of a partition transaction: claims the partition if the task's fencing
     /// token is still current, the partition is not done and the run is still pinned to the
     /// task's spec (an amendment re-pins it; a worker's cached context must not outlive that).
@@ -1177,7 +1220,7 @@ impl ControlStore {
         execute(
             conn,
             &format!(
-                "INSERT INTO {} (archive_table, run_id, source_table, kind, row_count, checksum, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO {} (archive_table, run_id, source_table, kind, row_count, checksum, created_at, expires_at, published_checksum) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 self.table("archives")
             ),
             &[
@@ -1189,6 +1232,7 @@ impl ControlStore {
                 archive.checksum.as_str().into(),
                 archive.created_at.as_str().into(),
                 archive.expires_at.as_str().into(),
+                archive.published_checksum.clone().into(),
             ],
         )
         .await?;
@@ -1200,7 +1244,7 @@ impl ControlStore {
         let rows = fetch_all(
             &mut conn,
             &format!(
-                "SELECT archive_table, run_id, source_table, kind, row_count, checksum, created_at, expires_at, restored_at, dropped_at FROM {} ORDER BY created_at DESC",
+                "SELECT archive_table, run_id, source_table, kind, row_count, checksum, created_at, expires_at, restored_at, dropped_at, published_checksum FROM {} ORDER BY created_at DESC",
                 self.table("archives")
             ),
             &[],
@@ -1219,6 +1263,7 @@ impl ControlStore {
                     expires_at: get(row, 7)?,
                     restored_at: get(row, 8)?,
                     dropped_at: get(row, 9)?,
+                    published_checksum: get(row, 10)?,
                 })
             })
             .collect()

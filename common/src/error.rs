@@ -146,9 +146,29 @@ impl From<sqlx::Error> for BackfillError {
         let (class, sqlstate) = crate::engine::session::classify_sqlx_error(&error);
         BackfillError::Warehouse {
             context: Context(None),
-            message: crate::warehouse::redact_secrets(&error.to_string()),
+            message: crate::warehouse::redact_secrets(&database_message(&error)),
             class,
             sqlstate,
         }
     }
+}
+
+/// What the database said, as its own client would print it: the message, then PostgreSQL's
+/// DETAIL and HINT lines, which say which row or what to do (sqlx's text drops them and adds
+/// the server's own source line, `at line 948`, which means nothing to a user).
+fn database_message(error: &sqlx::Error) -> String {
+    let sqlx::Error::Database(db) = error else {
+        return error.to_string();
+    };
+    let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else {
+        return format!("error returned from database: {db}");
+    };
+    let mut text = format!("error returned from database: {}", pg.message());
+    if let Some(detail) = pg.detail() {
+        text.push_str(&format!("\nDETAIL: {detail}"));
+    }
+    if let Some(hint) = pg.hint() {
+        text.push_str(&format!("\nHINT: {hint}"));
+    }
+    text
 }

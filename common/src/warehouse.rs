@@ -35,6 +35,17 @@ pub struct Checksum {
     pub digest: String,
 }
 
+impl Checksum {
+    /// A checksum as stored (`rows:digest`).
+    pub fn parse(stored: &str) -> Option<Checksum> {
+        let (rows, digest) = stored.split_once(':')?;
+        Some(Checksum {
+            rows: rows.parse().ok()?,
+            digest: digest.to_string(),
+        })
+    }
+}
+
 impl std::fmt::Display for Checksum {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.rows, self.digest)

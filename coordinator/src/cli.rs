@@ -4,10 +4,24 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+
+/// Returns a `Refusal` (exit code 2): the command changed nothing, for a reason to act on.
+macro_rules! refuse {
+    ($($arg:tt)*) => {
+        return Err(Refusal(format!($($arg)*)).into())
+    };
+}
+
+/// A `Refusal` as an `anyhow::Error`, for `ok_or_else`.
+macro_rules! refusal {
+    ($($arg:tt)*) => {
+        anyhow::Error::from(Refusal(format!($($arg)*)))
+    };
+}
 use backfill_common::control::ControlStore;
 use backfill_common::ident::Ident;
-use backfill_common::spec::Spec;
+use backfill_common::spec::{PublishMode, Spec};
 use backfill_common::warehouse::{Warehouse, redact_url};
 use backfill_worker::{PartitionOutcome, PartitionReport};
 use clap::{Args, Parser, Subcommand};
@@ -236,8 +250,16 @@ pub enum Command {
         connection: Connection,
     },
     /// Restore the table archived by a published run, verifying its checksum
+    ///
+    /// Refuses (exit 2, nothing changed) when the rows it would replace were written to since
+    /// the publish, saying how many; rows outside a `swap_window` window are never touched.
     Rollback {
         run: String,
+        /// Roll back even if the table (the window, for swap_window) was written to since the
+        /// publish; what it holds now, those writes included, is kept as the run's
+        /// `__bf_undone_` table
+        #[arg(long)]
+        discard_writes_since_publish: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -298,11 +320,42 @@ pub fn resolve_url(connection: &Connection, spec_warehouse: Option<&str>) -> Res
     let name = connection.warehouse.as_deref().or(spec_warehouse);
     if let Some(name) = name {
         return backfill_common::config::warehouse_url(name, connection.config.as_deref())
-            .map_err(|e| anyhow!(e));
+            .map_err(|e| Refusal(e.to_string()).into());
     }
-    bail!(
+    Err(Refusal(
         "no warehouse given: pass --warehouse-url (or set BACKFILL_WAREHOUSE_URL), or --warehouse NAME with BACKFILL_WAREHOUSE_<NAME>_URL or a config file"
+            .to_string(),
     )
+    .into())
+}
+
+/// A command refused before it changed anything, for a reason the user can act on (bad
+/// usage, a missing setting): exit code 2, like a bad spec.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// The exit code of a failed command: 2 when it was refused with nothing changed (a bad spec
+/// or usage, or a refusal that names what to do instead: a run in the way, a table that
+/// changed, an approval that lapsed), 1 for errors (the warehouse, the broker, a lock wait
+/// that ran out: the same command may succeed later).
+pub fn exit_code_of(error: &anyhow::Error) -> i32 {
+    let refused = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<backfill_common::spec::SpecError>()
+            .is_some()
+            || cause.downcast_ref::<Refusal>().is_some()
+            || matches!(
+                cause.downcast_ref::<backfill_common::BackfillError>(),
+                Some(
+                    backfill_common::BackfillError::Spec(_)
+                        | backfill_common::BackfillError::Conflict(_)
+                        | backfill_common::BackfillError::Invalid(_)
+                        | backfill_common::BackfillError::ApprovalLapsed(_)
+                )
+            )
+    });
+    if refused { 2 } else { 1 }
 }
 
 /// Opens an existing run with the spec it is pinned to, read back from the control store.
@@ -311,7 +364,7 @@ async fn open_run(connection: &Connection, run_id: &str) -> Result<(Backfill, St
     let run = store
         .find_run(run_id)
         .await?
-        .ok_or_else(|| anyhow!("no run `{run_id}` in this control store"))?;
+        .ok_or_else(|| refusal!("no run `{run_id}` in this control store"))?;
     let text = store.spec_source(&run.spec_hash).await?.ok_or_else(|| {
         anyhow!(
             "the spec {} of run {run_id} is missing from the control store",
@@ -339,7 +392,7 @@ async fn open_store(connection: &Connection) -> Result<ControlStore> {
     let url = resolve_url(connection, None)?;
     let warehouse = Warehouse::connect(&url, 4).await?;
     let schema =
-        Ident::new(&connection.control_schema).map_err(|e| anyhow!("--control-schema: {e}"))?;
+        Ident::new(&connection.control_schema).map_err(|e| refusal!("--control-schema: {e}"))?;
     let store = ControlStore::new(warehouse, schema);
     store.migrate().await?;
     Ok(store)
@@ -356,7 +409,7 @@ async fn watch_run(
 ) -> Result<()> {
     use std::io::IsTerminal as _;
     if !(interval.is_finite() && interval > 0.0) {
-        bail!("--interval must be a positive number of seconds, not {interval}");
+        refuse!("--interval must be a positive number of seconds, not {interval}");
     }
     let redraw = std::io::stdout().is_terminal() && !json;
     let mut meter = None;
@@ -582,9 +635,9 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 .store
                 .find_run(&run)
                 .await?
-                .ok_or_else(|| anyhow!("no run `{run}`"))?;
+                .ok_or_else(|| refusal!("no run `{run}`"))?;
             if !record.state.is_open() {
-                bail!(
+                refuse!(
                     "run {run} is {}; there is nothing to resubmit",
                     record.state.as_str()
                 );
@@ -594,9 +647,9 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                 let found = partitions
                     .iter()
                     .find(|p| &p.partition_key == key)
-                    .ok_or_else(|| anyhow!("run {run} has no partition `{key}`"))?;
+                    .ok_or_else(|| refusal!("run {run} has no partition `{key}`"))?;
                 if found.state == PartitionState::Done {
-                    bail!(
+                    refuse!(
                         "partition {key} of run {run} is done; resubmitting it would apply it again, so it is refused"
                     );
                 }
@@ -728,9 +781,16 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             let outcome = backfill.publish_approved(&run, &owner, &bar).await?;
             Ok(report_outcome(&outcome, &url))
         }
-        Command::Rollback { run, connection } => {
+        Command::Rollback {
+            run,
+            discard_writes_since_publish,
+            connection,
+        } => {
             let store = open_store(&connection).await?;
-            let report = publish::rollback(&store, &run).await?;
+            let options = publish::RollbackOptions {
+                discard_writes_since_publish,
+            };
+            let report = publish::rollback_with(&store, &run, options).await?;
             println!(
                 "rolled back run {}: {} restored from {} (checksum {} verified); the backfilled table is kept as {}",
                 report.run_id, report.target, report.restored_from, report.checksum, report.kept_as
@@ -790,9 +850,9 @@ pub async fn execute(cli: Cli) -> Result<i32> {
             let record = store
                 .find_run(&run)
                 .await?
-                .ok_or_else(|| anyhow!("no run `{run}` in this control store"))?;
+                .ok_or_else(|| refusal!("no run `{run}` in this control store"))?;
             if !record.state.is_open() {
-                bail!(
+                refuse!(
                     "run {run} is {}; only an unpublished run can be abandoned",
                     record.state.as_str()
                 );
@@ -860,9 +920,15 @@ fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
             run_id,
             archive,
             partitions,
+            publish_mode,
         } => {
+            let archived = match publish_mode {
+                PublishMode::SwapWindow => "the window's previous rows are archived in",
+                PublishMode::SwapPartitions => "the replaced partitions are archived as",
+                _ => "the previous table is archived as",
+            };
             println!(
-                "published run {run_id}: {partitions} partition(s) written, audited and swapped in; the previous table is archived as {archive}"
+                "published run {run_id}: {partitions} partition(s) written, audited and swapped in; {archived} {archive}"
             );
             println!("status:      backfill status {run_id} {flag}");
             println!("roll back:   backfill rollback {run_id} {flag}");
@@ -881,9 +947,14 @@ fn report_outcome(outcome: &RunOutcome, url: &str) -> i32 {
             print!("{}", status::render_audits(failures, true));
             println!("details: backfill status {run_id} {flag}");
             println!(
-                "a threshold that is wrong, not the data: correct it in the spec and run it with --amend \
+                "the data is wrong: fix the source and run the same spec again (its partitions are applied again, \
+                 writing only rows that changed, then audited)"
+            );
+            println!(
+                "a threshold is wrong, not the data: correct it in the spec and run it with --amend \
                  (the shadow is audited again; no partition is written again)"
             );
+            println!("give up on this run: backfill abandon {run_id} {flag}");
             EXIT_AUDIT_FAILED
         }
         RunOutcome::PartitionsFailed { run_id, failures } => {

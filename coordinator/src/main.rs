@@ -2,7 +2,26 @@ use clap::Parser;
 
 use backfill_common::telemetry::{self, LogFormat};
 
+/// `backfill status <run> | head`: once the reader has gone, printing fails; end quietly as
+/// Unix tools do (exit 141, as if killed by SIGPIPE), not with a panic and a stack trace.
+fn exit_quietly_when_stdout_closes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    exit_quietly_when_stdout_closes();
     let cli = backfill_coordinator::cli::Cli::parse();
     let runtime = telemetry::runtime_or_exit();
     let format: LogFormat = cli.log_format.parse().unwrap_or_default();
@@ -25,14 +44,7 @@ fn main() {
                 LogFormat::Json => tracing::error!(error = %message, "backfill failed"),
                 LogFormat::Text => eprintln!("error: {message}"),
             }
-            if e.chain().any(|c| {
-                c.downcast_ref::<backfill_common::spec::SpecError>()
-                    .is_some()
-            }) {
-                2
-            } else {
-                1
-            }
+            backfill_coordinator::cli::exit_code_of(&e)
         }
     };
     telemetry.shutdown();

@@ -15,7 +15,7 @@ use backfill_common::queue::{InMemoryQueue, TaskQueue};
 use backfill_common::semaphore::InMemorySemaphore;
 use backfill_common::spec::{Approval, HookEvent, PublishMode, Spec, SpecChanges};
 use backfill_common::telemetry;
-use backfill_common::warehouse::{Bind, Session, Warehouse, execute, redact_secrets};
+use backfill_common::warehouse::{Bind, Checksum, Session, Warehouse, execute, redact_secrets};
 use backfill_common::{BackfillError, TOOL_VERSION};
 use backfill_worker::{
     FixedContext, PartitionContext, PartitionOutcome, PartitionReport, consume, shadow_facts,
@@ -57,6 +57,8 @@ pub enum RunOutcome {
         run_id: String,
         archive: String,
         partitions: usize,
+        /// The mode it published with (what the archive holds depends on it).
+        publish_mode: PublishMode,
     },
     AlreadyPublished {
         run_id: String,
@@ -863,6 +865,7 @@ impl Backfill {
             run_id: run.run_id.clone(),
             archive: archive.archive_table,
             partitions: partitions.len(),
+            publish_mode: mode,
         })
     }
 
@@ -1014,6 +1017,52 @@ impl Backfill {
     }
 
     /// The window (alias `t`) of this spec as a condition with its binds.
+    /// Whether the target's window still holds what the published run `done` wrote there
+    /// (its partitions' checksums, added up); a description of the change when not. A run
+    /// whose partition checksums cannot be added up counts as unchanged.
+    async fn window_changed_since(
+        &self,
+        done: &RunRecord,
+        plan: &Plan,
+    ) -> Result<Option<String>, BackfillError> {
+        let engine = self.store.engine();
+        let mut published: Option<Checksum> = None;
+        for record in self.store.partitions(&done.run_id).await? {
+            let Some(checksum) = record.checksum.as_deref().and_then(Checksum::parse) else {
+                return Ok(None);
+            };
+            published = match published {
+                None => Some(checksum),
+                Some(sum) => match engine.add_checksums(&sum, &checksum) {
+                    Some(total) => Some(total),
+                    None => return Ok(None),
+                },
+            };
+        }
+        let Some(published) = published else {
+            return Ok(None);
+        };
+        let (window, binds) = self.window_on_t(&plan.partitions);
+        let mut conn = self.store.warehouse.acquire().await?;
+        let now = self
+            .store
+            .warehouse
+            .checksum_like(
+                &mut conn,
+                &self.target,
+                Some(&window),
+                &binds,
+                &published.to_string(),
+            )
+            .await?;
+        Ok((now.to_string() != published.to_string()).then(|| {
+            format!(
+                "{} rows published, {} there now; checksum {published} then, {now} now",
+                published.rows, now.rows
+            )
+        }))
+    }
+
     fn window_on_t(&self, partitions: &[Partition]) -> (String, Vec<Bind>) {
         crate::window::spec_window(self.store.engine(), &self.spec, partitions)
     }
@@ -1152,6 +1201,16 @@ impl Backfill {
                     )
                     .await?
             };
+            if open.state == RunState::AuditFailed && changes.settings.is_empty() {
+                // The same spec again after failed audits: the source was fixed (a threshold
+                // would come with --amend, audited again as it is). Audit a shadow that
+                // reflects the fix, not the one that failed.
+                progress.phase(&format!(
+                    "run {} failed its audits; applying its partitions from the source again                      (only rows that changed are written), then auditing again",
+                    open.run_id
+                ));
+                return Ok(Ok(self.store.reopen_audit_failed(&open).await?));
+            }
             progress.phase(&format!(
                 "resuming run {} ({})",
                 open.run_id,
@@ -1164,9 +1223,18 @@ impl Backfill {
             .iter()
             .find(|r| r.state == RunState::Published && r.spec_hash == hash)
         {
-            return Ok(Err(RunOutcome::AlreadyPublished {
-                run_id: done.run_id.clone(),
-            }));
+            match self.window_changed_since(done, plan).await? {
+                None => {
+                    return Ok(Err(RunOutcome::AlreadyPublished {
+                        run_id: done.run_id.clone(),
+                    }));
+                }
+                Some(change) => progress.phase(&format!(
+                    "run {} published this spec, but the window of {} no longer holds what it published ({change}): \
+                     the table was re-created or written since; starting a new run",
+                    done.run_id, self.target
+                )),
+            }
         }
         let run_id = new_run_id();
         let shadow = shadow_name(&self.target, &run_id)?;
@@ -1187,7 +1255,13 @@ impl Backfill {
             published_at: None,
         };
         progress.phase(&format!(
-            "run {run_id}: building shadow {shadow} (copying partitions outside the window)"
+            "run {run_id}: building shadow {shadow}{}",
+            match plan.publish_mode {
+                PublishMode::SwapWindow => " (the window only: the table keeps its other rows)",
+                PublishMode::SwapPartitions =>
+                    " (the window's partitions, their rows beside the window copied)",
+                _ => " (copying the rows outside the window)",
+            }
         ));
         // Run, partitions and shadow appear together or not at all. Where DDL commits (MySQL),
         // the shadow is built first and the run that names it recorded after: a crash in

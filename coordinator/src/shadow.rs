@@ -254,6 +254,18 @@ pub async fn build_deferred_indexes(
     let existing = warehouse.engine().index_names(&mut conn, shadow).await?;
     for index in deferred.iter().filter(|d| !existing.contains(&d.name)) {
         if let Err(error) = execute(&mut conn, &index.create, &[]).await {
+            // An earlier attempt's build (a killed process's statement runs on in the server)
+            // committed the same index while this one waited for it or just before (the name's
+            // catalog row is what was duplicated, or the name exists): the index is there.
+            if warehouse
+                .engine()
+                .index_names(&mut conn, shadow)
+                .await?
+                .contains(&index.name)
+            {
+                tracing::info!(index = %index.name, %shadow, "an earlier attempt built this index meanwhile");
+                continue;
+            }
             if error.is_unique_violation() || error.is_exclusion_violation() {
                 let mut failures = duplicate_keys(warehouse, &mut conn, spec, shadow).await?;
                 if failures.is_empty() {

@@ -356,6 +356,13 @@ pub async fn exec(warehouse: &Warehouse, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Runs `sql` on a session the test holds (a transaction left open across calls).
+pub async fn exec_on(session: &mut dyn backfill_common::warehouse::Session, sql: &str) {
+    execute(session, sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 pub async fn table_exists(warehouse: &Warehouse, table_name: &str) -> bool {
     let mut conn = warehouse.acquire().await.expect("connection");
     warehouse

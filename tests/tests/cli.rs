@@ -134,9 +134,9 @@ async fn plan_run_status_and_exit_codes() {
         text(&output)
     );
 
-    // no URL anywhere: the error says every way to give one.
+    // no URL anywhere: the error says every way to give one (bad usage: exit 2).
     let output = backfill(&["plan", spec], None);
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(2));
     assert!(
         text(&output).contains("BACKFILL_WAREHOUSE_DEMO_URL"),
         "{}",

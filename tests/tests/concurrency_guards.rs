@@ -71,6 +71,51 @@ async fn writes_after_the_shadow_block_the_publish() {
         store.find_run(&run_id).await.unwrap().unwrap().state,
         RunState::Auditing
     );
+    // The advice is one that keeps the writers' rows: swap_window, or pausing them; never
+    // widening the window over them (which would replace their rows with the recompute).
+    assert!(
+        error.contains("swap_window")
+            && error.contains(&format!("backfill abandon {run_id}"))
+            && !error.contains("backfill their partitions"),
+        "{error}"
+    );
+    // Following it: abandon, swap_window, run again. The late write is kept, the window fixed.
+    let record = store.find_run(&run_id).await.unwrap().unwrap();
+    backfill_coordinator::publish::drop_shadow(&store, &record)
+        .await
+        .unwrap();
+    let text = demo::MINI_CHALLENGE_SPEC.replace("mode = \"swap_table\"", "mode = \"swap_window\"");
+    let outcome = Backfill::open(Spec::parse(&text).unwrap(), text.clone(), &db.url)
+        .await
+        .unwrap()
+        .run("test", &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            backfill_coordinator::runner::RunOutcome::Published { .. }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT count(*) FROM fact_order_items WHERE order_id = 99999"
+        )
+        .await,
+        1,
+        "the late write survives the publish"
+    );
+    exec(
+        &warehouse,
+        "DELETE FROM fact_order_items WHERE order_id = 99999",
+    )
+    .await;
+    assert_eq!(
+        checksum(&warehouse, "fact_order_items", None).await,
+        checksum(&warehouse, "expected_order_items", None).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +289,7 @@ async fn migrators_starting_together_apply_each_version_once(db: TestDatabase) {
         ),
     )
     .await;
-    assert_eq!((versions, distinct), (4, 4), "versions 1 to 4, each once");
+    assert_eq!((versions, distinct), (5, 5), "versions 1 to 5, each once");
     let started = std::time::Instant::now();
     store.migrate().await.unwrap();
     assert!(

@@ -267,3 +267,72 @@ async fn another_unique_index_the_new_rows_break_fails_the_run() {
     );
     assert_eq!(checksum(&warehouse, "fact_order_items", None).await, before);
 }
+
+/// A process killed while building a shadow's index leaves the statement running in the
+/// server; the rerun's build of the same index waits for it and, when it commits, fails on
+/// the index's name. The rerun sees the index is there and goes on (it failed the run with
+/// "resuming cannot change that", though one more rerun published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_an_earlier_attempt_built_meanwhile_is_taken_as_built() {
+    let db = TestDatabase::postgres().await;
+    let warehouse = db.warehouse().await;
+    exec(
+        &warehouse,
+        "CREATE TABLE shadow_like AS SELECT g AS id, g % 7 AS day FROM generate_series(1, 5000) AS g",
+    )
+    .await;
+    let deferred = backfill_common::engine::DeferredIndex {
+        name: "shadow_like_id".to_string(),
+        create: "CREATE UNIQUE INDEX shadow_like_id ON shadow_like (id)".to_string(),
+        comment: None,
+    };
+    // The earlier attempt: its build is in flight, uncommitted.
+    let earlier_pool = Warehouse::connect(&db.url, 2).await.unwrap();
+    let mut earlier = earlier_pool.acquire().await.unwrap();
+    exec_on(&mut earlier, "BEGIN").await;
+    exec_on(&mut earlier, &deferred.create).await;
+    let spec = Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap();
+    let rerun = {
+        let (warehouse, deferred) = (warehouse.clone(), deferred.clone());
+        tokio::spawn(async move {
+            backfill_coordinator::shadow::build_deferred_indexes(
+                &warehouse,
+                &spec,
+                &table("shadow_like"),
+                &[deferred],
+            )
+            .await
+        })
+    };
+    // Wait until the rerun's build waits for the earlier one, then let that commit.
+    let mut waited = false;
+    for _ in 0..200 {
+        if count(
+            &warehouse,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'CREATE UNIQUE INDEX shadow_like_id%'",
+        )
+        .await
+            > 0
+        {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waited, "the rerun's build waited for the earlier one");
+    exec_on(&mut earlier, "COMMIT").await;
+    let result = rerun.await.unwrap().unwrap();
+    assert_eq!(
+        result,
+        Ok(()),
+        "the index built meanwhile is taken as built"
+    );
+    assert_eq!(
+        count(
+            &warehouse,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'shadow_like_id'"
+        )
+        .await,
+        1
+    );
+}

@@ -300,8 +300,8 @@ async fn manual_approval_waits_then_publishes() {
     let output = backfill_cli(&["publish", &run.run_id]);
     assert_eq!(
         output.status.code(),
-        Some(1),
-        "a published run cannot be published again"
+        Some(2),
+        "a published run cannot be published again (a refusal)"
     );
 }
 

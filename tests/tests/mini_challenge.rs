@@ -60,11 +60,17 @@ async fn mini_challenge_end_to_end(db: TestDatabase) {
         run_id,
         archive,
         partitions,
+        publish_mode,
     } = outcome
     else {
         panic!("expected a publish, got {outcome:?}");
     };
     assert_eq!(partitions, 4);
+    assert_eq!(
+        publish_mode,
+        backfill_common::spec::PublishMode::SwapTable,
+        "the mode the spec names"
+    );
 
     // The data: exactly the expected corrected table, no duplicates, untouched days identical.
     let after = checksum(&warehouse, "fact_order_items", None).await;

@@ -34,6 +34,7 @@ async fn worked_example_1_adds_session_length_on_postgres() {
         run_id,
         archive,
         partitions,
+        ..
     } = outcome
     else {
         panic!("{outcome:?}")

@@ -533,6 +533,11 @@ pub trait Engine: Send + Sync + 'static {
         conn: &mut dyn Session,
         table: &TableName,
     ) -> Result<RowHash, BackfillError>;
+    /// The checksum of two disjoint sets of rows hashed alike, from theirs (checksums are
+    /// sums of row hashes); None when they were not hashed alike.
+    fn add_checksums(&self, a: &Checksum, b: &Checksum) -> Option<Checksum> {
+        add_decimal_checksums(a, b)
+    }
     /// Checksum of the rows of `table` (alias `t`) matching `filter`.
     async fn checksum(
         &self,
@@ -612,6 +617,23 @@ pub(crate) mod standard {
 
 /// A table's schema and name as the binds of a catalog query: the schema NULL (the session's
 /// current schema or database) when the name is unqualified.
+/// `add_checksums` for digests written as a method prefix (letters) and an exact decimal sum.
+pub(crate) fn add_decimal_checksums(a: &Checksum, b: &Checksum) -> Option<Checksum> {
+    let split = |digest: &str| {
+        let at = digest
+            .find(|c: char| c.is_ascii_digit() || c == '-')
+            .unwrap_or(digest.len());
+        let (prefix, sum) = digest.split_at(at);
+        Some((prefix.to_string(), sum.parse::<i128>().ok()?))
+    };
+    let ((prefix_a, sum_a), (prefix_b, sum_b)) = (split(&a.digest)?, split(&b.digest)?);
+    (prefix_a == prefix_b).then_some(())?;
+    Some(Checksum {
+        rows: a.rows.checked_add(b.rows)?,
+        digest: format!("{prefix_a}{}", sum_a.checked_add(sum_b)?),
+    })
+}
+
 pub(crate) fn table_binds(table: &TableName) -> [Bind; 2] {
     [
         table.schema.as_ref().map(|s| s.as_str().to_string()).into(),

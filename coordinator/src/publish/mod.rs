@@ -160,6 +160,40 @@ pub struct RollbackRequest<'a> {
     pub spec: &'a Spec,
     pub target: &'a TableName,
     pub archives: &'a [ArchiveRecord],
+    /// Roll back even though the rows to be replaced changed since publish (they are kept in
+    /// the `undone` table either way).
+    pub discard_writes_since_publish: bool,
+}
+
+impl RollbackRequest<'_> {
+    /// Refuses to replace `now` (what `what` holds) unless it is what the publish recorded
+    /// for `archive`, or the caller said to discard writes since publish.
+    fn check_no_writes_since(
+        &self,
+        archive: &ArchiveRecord,
+        what: &str,
+        now: &Checksum,
+        undone: &TableName,
+    ) -> Result<(), BackfillError> {
+        match &archive.published_checksum {
+            Some(published) if *published != now.to_string() => {
+                if self.discard_writes_since_publish {
+                    tracing::warn!(run_id = %self.run.run_id, %what, %published, now = %now, kept_as = %undone,
+                        "rolling back over writes made since publish, as asked; they are kept in the undone table");
+                    Ok(())
+                } else {
+                    Err(writes_since_publish(self.run, what, published, now, undone))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How `rollback_with` goes about it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RollbackOptions {
+    pub discard_writes_since_publish: bool,
 }
 
 /// The strategy of a (resolved) publish mode; `auto` is resolved at plan time and publishes
@@ -371,7 +405,81 @@ fn archive_record(
         expires_at: (Utc::now() + retention).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         restored_at: None,
         dropped_at: None,
+        published_checksum: None,
     }
+}
+
+impl PublishRequest<'_> {
+    /// The checksum of what this publish puts in place of the archived rows: the window's
+    /// partitions as the workers checksummed them when they wrote them, plus, where the
+    /// shadow holds the rows outside the window too, their checksum at shadow build (the
+    /// publish guard proves the target still holds them). Read from the shadow (before any
+    /// lock on the target: nothing writes an audited shadow) where those cannot be added up
+    /// (new columns, a run recorded before partitions had checksums).
+    async fn published_checksum(&self, with_outside: bool) -> Result<Checksum, BackfillError> {
+        let engine = self.store.engine();
+        let outside = match (with_outside, self.spec.target.add_columns.is_empty()) {
+            (false, _) => Some(Checksum {
+                rows: 0,
+                digest: String::new(),
+            }),
+            (true, true) => self.outside_checksum.as_deref().and_then(Checksum::parse),
+            (true, false) => None,
+        };
+        if let Some(outside) = outside {
+            let records = self.store.partitions(&self.run.run_id).await?;
+            let mut total = (!outside.digest.is_empty()).then_some(outside);
+            let mut complete = true;
+            for partition in self.partitions {
+                let recorded = records
+                    .iter()
+                    .find(|r| r.partition_key == partition.key)
+                    .and_then(|r| r.checksum.as_deref())
+                    .and_then(Checksum::parse);
+                total = match (total, recorded) {
+                    (None, Some(recorded)) => Some(recorded),
+                    (Some(sum), Some(recorded)) => engine.add_checksums(&sum, &recorded),
+                    (_, None) => None,
+                };
+                if total.is_none() {
+                    complete = false;
+                    break;
+                }
+            }
+            if let (true, Some(total)) = (complete, total) {
+                return Ok(total);
+            }
+        }
+        let mut conn = self.store.warehouse.acquire().await?;
+        self.store
+            .warehouse
+            .checksum(&mut conn, self.shadow, None, &[])
+            .await
+    }
+}
+
+/// What a rollback does when the rows it is about to replace are not what the publish put
+/// there: someone wrote to the target since.
+fn writes_since_publish(
+    run: &RunRecord,
+    what: &str,
+    published: &str,
+    now: &Checksum,
+    undone: &TableName,
+) -> BackfillError {
+    let rows_then = Checksum::parse(published).map_or(-1, |c| c.rows);
+    let change = match now.rows - rows_then {
+        0 => format!("{} rows then and now, some of them changed", now.rows),
+        more if more > 0 => format!("{rows_then} rows then, {} now ({more} more)", now.rows),
+        fewer => format!("{rows_then} rows then, {} now ({} fewer)", now.rows, -fewer),
+    };
+    BackfillError::Conflict(format!(
+        "{what} changed since run {run} published it ({change}; checksum {published} then, {now} now): \
+         rolling back would discard those writes. Nothing was changed. Stop the writers and roll back, then write again \
+         what they wrote; or roll back anyway with `backfill rollback {run} --discard-writes-since-publish`, which keeps \
+         {what} as it is now, those writes included, as {undone}",
+        run = run.run_id
+    ))
 }
 
 /// Marks `archive` restored and records what the restore replaced (`undone`, holding
@@ -466,6 +574,15 @@ pub struct RollbackReport {
 /// (same retention), and proves the restored table's checksum equals the one recorded at
 /// publish; on a mismatch nothing changes.
 pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackReport, BackfillError> {
+    rollback_with(store, run_id, RollbackOptions::default()).await
+}
+
+/// `rollback`, with options (`--discard-writes-since-publish`).
+pub async fn rollback_with(
+    store: &ControlStore,
+    run_id: &str,
+    options: RollbackOptions,
+) -> Result<RollbackReport, BackfillError> {
     let run = store.find_run(run_id).await?.ok_or_else(|| {
         BackfillError::Invalid(format!("no run `{run_id}` in this control store"))
     })?;
@@ -535,6 +652,7 @@ pub async fn rollback(store: &ControlStore, run_id: &str) -> Result<RollbackRepo
             spec: &spec,
             target: &target,
             archives: &archives,
+            discard_writes_since_publish: options.discard_writes_since_publish,
         })
         .await
 }

@@ -170,18 +170,22 @@ pub async fn swap_partitions(
     // Everything that reads whole partitions happens before the first DETACH, which locks
     // the parent against readers until commit.
     let mut old_checksums = Vec::new();
-    for (_, old_partition, _) in &pairs {
-        old_checksums.push(
-            warehouse
-                .checksum(&mut tx, old_partition, None, &[])
-                .await?,
-        );
+    for (new_partition, old_partition, _) in &pairs {
+        let old = warehouse
+            .checksum(&mut tx, old_partition, None, &[])
+            .await?;
+        // What the partition will hold: a rollback that finds otherwise has seen writes.
+        let published = warehouse
+            .checksum_like(&mut tx, new_partition, None, &[], &old.to_string())
+            .await?;
+        old_checksums.push((old, published));
     }
     // The views over the parent, then the parent, as its readers take them.
     engine
         .lock_for_swap(&mut tx, target, publish.lock_wait)
         .await?;
-    for ((new_partition, old_partition, bound), old) in pairs.iter().zip(old_checksums) {
+    for ((new_partition, old_partition, bound), (old, published)) in pairs.iter().zip(old_checksums)
+    {
         let archive = archive_name(old_partition, &run.run_id)?;
         execute(&mut tx, &native.detach(shadow, new_partition), &[]).await?;
         execute(&mut tx, &native.detach(target, old_partition), &[]).await?;
@@ -226,14 +230,17 @@ pub async fn swap_partitions(
             &[],
         )
         .await?;
-        let record = archive_record(
-            &run.run_id,
-            &archive,
-            old_partition,
-            ARCHIVE_PARTITION,
-            &old,
-            Duration::days(publish.archive_retention_days as i64),
-        );
+        let record = ArchiveRecord {
+            published_checksum: Some(published.to_string()),
+            ..archive_record(
+                &run.run_id,
+                &archive,
+                old_partition,
+                ARCHIVE_PARTITION,
+                &old,
+                Duration::days(publish.archive_retention_days as i64),
+            )
+        };
         store.insert_archive(&mut tx, &record).await?;
         records.push(record);
     }
@@ -269,6 +276,7 @@ pub(super) async fn rollback_partitions(
         spec,
         target,
         archives,
+        ..
     } = request;
     let warehouse = &store.warehouse;
     let engine = warehouse.engine();
@@ -298,7 +306,15 @@ pub(super) async fn rollback_partitions(
                 BackfillError::Invalid(format!("{partition} is no longer a partition of {target}"))
             })?;
         let undone = undone_name(&partition, &run.run_id)?;
-        let current = warehouse.checksum(&mut tx, &partition, None, &[]).await?;
+        let current = match &archive.published_checksum {
+            Some(published) => {
+                warehouse
+                    .checksum_like(&mut tx, &partition, None, &[], published)
+                    .await?
+            }
+            None => warehouse.checksum(&mut tx, &partition, None, &[]).await?,
+        };
+        request.check_no_writes_since(archive, &partition.to_string(), &current, &undone)?;
         execute(&mut tx, &native.detach(target, &partition), &[]).await?;
         execute(
             &mut tx,

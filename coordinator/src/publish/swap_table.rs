@@ -28,7 +28,9 @@ impl PublishStrategy for SwapTable {
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {
+        let published = request.published_checksum(true).await?;
         let archive = swap_table(
+            &published,
             request.store,
             request.run,
             request.target,
@@ -58,6 +60,7 @@ impl PublishStrategy for SwapTable {
 /// it (an approval gate) and the rows outside the window as the shadow copied them. Returns
 /// the whole target's checksum (one scan) for the archive record.
 pub(super) struct PublishGuard<'a> {
+    run: &'a str,
     warehouse: &'a backfill_common::warehouse::Warehouse,
     target: &'a TableName,
     outside: Option<&'a OutsideGuard>,
@@ -86,21 +89,40 @@ impl SwapGuard for PublishGuard<'_> {
         if now.to_string() != guard.expected {
             return Err(BackfillError::Conflict(format!(
                 "{target} changed outside the window since the shadow was built ({} then, {now} now): publishing would discard those writes. \
-                 Nothing was published; pause the writers (or backfill their partitions too), abandon this run and run again",
-                guard.expected
+                 Nothing was published. Writers are live on {target}: `swap_window` replaces only the window's rows and leaves \
+                 the others as the writers left them (set publish.mode = \"swap_window\", `backfill abandon {run}`, run again); \
+                 or pause the writers, `backfill abandon {run}` and run again",
+                guard.expected,
+                run = self.run,
             )));
         }
         Ok(old)
     }
 }
 
-/// The checksum of a table, as a guard: what a rollback records of the table it replaces.
-pub(super) struct ChecksumOf<'a>(&'a backfill_common::warehouse::Warehouse, &'a TableName);
+/// A rollback's guard: the table it replaces still holds what the publish put there (or the
+/// caller said to discard writes since); its checksum is what the rollback records of it.
+pub(super) struct Unchanged<'a> {
+    request: RollbackRequest<'a>,
+    archive: &'a ArchiveRecord,
+    undone: &'a TableName,
+}
 
 #[async_trait::async_trait]
-impl SwapGuard for ChecksumOf<'_> {
+impl SwapGuard for Unchanged<'_> {
     async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError> {
-        self.0.checksum(session, self.1, None, &[]).await
+        let (warehouse, target) = (&self.request.store.warehouse, self.request.target);
+        let now = match &self.archive.published_checksum {
+            Some(published) => {
+                warehouse
+                    .checksum_like(session, target, None, &[], published)
+                    .await?
+            }
+            None => warehouse.checksum(session, target, None, &[]).await?,
+        };
+        self.request
+            .check_no_writes_since(self.archive, &target.to_string(), &now, self.undone)?;
+        Ok(now)
     }
 }
 
@@ -108,7 +130,9 @@ impl SwapGuard for ChecksumOf<'_> {
 /// transaction with the archive's record (the old table's checksum, for rollback) and the
 /// run marked published; elsewhere by the engine's cut-over, recorded once the names have
 /// changed (a publish that finds them changed records it).
+#[allow(clippy::too_many_arguments)]
 pub async fn swap_table(
+    published: &Checksum,
     store: &ControlStore,
     run: &RunRecord,
     target: &TableName,
@@ -131,13 +155,15 @@ pub async fn swap_table(
         lock_wait: publish.lock_wait,
     };
     let guard = PublishGuard {
+        run: &run.run_id,
         warehouse,
         target,
         outside: outside.as_ref(),
         window: window.as_ref(),
     };
-    let record = |old: &Checksum| {
-        archive_record(
+    let record = |old: &Checksum| ArchiveRecord {
+        published_checksum: Some(published.to_string()),
+        ..archive_record(
             &run.run_id,
             &archive,
             target,
@@ -218,7 +244,11 @@ pub(super) async fn rollback_swap_table(
         engine
             .lock_against_writers(&mut tx, target, WriterLock::Shared, spec.publish.lock_wait)
             .await?;
-        let current = warehouse.checksum(&mut tx, target, None, &[]).await?;
+        let current = match &archive.published_checksum {
+            Some(published) => warehouse.checksum_like(&mut tx, target, None, &[], published).await?,
+            None => warehouse.checksum(&mut tx, target, None, &[]).await?,
+        };
+        request.check_no_writes_since(archive, &target.to_string(), &current, undone)?;
         let archived = archive_suffix(&run.run_id);
         engine
             .swap_tables(
@@ -299,7 +329,15 @@ pub(super) async fn rollback_by_cut_over(
             };
             warehouse
                 .engine()
-                .cut_over(warehouse.pool(), &swap, &ChecksumOf(warehouse, target))
+                .cut_over(
+                    warehouse.pool(),
+                    &swap,
+                    &Unchanged {
+                        request,
+                        archive,
+                        undone,
+                    },
+                )
                 .await?
         }
     };

@@ -28,7 +28,9 @@ impl PublishStrategy for SwapWindow {
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<Published, BackfillError> {
         let (window, binds) = request.window();
+        let published = request.published_checksum(false).await?;
         let (archive, writes) = swap_window(
+            &published,
             request.store,
             request.run,
             request.target,
@@ -209,6 +211,7 @@ pub(super) async fn apply_window_merge(
 /// indexes and statistics are untouched. Readers see the old window or the new one.
 #[allow(clippy::too_many_arguments)]
 pub async fn swap_window(
+    published: &Checksum,
     store: &ControlStore,
     run: &RunRecord,
     target: &TableName,
@@ -246,14 +249,17 @@ pub async fn swap_window(
     let merge = window_merge(engine, target, shadow, &columns, &json, key, window_on_t);
     let writes = apply_window_merge(&mut tx, &merge, binds).await?;
     let shadow_left = drop_with(engine, &mut tx, shadow).await?;
-    let record = archive_record(
-        &run.run_id,
-        &archive,
-        target,
-        ARCHIVE_WINDOW,
-        &old,
-        Duration::days(publish.archive_retention_days as i64),
-    );
+    let record = ArchiveRecord {
+        published_checksum: Some(published.to_string()),
+        ..archive_record(
+            &run.run_id,
+            &archive,
+            target,
+            ARCHIVE_WINDOW,
+            &old,
+            Duration::days(publish.archive_retention_days as i64),
+        )
+    };
     store.insert_archive(&mut tx, &record).await?;
     record_published(store, &mut tx, &run.run_id, &archive.to_string()).await?;
     store
@@ -411,7 +417,33 @@ pub(super) async fn rollback_window(
         &binds,
     )
     .await?;
-    let current = warehouse.checksum(&mut tx, undone, None, &[]).await?;
+    // Rows outside the window are left as they are: only writes inside it could be lost.
+    let current = match &archive.published_checksum {
+        Some(published) => {
+            warehouse
+                .checksum_like(&mut tx, undone, None, &[], published)
+                .await?
+        }
+        None => warehouse.checksum(&mut tx, undone, None, &[]).await?,
+    };
+    if let Err(refused) = request.check_no_writes_since(
+        archive,
+        &format!("the window of {target}"),
+        &current,
+        undone,
+    ) {
+        tx.rollback().await?;
+        if !engine.capabilities().transactional_ddl {
+            let mut conn = warehouse.acquire().await?;
+            execute(
+                &mut conn,
+                &format!("DROP TABLE IF EXISTS {}", undone.quoted()),
+                &[],
+            )
+            .await?;
+        }
+        return Err(refused);
+    }
     let columns = warehouse.table_columns(&mut tx, target).await?;
     let json = engine.text_compared_columns(&mut tx, target).await?;
     let merge = window_merge(
