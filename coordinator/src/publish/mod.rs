@@ -166,27 +166,34 @@ pub struct RollbackRequest<'a> {
 }
 
 impl RollbackRequest<'_> {
-    /// Refuses to replace `now` (what `what` holds) unless it is what the publish recorded
-    /// for `archive`, or the caller said to discard writes since publish.
-    fn check_no_writes_since(
+    /// The checksum of `table`, which holds `what` the rollback is about to replace (hashed
+    /// as the publish recorded it for `archive`); refuses unless it is what the publish put
+    /// there, or the caller said to discard writes since publish (kept in `undone`).
+    async fn unchanged_since_publish(
         &self,
+        conn: &mut dyn Session,
         archive: &ArchiveRecord,
+        table: &TableName,
         what: &str,
-        now: &Checksum,
         undone: &TableName,
-    ) -> Result<(), BackfillError> {
-        match &archive.published_checksum {
-            Some(published) if *published != now.to_string() => {
-                if self.discard_writes_since_publish {
-                    tracing::warn!(run_id = %self.run.run_id, %what, %published, now = %now, kept_as = %undone,
-                        "rolling back over writes made since publish, as asked; they are kept in the undone table");
-                    Ok(())
-                } else {
-                    Err(writes_since_publish(self.run, what, published, now, undone))
-                }
+    ) -> Result<Checksum, BackfillError> {
+        let warehouse = &self.store.warehouse;
+        let Some(published) = &archive.published_checksum else {
+            return warehouse.checksum(conn, table, None, &[]).await;
+        };
+        let now = warehouse
+            .checksum_like(conn, table, None, &[], published)
+            .await?;
+        if *published != now.to_string() {
+            if !self.discard_writes_since_publish {
+                return Err(writes_since_publish(
+                    self.run, what, published, &now, undone,
+                ));
             }
-            _ => Ok(()),
+            tracing::warn!(run_id = %self.run.run_id, %what, %published, now = %now, kept_as = %undone,
+                "rolling back over writes made since publish, as asked; they are kept in the undone table");
         }
+        Ok(now)
     }
 }
 

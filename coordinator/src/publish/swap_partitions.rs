@@ -306,15 +306,15 @@ pub(super) async fn rollback_partitions(
                 BackfillError::Invalid(format!("{partition} is no longer a partition of {target}"))
             })?;
         let undone = undone_name(&partition, &run.run_id)?;
-        let current = match &archive.published_checksum {
-            Some(published) => {
-                warehouse
-                    .checksum_like(&mut tx, &partition, None, &[], published)
-                    .await?
-            }
-            None => warehouse.checksum(&mut tx, &partition, None, &[]).await?,
-        };
-        request.check_no_writes_since(archive, &partition.to_string(), &current, &undone)?;
+        let current = request
+            .unchanged_since_publish(
+                &mut tx,
+                archive,
+                &partition,
+                &partition.to_string(),
+                &undone,
+            )
+            .await?;
         execute(&mut tx, &native.detach(target, &partition), &[]).await?;
         execute(
             &mut tx,

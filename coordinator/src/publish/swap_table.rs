@@ -111,18 +111,16 @@ pub(super) struct Unchanged<'a> {
 #[async_trait::async_trait]
 impl SwapGuard for Unchanged<'_> {
     async fn check(&self, session: &mut dyn Session) -> Result<Checksum, BackfillError> {
-        let (warehouse, target) = (&self.request.store.warehouse, self.request.target);
-        let now = match &self.archive.published_checksum {
-            Some(published) => {
-                warehouse
-                    .checksum_like(session, target, None, &[], published)
-                    .await?
-            }
-            None => warehouse.checksum(session, target, None, &[]).await?,
-        };
+        let target = self.request.target;
         self.request
-            .check_no_writes_since(self.archive, &target.to_string(), &now, self.undone)?;
-        Ok(now)
+            .unchanged_since_publish(
+                session,
+                self.archive,
+                target,
+                &target.to_string(),
+                self.undone,
+            )
+            .await
     }
 }
 
@@ -244,11 +242,9 @@ pub(super) async fn rollback_swap_table(
         engine
             .lock_against_writers(&mut tx, target, WriterLock::Shared, spec.publish.lock_wait)
             .await?;
-        let current = match &archive.published_checksum {
-            Some(published) => warehouse.checksum_like(&mut tx, target, None, &[], published).await?,
-            None => warehouse.checksum(&mut tx, target, None, &[]).await?,
-        };
-        request.check_no_writes_since(archive, &target.to_string(), &current, undone)?;
+        let current = request
+            .unchanged_since_publish(&mut tx, archive, target, &target.to_string(), undone)
+            .await?;
         let archived = archive_suffix(&run.run_id);
         engine
             .swap_tables(

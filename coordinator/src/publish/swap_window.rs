@@ -418,32 +418,31 @@ pub(super) async fn rollback_window(
     )
     .await?;
     // Rows outside the window are left as they are: only writes inside it could be lost.
-    let current = match &archive.published_checksum {
-        Some(published) => {
-            warehouse
-                .checksum_like(&mut tx, undone, None, &[], published)
-                .await?
+    let current = match request
+        .unchanged_since_publish(
+            &mut tx,
+            archive,
+            undone,
+            &format!("the window of {target}"),
+            undone,
+        )
+        .await
+    {
+        Ok(current) => current,
+        Err(refused) => {
+            tx.rollback().await?;
+            if !engine.capabilities().transactional_ddl {
+                let mut conn = warehouse.acquire().await?;
+                execute(
+                    &mut conn,
+                    &format!("DROP TABLE IF EXISTS {}", undone.quoted()),
+                    &[],
+                )
+                .await?;
+            }
+            return Err(refused);
         }
-        None => warehouse.checksum(&mut tx, undone, None, &[]).await?,
     };
-    if let Err(refused) = request.check_no_writes_since(
-        archive,
-        &format!("the window of {target}"),
-        &current,
-        undone,
-    ) {
-        tx.rollback().await?;
-        if !engine.capabilities().transactional_ddl {
-            let mut conn = warehouse.acquire().await?;
-            execute(
-                &mut conn,
-                &format!("DROP TABLE IF EXISTS {}", undone.quoted()),
-                &[],
-            )
-            .await?;
-        }
-        return Err(refused);
-    }
     let columns = warehouse.table_columns(&mut tx, target).await?;
     let json = engine.text_compared_columns(&mut tx, target).await?;
     let merge = window_merge(
