@@ -25,7 +25,10 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Targets silenced by default: sqlx's per-statement logging (its slow-statement warnings fire
 /// on every partition) and the OpenTelemetry exporter's connection errors.
-const QUIET_TARGETS: &str = "sqlx=error,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,opentelemetry_http=off,tonic=off,h2=off,hyper=off,reqwest=off";
+/// `lapin::channels` logs an ERROR for every channel still open when a connection is closed,
+/// ours included, at the end of a successful run; broker failures reach us as errors of the
+/// operations that hit them, with context.
+const QUIET_TARGETS: &str = "lapin::channels=off,sqlx=error,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,opentelemetry_http=off,tonic=off,h2=off,hyper=off,reqwest=off";
 
 /// The crates whose spans make up a backfill's trace.
 const TRACED_CRATES: [&str; 3] = ["backfill_common", "backfill_worker", "backfill_coordinator"];
@@ -94,6 +97,7 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry
     let log_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(colour_on_stderr())
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -136,7 +140,14 @@ pub fn init_logging(default_filter: &str) {
                 .unwrap_or_else(|_| format!("{default_filter},{QUIET_TARGETS}").into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .try_init();
+}
+
+/// Colour only for a person at a terminal: never into a file or a pipe, never with
+/// `NO_COLOR` set (https://no-color.org).
+pub fn colour_on_stderr() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && !env_set("NO_COLOR")
 }
 
 fn env_set(name: &str) -> bool {

@@ -586,7 +586,12 @@ pub async fn execute(cli: Cli) -> Result<i32> {
                     .join(", ")
             );
             println!(
-                "publish    swap_table, archive kept {} days",
+                "archive    {}, kept {} days for rollback",
+                match plan.publish_mode {
+                    PublishMode::SwapWindow => "the window's current rows",
+                    PublishMode::SwapPartitions => "the replaced partitions",
+                    _ => "the current table",
+                },
                 backfill.spec.publish.archive_retention_days
             );
             if let Some(run) = &plan.resumes

@@ -294,9 +294,9 @@ impl Backfill {
             source_columns,
             target_columns,
             partition_sql,
-            shadow_template: shadow_name(&self.target, "<run>")
-                .map(|t| t.to_string())
-                .unwrap_or_default(),
+            // `<run>` is no identifier: the template is text, the name a run gets checked.
+            shadow_template: shadow_name(&self.target, "0")
+                .map(|_| format!("{}__bf_shadow_<run>", self.target))?,
             resumes,
             amends,
             publish_mode,

@@ -49,6 +49,19 @@ async fn plan_run_status_and_exit_codes() {
         .hash();
     assert!(shown.contains(&hash), "plan prints the spec hash: {shown}");
     assert!(
+        shown.contains("shadow     fact_order_items__bf_shadow_<run>"),
+        "the shadow line names the shadow: {shown}"
+    );
+    assert_eq!(
+        shown.lines().filter(|l| l.starts_with("publish ")).count(),
+        1,
+        "one publish line, the mode chosen: {shown}"
+    );
+    assert!(
+        shown.contains("archive    the current table, kept 30 days for rollback"),
+        "{shown}"
+    );
+    assert!(
         shown.contains("partitions 4 by day from 2024-03-03 to 2024-03-06"),
         "{shown}"
     );
@@ -279,4 +292,26 @@ fn help_teaches() {
     ] {
         assert!(shown.contains(word), "--help mentions {word}: {shown}");
     }
+}
+
+/// Logs into a pipe or a file carry no colour codes (and neither does a terminal with
+/// `NO_COLOR`): the text a log collector or `grep` reads is the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_into_a_pipe_carry_no_colour_codes() {
+    let db = TestDatabase::sqlite();
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("fix.toml");
+    std::fs::write(&spec, demo::MINI_CHALLENGE_SPEC).unwrap();
+    let output = Command::new(backfill_bin())
+        .args(["run", spec.to_str().unwrap(), "--warehouse-url", &db.url])
+        .env("BACKFILL_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("INFO"), "info logs were written: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no escape codes: {stderr:?}");
 }
