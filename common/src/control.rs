@@ -389,14 +389,29 @@ impl ControlStore {
     /// Brings the control store to the latest version. Safe to call from many processes at
     /// once: each engine serialises migrators (PostgreSQL with an advisory lock, SQLite with
     /// its write lock, MySQL with a named lock).
+    ///
+    /// A migrator that loses a race it cannot wait out (SQLite answers "database is locked" at
+    /// once to a reading transaction that would deadlock with another writer) tries again.
     pub async fn migrate(&self) -> Result<(), BackfillError> {
-        let mut conn = self.warehouse.acquire().await?;
-        let result = self.migrate_on(&mut conn).await;
-        if result.is_err() {
-            // A lock that outlives transactions must not go back to the pool with the session.
-            conn.close_on_drop();
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
+            let mut conn = self.warehouse.acquire().await?;
+            let result = self.migrate_on(&mut conn).await;
+            if result.is_err() {
+                // A lock that outlives transactions must not go back to the pool with the
+                // session.
+                conn.close_on_drop();
+            }
+            match result {
+                Err(error) if error.is_transient() && attempt < 10 => {
+                    drop(conn);
+                    tracing::info!(attempt, %error, "control-store migration raced another migrator; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                }
+                other => return other,
+            }
         }
-        result
     }
 
     async fn migrate_on(&self, conn: &mut Conn) -> Result<(), BackfillError> {
