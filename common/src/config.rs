@@ -56,6 +56,32 @@ pub fn warehouse_url(name: &str, config: Option<&Path>) -> Result<String, String
     ))
 }
 
+/// The warehouses configured by name: every `BACKFILL_WAREHOUSE_<NAME>_URL` variable (the
+/// name lower-cased) and every `[warehouses.<name>]` of the config file, sorted, each once.
+pub fn configured_warehouses(config: Option<&Path>) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = std::env::vars()
+        .filter_map(|(variable, _)| {
+            let name = variable
+                .strip_prefix("BACKFILL_WAREHOUSE_")?
+                .strip_suffix("_URL")?;
+            (!name.is_empty()).then(|| name.to_ascii_lowercase())
+        })
+        .collect();
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+        if let Some(warehouses) = parse_config(&text, path)?
+            .get("warehouses")
+            .and_then(|w| w.as_table())
+        {
+            names.extend(warehouses.keys().cloned());
+        }
+    }
+    names.sort();
+    names.dedup_by(|a, b| warehouse_env_var(a) == warehouse_env_var(b));
+    Ok(names)
+}
+
 /// A URL from the config file's `[<section>] url = "…"`, when a config file is given.
 pub fn section_url(section: &str, config: Option<&Path>) -> Result<Option<String>, String> {
     let Some(path) = config else { return Ok(None) };

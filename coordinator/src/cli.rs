@@ -322,6 +322,20 @@ pub fn resolve_url(connection: &Connection, spec_warehouse: Option<&str>) -> Res
         return backfill_common::config::warehouse_url(name, connection.config.as_deref())
             .map_err(|e| Refusal(e.to_string()).into());
     }
+    // A command that takes a run id names no warehouse: the one configured, if only one is.
+    let configured = backfill_common::config::configured_warehouses(connection.config.as_deref())
+        .map_err(Refusal)?;
+    match configured.as_slice() {
+        [only] => {
+            return backfill_common::config::warehouse_url(only, connection.config.as_deref())
+                .map_err(|e| Refusal(e.to_string()).into());
+        }
+        [] => {}
+        several => refuse!(
+            "several warehouses are configured ({}): say which with --warehouse NAME (or pass --warehouse-url)",
+            several.join(", ")
+        ),
+    }
     Err(Refusal(
         "no warehouse given: pass --warehouse-url (or set BACKFILL_WAREHOUSE_URL), or --warehouse NAME with BACKFILL_WAREHOUSE_<NAME>_URL or a config file"
             .to_string(),

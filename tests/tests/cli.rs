@@ -315,3 +315,53 @@ async fn logs_into_a_pipe_carry_no_colour_codes() {
     assert!(stderr.contains("INFO"), "info logs were written: {stderr}");
     assert!(!stderr.contains('\u{1b}'), "no escape codes: {stderr:?}");
 }
+
+/// Commands that take a run id find the warehouse when exactly one is configured, and name
+/// the choices (exit 2) when several are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_id_commands_find_the_one_configured_warehouse() {
+    let db = TestDatabase::sqlite();
+    let warehouse = db.warehouse().await;
+    demo::seed_mini_challenge(&warehouse).await.unwrap();
+    let backfill = backfill_coordinator::runner::Backfill::open(
+        backfill_common::spec::Spec::parse(demo::MINI_CHALLENGE_SPEC).unwrap(),
+        demo::MINI_CHALLENGE_SPEC.to_string(),
+        &db.url,
+    )
+    .await
+    .unwrap();
+    let backfill_coordinator::runner::RunOutcome::Published { run_id, .. } = backfill
+        .run("test", &backfill_coordinator::runner::Quiet)
+        .await
+        .unwrap()
+    else {
+        panic!("not published")
+    };
+    let status = |vars: &[(&str, &str)]| {
+        let mut command = Command::new(backfill_bin());
+        command
+            .args(["status", &run_id])
+            .env_remove("BACKFILL_CONFIG");
+        for (name, _) in std::env::vars() {
+            if name.starts_with("BACKFILL_WAREHOUSE_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(vars.iter().copied());
+        command.output().unwrap()
+    };
+    let output = status(&[("BACKFILL_WAREHOUSE_DEMO_URL", &db.url)]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(text(&output).contains(&run_id), "{}", text(&output));
+    let output = status(&[
+        ("BACKFILL_WAREHOUSE_DEMO_URL", &db.url),
+        ("BACKFILL_WAREHOUSE_EU_URL", &db.url),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("several warehouses are configured (demo, eu)")
+            && text(&output).contains("--warehouse NAME"),
+        "{}",
+        text(&output)
+    );
+}
