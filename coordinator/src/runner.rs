@@ -1016,7 +1016,6 @@ impl Backfill {
         )
     }
 
-    /// The window (alias `t`) of this spec as a condition with its binds.
     /// Whether the target's window still holds what the published run `done` wrote there
     /// (its partitions' checksums, added up); a description of the change when not. A run
     /// whose partition checksums cannot be added up counts as unchanged.
@@ -1025,21 +1024,13 @@ impl Backfill {
         done: &RunRecord,
         plan: &Plan,
     ) -> Result<Option<String>, BackfillError> {
-        let engine = self.store.engine();
-        let mut published: Option<Checksum> = None;
-        for record in self.store.partitions(&done.run_id).await? {
-            let Some(checksum) = record.checksum.as_deref().and_then(Checksum::parse) else {
-                return Ok(None);
-            };
-            published = match published {
-                None => Some(checksum),
-                Some(sum) => match engine.add_checksums(&sum, &checksum) {
-                    Some(total) => Some(total),
-                    None => return Ok(None),
-                },
-            };
-        }
-        let Some(published) = published else {
+        let records = self.store.partitions(&done.run_id).await?;
+        let Some(published) = publish::added_up(
+            self.store.engine(),
+            records
+                .iter()
+                .map(|r| r.checksum.as_deref().and_then(Checksum::parse)),
+        ) else {
             return Ok(None);
         };
         let (window, binds) = self.window_on_t(&plan.partitions);
@@ -1063,6 +1054,7 @@ impl Backfill {
         }))
     }
 
+    /// The window (alias `t`) of this spec as a condition with its binds.
     fn window_on_t(&self, partitions: &[Partition]) -> (String, Vec<Bind>) {
         crate::window::spec_window(self.store.engine(), &self.spec, partitions)
     }
@@ -1206,7 +1198,8 @@ impl Backfill {
                 // would come with --amend, audited again as it is). Audit a shadow that
                 // reflects the fix, not the one that failed.
                 progress.phase(&format!(
-                    "run {} failed its audits; applying its partitions from the source again                      (only rows that changed are written), then auditing again",
+                    "run {} failed its audits; applying its partitions from the source again \
+                     (only rows that changed are written), then auditing again",
                     open.run_id
                 ));
                 return Ok(Ok(self.store.reopen_audit_failed(&open).await?));

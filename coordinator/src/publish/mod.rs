@@ -424,36 +424,26 @@ impl PublishRequest<'_> {
     /// lock on the target: nothing writes an audited shadow) where those cannot be added up
     /// (new columns, a run recorded before partitions had checksums).
     async fn published_checksum(&self, with_outside: bool) -> Result<Checksum, BackfillError> {
-        let engine = self.store.engine();
+        // The shadow's rows beside the window hash like the target's only without new columns.
         let outside = match (with_outside, self.spec.target.add_columns.is_empty()) {
-            (false, _) => Some(Checksum {
-                rows: 0,
-                digest: String::new(),
-            }),
-            (true, true) => self.outside_checksum.as_deref().and_then(Checksum::parse),
+            (false, _) => Some(None),
+            (true, true) => Some(Some(
+                self.outside_checksum.as_deref().and_then(Checksum::parse),
+            )),
             (true, false) => None,
         };
         if let Some(outside) = outside {
             let records = self.store.partitions(&self.run.run_id).await?;
-            let mut total = (!outside.digest.is_empty()).then_some(outside);
-            let mut complete = true;
-            for partition in self.partitions {
-                let recorded = records
+            let partitions = self.partitions.iter().map(|partition| {
+                records
                     .iter()
                     .find(|r| r.partition_key == partition.key)
                     .and_then(|r| r.checksum.as_deref())
-                    .and_then(Checksum::parse);
-                total = match (total, recorded) {
-                    (None, Some(recorded)) => Some(recorded),
-                    (Some(sum), Some(recorded)) => engine.add_checksums(&sum, &recorded),
-                    (_, None) => None,
-                };
-                if total.is_none() {
-                    complete = false;
-                    break;
-                }
-            }
-            if let (true, Some(total)) = (complete, total) {
+                    .and_then(Checksum::parse)
+            });
+            if let Some(total) =
+                added_up(self.store.engine(), outside.into_iter().chain(partitions))
+            {
                 return Ok(total);
             }
         }
@@ -463,6 +453,23 @@ impl PublishRequest<'_> {
             .checksum(&mut conn, self.shadow, None, &[])
             .await
     }
+}
+
+/// The checksum of the rows of several checksums together (disjoint sets hashed alike, such
+/// as a run's partitions); None when one is missing, none is given, or they cannot be added.
+pub(crate) fn added_up(
+    engine: &dyn Engine,
+    checksums: impl IntoIterator<Item = Option<Checksum>>,
+) -> Option<Checksum> {
+    let mut total: Option<Checksum> = None;
+    for checksum in checksums {
+        let checksum = checksum?;
+        total = Some(match total {
+            None => checksum,
+            Some(sum) => engine.add_checksums(&sum, &checksum)?,
+        });
+    }
+    total
 }
 
 /// What a rollback does when the rows it is about to replace are not what the publish put
